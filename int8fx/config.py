@@ -1,0 +1,70 @@
+"""The one options dataclass of the ``int8lt`` backend."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+OutlierWeights = Literal["fp", "int8"]
+TrainableWeights = Literal["keep_fp", "freeze"]
+InnerCompiler = Literal["inductor", "eager"]
+
+
+@dataclass(frozen=True)
+class Int8LtConfig:
+    """Options of ``torch.compile(model, backend=int8fx.int8lt(...))``.
+
+    Attributes:
+        threshold: an activation element with ``|x| >= threshold`` makes its column an
+            outlier column, multiplied in floating point. ``0`` disables the decomposition
+            (plain vector-wise int8).
+        skip: module paths (or path components) whose linears stay in floating point.
+            ``"lm_head"`` matches ``lm_head`` and ``model.lm_head``; matching uses the
+            calling module's path, so a tied ``lm_head`` is skipped even though its weight
+            is the embedding's parameter.
+        outlier_weights: ``"fp"`` multiplies the outlier columns with the original fp weight
+            columns (more accurate); ``"int8"`` uses the dequantized int8 columns, exactly as
+            bitsandbytes does.
+        trainable_weights: what to do with a linear whose weight requires grad while grad
+            is enabled. ``"keep_fp"`` leaves it in floating point (with a warning) so
+            training is never silently broken; ``"freeze"`` quantizes it anyway and the
+            weight receives no gradient (bitsandbytes' behaviour).
+        min_features: linears with ``in_features`` or ``out_features`` below this stay in
+            floating point (int8 buys nothing on tiny matrices).
+        inner: ``"inductor"`` compiles the rewritten graph with inductor; ``"eager"`` runs it
+            as is (for debugging and fast tests).
+    """
+
+    threshold: float = 6.0
+    skip: tuple[str, ...] = ("lm_head",)
+    outlier_weights: OutlierWeights = "fp"
+    trainable_weights: TrainableWeights = "keep_fp"
+    min_features: int = 1
+    inner: InnerCompiler = "inductor"
+    dump_dir: str | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
+            raise TypeError(f"threshold must be a number, got {self.threshold!r}")
+        if not math.isfinite(self.threshold) or self.threshold < 0:
+            raise ValueError(f"threshold must be a finite number >= 0 (0 disables outlier handling), got {self.threshold!r}")
+        object.__setattr__(self, "threshold", float(self.threshold))
+        skip = (self.skip,) if isinstance(self.skip, str) else self.skip
+        if skip is None:
+            skip = ()
+        skip = tuple(skip)
+        for entry in skip:
+            if not isinstance(entry, str) or not entry or entry.strip(".") != entry:
+                raise ValueError(f"skip entries must be non-empty module paths like 'lm_head', got {entry!r}")
+        object.__setattr__(self, "skip", skip)
+        _check_choice("outlier_weights", self.outlier_weights, ("fp", "int8"))
+        _check_choice("trainable_weights", self.trainable_weights, ("keep_fp", "freeze"))
+        _check_choice("inner", self.inner, ("inductor", "eager"))
+        if isinstance(self.min_features, bool) or not isinstance(self.min_features, int) or self.min_features < 1:
+            raise ValueError(f"min_features must be an int >= 1, got {self.min_features!r}")
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")

@@ -1,0 +1,136 @@
+"""Pure-torch LLM.int8(): the oracle every op and kernel is tested against.
+
+Numeric conventions (those of bitsandbytes, see SPEC.md):
+
+* scales are the plain absmax in fp32, *not* divided by 127;
+* values are quantized as ``round(v * (127 / absmax))`` computed in fp32, rounding
+  half to even (``torch.round``); a zero row has scale 0 and quantizes to 0;
+* an activation element is an outlier when ``|x| >= threshold``; a column holding one
+  is an outlier column; ``threshold <= 0`` disables the decomposition;
+* the activation row scale is the absmax over the row's non-outlier elements, and the
+  outlier columns of ``CA`` are zeroed;
+* ``C32 = CA @ CB.T`` is exact int32; it is dequantized as
+  ``C32 * (SCA[:, None] * SCB[None, :]) / 127**2``;
+* the outlier part ``X[:, O] @ W[:, O].T`` runs in the input's dtype; the parts and the
+  bias are summed in fp32 and cast to the input's dtype once.
+
+Everything here is written for clarity, not speed.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+INT8_MAX = 127
+
+
+class QuantizedRows(NamedTuple):
+    """Row-wise int8 data and its fp32 absmax scales."""
+
+    data: Tensor  # int8 [rows, cols]
+    absmax: Tensor  # fp32 [rows]
+
+
+def _quantize_rows(values: Tensor, absmax: Tensor) -> Tensor:
+    """``round(values * 127 / absmax)`` per row, 0 where the row's absmax is 0."""
+    inverse_scale = torch.where(absmax > 0, INT8_MAX / absmax, torch.zeros_like(absmax))
+    scaled = values.float() * inverse_scale[:, None]
+    return torch.round(scaled).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+
+
+def quantize_weight(weight: Tensor) -> QuantizedRows:
+    """Per output row of ``weight [N, K]``: ``SCB = absmax``, ``CB = round(W * 127 / SCB)``."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got {tuple(weight.shape)}")
+    absmax = weight.float().abs().amax(dim=1)
+    return QuantizedRows(_quantize_rows(weight, absmax), absmax)
+
+
+def dequantize_rows(data: Tensor, absmax: Tensor) -> Tensor:
+    """``data * absmax / 127`` per row, in fp32."""
+    return data.float() * (absmax.float() / INT8_MAX)[:, None]
+
+
+def outlier_columns(x2d: Tensor, threshold: float) -> Tensor:
+    """Bool mask ``[K]``: columns of ``x2d`` with any ``|x| >= threshold`` (none if threshold <= 0)."""
+    if threshold <= 0:
+        return torch.zeros(x2d.shape[1], dtype=torch.bool, device=x2d.device)
+    return (x2d.abs() >= threshold).any(dim=0)
+
+
+def quantize_activation(x2d: Tensor, threshold: float) -> tuple[QuantizedRows, Tensor]:
+    """Row-wise quantization of ``x2d [M, K]`` around its outliers.
+
+    Returns ``(CA, SCA)`` and the outlier-column mask. ``SCA`` is the absmax over the
+    non-outlier *elements* of each row; the outlier *columns* of ``CA`` are zero.
+    """
+    x32 = x2d.float()
+    columns = outlier_columns(x2d, threshold)
+    if threshold > 0:
+        x32 = x32.masked_fill(x32.abs() >= threshold, 0.0)
+    absmax = x32.abs().amax(dim=1) if x2d.shape[1] > 0 else x32.new_zeros(x2d.shape[0])
+    data = _quantize_rows(x32, absmax)
+    data[:, columns] = 0
+    return QuantizedRows(data, absmax), columns
+
+
+def int8_matmul(CA: Tensor, CB: Tensor) -> Tensor:
+    """Exact ``CA @ CB.T`` in int32 (int64 arithmetic, then narrowed: no overflow for K < 2**17)."""
+    return (CA.long() @ CB.long().t()).to(torch.int32)
+
+
+def dequantize_output(C32: Tensor, SCA: Tensor, SCB: Tensor) -> Tensor:
+    """``C32 * SCA[:, None] * SCB[None, :] / 127**2`` in fp32."""
+    return C32.float() * (SCA[:, None] * SCB[None, :]) / (INT8_MAX * INT8_MAX)
+
+
+def outlier_part(x2d: Tensor, weight_columns_source: Tensor, columns: Tensor) -> Tensor:
+    """``X[:, O] @ W[:, O].T`` in the input's dtype; ``weight_columns_source`` is ``[N, K]``."""
+    index = columns.nonzero().flatten()
+    x_o = x2d.index_select(1, index)
+    w_o = weight_columns_source.index_select(1, index).to(x2d.dtype)
+    return x_o @ w_o.t()
+
+
+def int8_linear(
+    x: Tensor,
+    CB: Tensor,
+    SCB: Tensor,
+    bias: Optional[Tensor] = None,
+    threshold: float = 6.0,
+    weight: Optional[Tensor] = None,
+) -> Tensor:
+    """LLM.int8() ``x @ W.T + b`` for ``x [..., K]``, ``CB [N, K]`` int8, ``SCB [N]`` fp32.
+
+    The outlier columns are multiplied with ``weight`` (the original fp weight) when it
+    is given, else with the dequantized int8 weight, as bitsandbytes does.
+    """
+    K, N = x.shape[-1], CB.shape[0]
+    x2d = x.reshape(-1, K)
+    (CA, SCA), columns = quantize_activation(x2d, threshold)
+    out = dequantize_output(int8_matmul(CA, CB), SCA, SCB)
+    if bool(columns.any()):
+        source = weight if weight is not None else dequantize_rows(CB, SCB)
+        out = out + outlier_part(x2d, source, columns).float()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
+def int8_linear_input_grad(grad_output: Tensor, CB: Tensor, SCB: Tensor) -> Tensor:
+    """``dX = dY @ dequant(W)`` in ``grad_output``'s dtype (quantized weights get no gradient)."""
+    weight = dequantize_rows(CB, SCB).to(grad_output.dtype)
+    return grad_output @ weight
+
+
+def sqnr_db(reference: Tensor, approximation: Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: ``10 log10(|ref|^2 / |ref - approx|^2)``."""
+    reference = reference.double()
+    noise = (reference - approximation.double()).pow(2).sum()
+    signal = reference.pow(2).sum()
+    if noise == 0:
+        return float("inf")
+    return float(10 * torch.log10(signal / noise))
