@@ -99,3 +99,12 @@ def _int8_linear_backward(ctx, grad_output: Tensor):
 
 
 int8_linear.register_autograd(_int8_linear_backward, setup_context=_int8_linear_setup_context)
+
+
+@int8_linear.register_kernel("cuda")
+def _(x, CB, SCB, bias, threshold, weight=None):
+    # Imported on first use: Triton is only needed when a CUDA tensor arrives.
+    from int8fx.kernels import triton_int8_linear
+
+    _check_int8_linear_args(x, CB, SCB, bias, weight)
+    return triton_int8_linear.int8_linear(x, CB, SCB, bias, threshold, weight)

@@ -1,0 +1,10 @@
+"""int8fx: LLM.int8() for any PyTorch model through ``torch.compile(model, backend="int8lt")``.
+
+Importing int8fx registers its ops (``torch.ops.int8fx.*``) and changes no global setting.
+"""
+
+from int8fx.backend import GraphReport, Int8LtBackend, LayerReport, int8lt
+from int8fx.config import Int8LtConfig
+
+__all__ = ["GraphReport", "Int8LtBackend", "Int8LtConfig", "LayerReport", "int8lt"]
+__version__ = "0.1.0"

@@ -1,0 +1,164 @@
+"""Find the linears of an ATen graph: matmuls whose weight operand is a model parameter.
+
+``make_fx`` decomposes every spelling of a linear into a few ATen patterns:
+
+* ``nn.Linear`` / ``F.linear`` / ``x @ W.T (+ b)``: ``mm(x2d, t(W))`` or ``addmm(b, x2d, t(W))``
+  (the transpose may also be ``permute(W, [1, 0])`` or ``transpose(W, 0, 1)``), with
+  ``view``s around 3-D and 4-D inputs;
+* ``torch.addmm(b, x, W)`` / ``x @ W`` with ``W`` stored ``[in, out]`` (GPT-2's ``Conv1D``):
+  the parameter is used untransposed;
+* ``aten.linear`` where the graph was traced above autograd (pre-dispatch);
+* under autocast the weight is first cast (``_to_copy(W, dtype=...)``).
+
+Matmuls of two activations (attention's ``Q @ K^T``, ``P @ V``) never name a parameter
+and are not candidates. Every candidate comes back either as a ``LinearMatch`` or as a
+``SkippedLinear`` with its reason.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Literal, Optional
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+
+WeightLayout = Literal["out_in", "in_out"]
+
+_LINEAR_OPS = (aten.mm.default, aten.addmm.default, aten.linear.default)
+
+
+@dataclass
+class LinearMatch:
+    """One linear the rewrite will replace."""
+
+    node: fx.Node  # the mm / addmm / linear node
+    x: fx.Node  # the activation operand
+    weight: fx.Node  # the parameter placeholder
+    layout: WeightLayout  # "out_in": stored [N, K] like nn.Linear; "in_out": stored [K, N] like Conv1D
+    bias: Optional[fx.Node]
+    module_path: str
+
+
+@dataclass
+class SkippedLinear:
+    """A linear on a parameter that stays in floating point, and why."""
+
+    node: fx.Node
+    weight: Optional[fx.Node]
+    module_path: str
+    reason: str
+
+
+def module_path_of(node: fx.Node) -> str:
+    """The calling module's dotted path (``model.layers.0.mlp``), from dynamo's ``nn_module_stack``."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path, _module_type = list(stack.values())[-1]
+    return normalize_source_path(path)
+
+
+def normalize_source_path(path: str) -> str:
+    """``L['self'].model._modules['layers'][0]._parameters['weight']`` -> ``model.layers.0.weight``."""
+    path = re.sub(r"^L\['[^']*'\]\.?", "", path)
+    path = re.sub(r"(?:^|\.)_(?:modules|parameters|buffers)\['([^']*)'\]", r".\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\['([^']*)'\]", r".\1", path)
+    path = re.sub(r"getattr\([^,]*,\s*'([^']*)'\)", r"\1", path)
+    return path.strip(".")
+
+
+def matches_skip(module_path: str, skip: tuple[str, ...]) -> Optional[str]:
+    """The skip entry naming ``module_path`` or one of its ancestors' component runs, if any."""
+    padded = f".{module_path}."
+    for entry in skip:
+        if f".{entry}." in padded:
+            return entry
+    return None
+
+
+def _is_transpose_2d(node: fx.Node) -> bool:
+    if node.target == aten.t.default:
+        return True
+    if node.target == aten.permute.default:
+        return list(node.args[1]) == [1, 0]
+    if node.target == aten.transpose.int:
+        return sorted(d % 2 for d in node.args[1:3]) == [0, 1]
+    return False
+
+
+def _is_dtype_cast(node: fx.Node) -> bool:
+    if node.target == aten._to_copy.default:
+        return set(node.kwargs) <= {"dtype"}
+    return node.target == torch.ops.prims.convert_element_type.default
+
+
+def trace_weight(operand: fx.Node) -> tuple[fx.Node, bool]:
+    """Walks back through transposes and dtype casts; returns ``(source, transposed)``."""
+    transposed = False
+    node = operand
+    while node.op == "call_function" and (_is_transpose_2d(node) or _is_dtype_cast(node)):
+        transposed ^= _is_transpose_2d(node)
+        node = node.args[0]
+    return node, transposed
+
+
+def _operands(node: fx.Node) -> tuple[fx.Node, fx.Node, Optional[fx.Node], str]:
+    """``(x, weight_operand, bias, how)`` where the weight operand is ``[K, N]`` for mm/addmm."""
+    if node.target == aten.linear.default:
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        return node.args[0], node.args[1], bias, "linear"
+    if node.target == aten.addmm.default:
+        return node.args[1], node.args[2], node.args[0], "addmm"
+    return node.args[0], node.args[1], None, "mm"
+
+
+def _bias_problem(node: fx.Node, bias: Optional[fx.Node], n_features: int) -> Optional[str]:
+    if node.target == aten.addmm.default and (node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1):
+        return "addmm with beta/alpha != 1"
+    if bias is None:
+        return None
+    val = bias.meta.get("val") if isinstance(bias, fx.Node) else None
+    if not isinstance(val, torch.Tensor) or tuple(val.shape) != (n_features,):
+        return f"the added term is not a [{n_features}] bias"
+    return None
+
+
+def find_linears(
+    graph: fx.Graph, is_parameter: Callable[[fx.Node], bool]
+) -> tuple[list[LinearMatch], list[SkippedLinear]]:
+    """All matmuls of ``graph`` with a parameter operand, split into matches and skips."""
+    matches: list[LinearMatch] = []
+    skipped: list[SkippedLinear] = []
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in _LINEAR_OPS:
+            continue
+        x, weight_operand, bias, how = _operands(node)
+        weight, transposed = trace_weight(weight_operand)
+        x_source, _ = trace_weight(x)
+        path = module_path_of(node)
+        weight_is_param = weight.op == "placeholder" and is_parameter(weight)
+        x_is_param = x_source.op == "placeholder" and is_parameter(x_source)
+        if not weight_is_param:
+            if x_is_param:
+                skipped.append(SkippedLinear(node, x_source, path, "the parameter is the left operand (W @ x), not a linear"))
+            continue  # a matmul of activations (attention): not a candidate
+        if x_is_param:
+            skipped.append(SkippedLinear(node, weight, path, "both operands are parameters"))
+            continue
+        # mm/addmm take the weight as [K, N]: a transposed parameter is stored [N, K].
+        if how == "linear":
+            layout: WeightLayout = "in_out" if transposed else "out_in"
+        else:
+            layout = "out_in" if transposed else "in_out"
+        n_features = node.meta["val"].shape[-1] if isinstance(node.meta.get("val"), torch.Tensor) else None
+        problem = _bias_problem(node, bias, n_features)
+        if problem:
+            skipped.append(SkippedLinear(node, weight, path, problem))
+            continue
+        matches.append(LinearMatch(node, x, weight, layout, bias, path))
+    return matches, skipped
