@@ -107,7 +107,7 @@ def trace_weight(operand: fx.Node) -> tuple[fx.Node, bool]:
     return node, transposed
 
 
-def _operands(node: fx.Node) -> tuple[fx.Node, fx.Node, Optional[fx.Node], str]:
+def linear_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, Optional[fx.Node], str]:
     """``(x, weight_operand, bias, how)`` where the weight operand is ``[K, N]`` for mm/addmm."""
     if node.target == aten.linear.default:
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
@@ -137,7 +137,7 @@ def find_linears(
     for node in graph.nodes:
         if node.op != "call_function" or node.target not in _LINEAR_OPS:
             continue
-        x, weight_operand, bias, how = _operands(node)
+        x, weight_operand, bias, how = linear_operands(node)
         weight, transposed = trace_weight(weight_operand)
         x_source, _ = trace_weight(x)
         path = module_path_of(node)

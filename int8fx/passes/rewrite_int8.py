@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import fx
 
-from int8fx.passes.match_linear import LinearMatch, WeightLayout
+from int8fx.passes.match_linear import LinearMatch, WeightLayout, linear_operands
 
 aten = torch.ops.aten
 
@@ -95,6 +95,8 @@ def _replace_one(
     fake_mode,
 ) -> None:
     node = match.node
+    # Re-read the operands: an earlier replacement may have become this node's input.
+    x, _weight_operand, bias, _how = linear_operands(node)
     with graph.inserting_before(node):
         outlier_weight: Optional[fx.Node] = None
         if fp_outlier_weights:
@@ -102,7 +104,7 @@ def _replace_one(
             if match.layout == "in_out":
                 outlier_weight = graph.call_function(aten.t.default, (match.weight,))
                 _set_val(outlier_weight, fake_mode, aten.t.default, match.weight)
-        args = (match.x, cb, scb, match.bias, threshold, outlier_weight)
+        args = (x, cb, scb, bias, threshold, outlier_weight)
         replacement = graph.call_function(torch.ops.int8fx.int8_linear.default, args)
     _set_val(replacement, fake_mode, torch.ops.int8fx.int8_linear.default, *args)
     for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):

@@ -1,0 +1,230 @@
+"""int8 GEMM with the whole LLM.int8() epilogue fused (Triton, CUDA path).
+
+``Y = CA @ CB.T * SCA[:, None] * SCB[None, :] / 127**2 + X[:, O] @ W[:, O].T + bias``
+in one kernel: the int8 tiles go through ``tl.dot`` with exact int32 accumulation, then
+the same program dequantizes, adds the outlier columns' fp product (gathered through the
+compact column list of ``triton_quantize_activation``), adds the bias and writes the
+output once in the input's dtype. No int32 or fp32 intermediate reaches global memory and
+there is no separate fp GEMM launch for the outliers.
+
+Weight layout: ``CB [N, K]`` int8 row-major, as ``quantize_weight`` makes it. Both
+operands are then K-major, which is what int8 MMA (and Hopper's wgmma, which has no
+transposed 8-bit operands) wants, so no repacking helper is needed.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from int8fx.kernels.triton_quantize_activation import OutlierColumns
+
+# Kernels are traced by the CPU interpreter in the tests (tests/conftest.py); there,
+# autotuning would only multiply the (slow) runs, so a single large-tile config is used.
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Outlier columns handled per step of the fused fp part (tl.dot needs >= 16).
+BLOCK_O = 16
+
+
+# ---------------------------------------------------------------- shared jit helpers
+
+@triton.jit
+def dequantize_accumulator(acc, sca, scb):
+    """``C32 * (SCA[:, None] * SCB[None, :]) / 127**2`` in fp32, with the reference's roundings."""
+    return tl.math.div_rn(acc.to(tl.float32) * (sca[:, None] * scb[None, :]), 16129.0)
+
+
+@triton.jit
+def outlier_weight_tile(
+    b_ptr, w_ptr, scb_step, rn, cols, mask,
+    stride_bn, stride_bk, stride_wn, stride_wk,
+    W_FROM_CB: tl.constexpr,
+):
+    """Weight columns ``cols`` for output features ``rn`` as a ``[len(cols), len(rn)]`` fp32 tile.
+
+    ``W_FROM_CB``: dequantized ``CB * (SCB / 127)`` (``scb_step``), as bitsandbytes does;
+    otherwise the kept fp weight. The caller rounds it to the input dtype, as the reference.
+    """
+    if W_FROM_CB:
+        cb = tl.load(b_ptr + rn[None, :] * stride_bn + cols[:, None] * stride_bk, mask=mask, other=0)
+        return cb.to(tl.float32) * scb_step[None, :]
+    else:
+        return tl.load(w_ptr + rn[None, :] * stride_wn + cols[:, None] * stride_wk, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def outlier_dot(x_tile, w_tile, acc):
+    """``acc + x_tile @ w_tile`` with ``w_tile`` rounded to ``x_tile``'s dtype first.
+
+    Products of two fp16/bf16/fp32 values are formed and summed in fp32 ("ieee": no TF32).
+    Operands are widened to fp32 because the interpreter cannot multiply bf16 tiles; on a
+    GPU this runs on FMA units, which is cheap for the few outlier columns.
+    """
+    w_tile = w_tile.to(x_tile.dtype).to(tl.float32)
+    return tl.dot(x_tile.to(tl.float32), w_tile, acc, input_precision="ieee")
+
+
+# ---------------------------------------------------------------- configs
+
+def _gemm_configs() -> list[triton.Config]:
+    """Tile shapes for int8 MMA on A100 / H100 (``BLOCK_K = 128`` bytes: one 128-B row per load).
+
+    Shared memory per stage is ``(BLOCK_M + BLOCK_N) * BLOCK_K`` bytes (48 KiB for
+    128x256); configs that do not fit a GPU fail to compile and the autotuner skips them.
+    Not yet measured on a GPU: the list spans the usual int8 GEMM shapes and the autotuner
+    picks per (M bucket, N, K).
+    """
+    if INTERPRETING:
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 4}, num_warps=4)]
+
+    def config(block_m, block_n, block_k, num_stages, num_warps):
+        meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8}
+        return triton.Config(meta, num_stages=num_stages, num_warps=num_warps)
+
+    return [
+        # large M (>= 512): big tiles amortize operand loads over more MMAs
+        config(128, 256, 128, 3, 8),
+        config(256, 128, 128, 3, 8),
+        config(128, 128, 128, 4, 8),
+        # medium M (32 to 256): fewer wasted rows, more programs
+        config(64, 256, 128, 3, 8),
+        config(64, 128, 128, 4, 4),
+        config(128, 64, 128, 4, 4),
+        # small M (17 to 32): deeper K steps keep the weight stream going
+        config(32, 128, 256, 3, 4),
+        config(32, 64, 256, 4, 4),
+    ]
+
+
+def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Drops tiles taller than the M bucket: their extra rows would be pure waste."""
+    m_bucket = named_args["M_BUCKET"]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(m_bucket, 32)]
+    return kept or configs
+
+
+def m_bucket(M: int) -> int:
+    """Autotuning key for M: its next power of two, so a new batch size reuses a tuned config."""
+    return triton.next_power_of_2(M)
+
+
+# ---------------------------------------------------------------- kernel
+
+@triton.jit
+def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program id to (pid_m, pid_n), walking GROUP_M row-tiles per column so B tiles are reused in L2."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_pid_n
+    first_pid_m = (pid // group_size) * GROUP_M
+    group_rows = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % group_size) % group_rows
+    pid_n = (pid % group_size) // group_rows
+    return pid_m, pid_n
+
+
+@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune_configs})
+@triton.jit
+def _int8_gemm_kernel(
+    # pointers
+    a_ptr, b_ptr, out_ptr, sca_ptr, scb_ptr, bias_ptr, x_ptr, w_ptr, outlier_index_ptr, outlier_count_ptr,
+    # sizes
+    M, N, K, M_BUCKET,
+    # strides
+    stride_am, stride_ak, stride_bn, stride_bk, stride_om, stride_on,
+    stride_xm, stride_xk, stride_wn, stride_wk,
+    # meta-parameters
+    EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OUTLIERS: tl.constexpr, OUTLIER_W_FROM_CB: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    # Rows and columns past the edge wrap around instead of being masked: the loads stay in
+    # bounds without an M/N mask in the main loop, and those results are never stored.
+    a_ptrs = a_ptr + (rm % M)[:, None] * stride_am + rk[None, :] * stride_ak
+    b_ptrs = b_ptr + (rn % N)[None, :] * stride_bn + rk[:, None] * stride_bk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = rk < K - k0
+        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None], other=0)
+        acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    row_ok = rm < M
+    col_ok = rn < N
+    out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    if EPILOGUE:
+        sca = tl.load(sca_ptr + rm, mask=row_ok, other=0.0)
+        scb = tl.load(scb_ptr + rn, mask=col_ok, other=0.0)
+        y = dequantize_accumulator(acc, sca, scb)
+        if HAS_OUTLIERS:
+            scb_step = tl.math.div_rn(scb, 127.0)
+            count = tl.load(outlier_count_ptr)
+            for j0 in range(0, count, BLOCK_O):
+                j = j0 + tl.arange(0, BLOCK_O)
+                j_ok = j < count
+                cols = tl.load(outlier_index_ptr + j, mask=j_ok, other=0)
+                x_tile = tl.load(x_ptr + rm[:, None] * stride_xm + cols[None, :] * stride_xk,
+                                 mask=row_ok[:, None] & j_ok[None, :], other=0.0)
+                w_tile = outlier_weight_tile(b_ptr, w_ptr, scb_step, rn, cols, j_ok[:, None] & col_ok[None, :],
+                                             stride_bn, stride_bk, stride_wn, stride_wk, OUTLIER_W_FROM_CB)
+                y = outlier_dot(x_tile, w_tile, y)
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(out_ptrs, acc, mask=out_mask)
+
+
+# ---------------------------------------------------------------- host entry
+
+def _launch(CA: Tensor, CB: Tensor, out: Tensor, *, epilogue: bool, SCA=None, SCB=None, bias=None,
+            x2d=None, outliers: Optional[OutlierColumns] = None, weight=None) -> Tensor:
+    (M, K), N = CA.shape, CB.shape[0]
+    if M == 0 or N == 0:
+        return out
+    x_strides = (0, 0) if x2d is None else x2d.stride()
+    w_strides = (0, 0) if weight is None else weight.stride()
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    _int8_gemm_kernel[grid](
+        CA, CB, out, SCA, SCB, bias, x2d, weight,
+        None if outliers is None else outliers.index,
+        None if outliers is None else outliers.count,
+        M, N, K, m_bucket(M),
+        *CA.stride(), *CB.stride(), *out.stride(), *x_strides, *w_strides,
+        EPILOGUE=epilogue, HAS_BIAS=bias is not None, HAS_OUTLIERS=outliers is not None,
+        OUTLIER_W_FROM_CB=weight is None, BLOCK_O=BLOCK_O,
+    )
+    return out
+
+
+def int8_matmul(CA: Tensor, CB: Tensor) -> Tensor:
+    """Exact ``CA @ CB.T`` in int32 (the kernel without its epilogue: for tests and debugging)."""
+    out = torch.empty((CA.shape[0], CB.shape[0]), dtype=torch.int32, device=CA.device)
+    return _launch(CA, CB, out, epilogue=False)
+
+
+def int8_gemm(
+    CA: Tensor, SCA: Tensor, CB: Tensor, SCB: Tensor, bias: Optional[Tensor],
+    x2d: Tensor, outliers: Optional[OutlierColumns], weight: Optional[Tensor],
+) -> Tensor:
+    """LLM.int8() output ``[M, N]`` in ``x2d``'s dtype from quantized activations.
+
+    ``outliers`` (from ``quantize_activation``) selects the columns of ``x2d`` multiplied in
+    floating point with ``weight`` when given, else with the dequantized ``CB``.
+    """
+    out = torch.empty((CA.shape[0], CB.shape[0]), dtype=x2d.dtype, device=CA.device)
+    return _launch(CA, CB, out, epilogue=True, SCA=SCA, SCB=SCB, bias=bias,
+                   x2d=x2d, outliers=outliers, weight=weight)

@@ -1,0 +1,149 @@
+"""The ``int8fx`` custom ops against the reference: exact int8 parts, bounded fp parts."""
+
+import pytest
+import torch
+
+import int8fx.ops  # noqa: F401
+from int8fx import reference
+from int8fx.kernels import cpu_int8_linear
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def activations(M, K, dtype, outlier_columns=(), magnitude=30.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g)
+    for c in outlier_columns:
+        x[:, c] = magnitude * torch.sign(torch.randn(M, generator=g))
+    return x.to(dtype)
+
+
+def weights(N, K, seed=1):
+    return torch.randn(N, K, generator=torch.Generator().manual_seed(seed)) / K**0.5
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+def test_cpu_activation_quantization_matches_reference_exactly(dtype, threshold):
+    x = activations(7, 33, dtype, outlier_columns=(3, 20))
+    x[2, 10] = 6.0  # exactly at the threshold: an outlier
+    CA, SCA, index = cpu_int8_linear.quantize_activation(x, threshold)
+    (CA_ref, SCA_ref), columns = reference.quantize_activation(x, threshold)
+    assert torch.equal(CA, CA_ref)
+    assert torch.equal(SCA, SCA_ref)
+    expected_index = columns.nonzero().flatten()
+    assert (index is None and expected_index.numel() == 0) or torch.equal(index, expected_index)
+
+
+def test_cpu_int8_gemm_is_exact():
+    # Extreme values everywhere: any fp accumulation of 127*127*K would lose low bits.
+    g = torch.Generator().manual_seed(0)
+    CA = torch.randint(-127, 128, (5, 3000), dtype=torch.int8, generator=g)
+    CB = torch.randint(-127, 128, (9, 3000), dtype=torch.int8, generator=g)
+    assert torch.equal(torch._int_mm(CA, CB.t()), reference.int8_matmul(CA, CB))
+
+
+def _rounding_bound(y_ref: torch.Tensor, x: torch.Tensor, w: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """Where the op and the reference may differ: summation order of the fp outlier matmul
+    (<= n_outliers * eps * sum |x_o||w_o|) plus one final rounding to the output dtype."""
+    eps = torch.finfo(x.dtype).eps
+    x_o = x.float()[:, columns].abs()
+    w_o = w.float()[:, columns].abs()
+    return columns.sum() * eps * (x_o @ w_o.t()) + eps * y_ref.float().abs()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("fp_weight", [True, False])
+def test_int8_linear_matches_reference(dtype, threshold, with_bias, fp_weight):
+    x = activations(11, 40, dtype, outlier_columns=(0, 17))
+    W = weights(13, 40)
+    bias = torch.randn(13) if with_bias else None
+    CB, SCB = torch.ops.int8fx.quantize_weight(W)
+    w = W if fp_weight else None
+    y = torch.ops.int8fx.int8_linear(x, CB, SCB, bias, threshold, w)
+    y_ref = reference.int8_linear(x, CB, SCB, bias, threshold, w)
+    assert y.dtype == dtype and y.shape == (11, 13)
+    columns = reference.outlier_columns(x, threshold)
+    source = W if fp_weight else reference.dequantize_rows(CB, SCB)
+    assert ((y.float() - y_ref.float()).abs() <= _rounding_bound(y_ref, x, source, columns)).all()
+
+
+def test_outliers_use_fp_weight_columns_when_given():
+    x = activations(4, 16, torch.float32, outlier_columns=(5,))
+    W = weights(6, 16)
+    CB, SCB = torch.ops.int8fx.quantize_weight(W)
+    with_fp = torch.ops.int8fx.int8_linear(x, CB, SCB, None, 6.0, W)
+    with_int8 = torch.ops.int8fx.int8_linear(x, CB, SCB, None, 6.0, None)
+    # The two differ exactly by x_o @ (W_o - dequant(W)_o)^T.
+    difference = x[:, 5:6] @ (W[:, 5:6] - reference.dequantize_rows(CB, SCB)[:, 5:6]).t()
+    torch.testing.assert_close(with_fp - with_int8, difference, rtol=0, atol=1e-5)
+    assert difference.abs().max() > 1e-4  # the test would not notice a mix-up otherwise
+
+
+def test_quantize_weight_op_matches_reference():
+    W = weights(7, 9)
+    CB, SCB = torch.ops.int8fx.quantize_weight(W)
+    CB_ref, SCB_ref = reference.quantize_weight(W)
+    assert torch.equal(CB, CB_ref) and torch.equal(SCB, SCB_ref)
+
+
+@pytest.mark.parametrize("shape", [(3, 16), (2, 3, 16), (2, 2, 3, 16)])
+def test_opcheck_int8_linear(shape):
+    x = torch.randn(*shape, requires_grad=True)
+    x.data[..., 4] = 9.0
+    W = weights(8, 16)
+    CB, SCB = torch.ops.int8fx.quantize_weight(W)
+    bias = torch.randn(8, requires_grad=True)
+    torch.library.opcheck(torch.ops.int8fx.int8_linear.default, (x, CB, SCB, bias, 6.0, W))
+    torch.library.opcheck(torch.ops.int8fx.int8_linear.default, (x, CB, SCB, None, 0.0, None))
+
+
+def test_opcheck_quantize_weight():
+    torch.library.opcheck(torch.ops.int8fx.quantize_weight.default, (weights(5, 7),))
+
+
+def test_autograd_gives_input_and_bias_gradients_only():
+    x = activations(6, 16, torch.float32, outlier_columns=(2,)).requires_grad_()
+    W = weights(5, 16).requires_grad_()
+    bias = torch.randn(5, requires_grad=True)
+    CB, SCB = torch.ops.int8fx.quantize_weight(W.detach())
+    y = torch.ops.int8fx.int8_linear(x, CB, SCB, bias, 6.0, W)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    torch.testing.assert_close(x.grad, reference.int8_linear_input_grad(grad, CB, SCB))
+    torch.testing.assert_close(bias.grad, grad.sum(0))
+    assert W.grad is None  # quantized weights are frozen
+
+
+def test_fake_output_shape_does_not_depend_on_outliers():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    W = weights(8, 16)
+    CB, SCB = torch.ops.int8fx.quantize_weight(W)
+
+    def f(x, CB, SCB, W):
+        return torch.ops.int8fx.int8_linear(x, CB, SCB, None, 6.0, W)
+
+    gm = make_fx(f, tracing_mode="symbolic")(activations(5, 16, torch.float32, (3,)), CB, SCB, W)
+    x_val, out_val = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"][0], None
+    out_val = [n for n in gm.graph.nodes if n.op == "output"][0].args[0].meta["val"]
+    assert out_val.shape[0] == x_val.shape[0] and out_val.shape[1] == 8
+    shape_env = x_val.shape[0].node.shape_env
+    assert not shape_env.pending_fresh_unbacked_symbols and not any(
+        str(s).startswith("u") for s in shape_env.var_to_val
+    )  # no data-dependent (unbacked) sizes were created
+
+
+def test_clear_errors_on_bad_arguments():
+    W = weights(8, 16)
+    CB, SCB = torch.ops.int8fx.quantize_weight(W)
+    with pytest.raises(RuntimeError, match="last dimension"):
+        torch.ops.int8fx.int8_linear(torch.randn(2, 15), CB, SCB, None, 6.0, None)
+    with pytest.raises(RuntimeError, match="floating-point input"):
+        torch.ops.int8fx.int8_linear(torch.ones(2, 16, dtype=torch.long), CB, SCB, None, 6.0, None)
+    with pytest.raises(RuntimeError, match="CB must be"):
+        torch.ops.int8fx.int8_linear(torch.randn(2, 16), CB.float(), SCB, None, 6.0, None)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        torch.ops.int8fx.int8_linear(torch.randn(2, 16), CB, SCB, torch.zeros(3), 6.0, None)

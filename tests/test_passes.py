@@ -1,0 +1,218 @@
+"""The rewritten ATen graphs, pinned inline, and what the matcher accepts or skips."""
+
+import re
+
+import expecttest
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import int8fx
+from int8fx.passes import matches_skip
+from int8fx.passes.match_linear import normalize_source_path
+from tests.models import MLP, GPT2MLP, Spellings, TransformerBlock
+
+
+def rewrite(model, *inputs, **options):
+    """Compiles with the eager inner compiler and returns the backend (its reports)."""
+    torch._dynamo.reset()
+    backend = int8fx.int8lt(inner="eager", **options)
+    with torch.no_grad():
+        torch.compile(model, backend=backend, fullgraph=True)(*inputs)
+    return backend
+
+
+class TestRewrittenGraphs(expecttest.TestCase):
+    def test_mlp(self):
+        backend = rewrite(MLP(), torch.randn(2, 3, 32))
+        self.assertExpectedInline(backend.reports[0].after, """\
+inputs: up_weight, up_bias, l_x_, down_weight, up_weight_cb, up_weight_scb, down_weight_cb, down_weight_scb
+view = aten.view(l_x_, [6, 32])
+int8_linear_default = int8fx.int8_linear(view, up_weight_cb, up_weight_scb, up_bias, 6.0, up_weight)
+view_1 = aten.view(int8_linear_default, [2, 3, 64])
+gelu = aten.gelu(view_1)
+view_2 = aten.view(gelu, [6, 64])
+int8_linear_default_1 = int8fx.int8_linear(view_2, down_weight_cb, down_weight_scb, None, 6.0, down_weight)
+_unsafe_view = aten._unsafe_view(int8_linear_default_1, [2, 3, 16])
+return [_unsafe_view]""")
+
+    def test_transformer_block_leaves_attention_matmuls_alone(self):
+        backend = rewrite(TransformerBlock(), torch.randn(2, 5, 32))
+        self.assertExpectedInline(backend.reports[0].after, """\
+inputs: l_x_, input_layernorm_weight, self_attn_q_proj_weight, self_attn_k_proj_weight, self_attn_v_proj_weight, self_attn_o_proj_weight, post_attention_layernorm_weight, mlp_gate_proj_weight, mlp_up_proj_weight, mlp_down_proj_weight, self_attn_q_proj_weight_cb, self_attn_q_proj_weight_scb, self_attn_k_proj_weight_cb, self_attn_k_proj_weight_scb, self_attn_v_proj_weight_cb, self_attn_v_proj_weight_scb, self_attn_o_proj_weight_cb, self_attn_o_proj_weight_scb, mlp_gate_proj_weight_cb, mlp_gate_proj_weight_scb, mlp_up_proj_weight_cb, mlp_up_proj_weight_scb, mlp_down_proj_weight_cb, mlp_down_proj_weight_scb
+pow_1 = aten.pow(l_x_, 2)
+mean = aten.mean(pow_1, [-1], True)
+add = aten.add(mean, 1e-06)
+rsqrt = aten.rsqrt(add)
+mul = aten.mul(l_x_, rsqrt)
+mul_1 = aten.mul(mul, input_layernorm_weight)
+view = aten.view(mul_1, [10, 32])
+int8_linear_default = int8fx.int8_linear(view, self_attn_q_proj_weight_cb, self_attn_q_proj_weight_scb, None, 6.0, self_attn_q_proj_weight)
+_unsafe_view = aten._unsafe_view(int8_linear_default, [2, 5, 32])
+view_1 = aten.view(_unsafe_view, [2, 5, 4, 8])
+transpose = aten.transpose(view_1, 1, 2)
+view_2 = aten.view(mul_1, [10, 32])
+int8_linear_default_1 = int8fx.int8_linear(view_2, self_attn_k_proj_weight_cb, self_attn_k_proj_weight_scb, None, 6.0, self_attn_k_proj_weight)
+_unsafe_view_1 = aten._unsafe_view(int8_linear_default_1, [2, 5, 32])
+view_3 = aten.view(_unsafe_view_1, [2, 5, 4, 8])
+transpose_1 = aten.transpose(view_3, 1, 2)
+view_4 = aten.view(mul_1, [10, 32])
+int8_linear_default_2 = int8fx.int8_linear(view_4, self_attn_v_proj_weight_cb, self_attn_v_proj_weight_scb, None, 6.0, self_attn_v_proj_weight)
+_unsafe_view_2 = aten._unsafe_view(int8_linear_default_2, [2, 5, 32])
+view_5 = aten.view(_unsafe_view_2, [2, 5, 4, 8])
+transpose_2 = aten.transpose(view_5, 1, 2)
+transpose_3 = aten.transpose(transpose_1, -2, -1)
+expand = aten.expand(transpose, [2, 4, 5, 8])
+clone = aten.clone(expand, memory_format=torch.contiguous_format)
+_unsafe_view_3 = aten._unsafe_view(clone, [8, 5, 8])
+expand_1 = aten.expand(transpose_3, [2, 4, 8, 5])
+clone_1 = aten.clone(expand_1, memory_format=torch.contiguous_format)
+_unsafe_view_4 = aten._unsafe_view(clone_1, [8, 8, 5])
+bmm = aten.bmm(_unsafe_view_3, _unsafe_view_4)
+_unsafe_view_5 = aten._unsafe_view(bmm, [2, 4, 5, 5])
+div = aten.div(_unsafe_view_5, 2.8284271247461903)
+_softmax = aten._softmax(div, -1, False)
+expand_2 = aten.expand(_softmax, [2, 4, 5, 5])
+view_6 = aten.view(expand_2, [8, 5, 5])
+expand_3 = aten.expand(transpose_2, [2, 4, 5, 8])
+clone_2 = aten.clone(expand_3, memory_format=torch.contiguous_format)
+_unsafe_view_6 = aten._unsafe_view(clone_2, [8, 5, 8])
+bmm_1 = aten.bmm(view_6, _unsafe_view_6)
+_unsafe_view_7 = aten._unsafe_view(bmm_1, [2, 4, 5, 8])
+transpose_4 = aten.transpose(_unsafe_view_7, 1, 2)
+clone_3 = aten.clone(transpose_4, memory_format=torch.contiguous_format)
+_unsafe_view_8 = aten._unsafe_view(clone_3, [2, 5, 32])
+view_7 = aten.view(_unsafe_view_8, [10, 32])
+int8_linear_default_3 = int8fx.int8_linear(view_7, self_attn_o_proj_weight_cb, self_attn_o_proj_weight_scb, None, 6.0, self_attn_o_proj_weight)
+_unsafe_view_9 = aten._unsafe_view(int8_linear_default_3, [2, 5, 32])
+add_1 = aten.add(l_x_, _unsafe_view_9)
+pow_2 = aten.pow(add_1, 2)
+mean_1 = aten.mean(pow_2, [-1], True)
+add_2 = aten.add(mean_1, 1e-06)
+rsqrt_1 = aten.rsqrt(add_2)
+mul_2 = aten.mul(add_1, rsqrt_1)
+mul_3 = aten.mul(mul_2, post_attention_layernorm_weight)
+view_8 = aten.view(mul_3, [10, 32])
+int8_linear_default_4 = int8fx.int8_linear(view_8, mlp_gate_proj_weight_cb, mlp_gate_proj_weight_scb, None, 6.0, mlp_gate_proj_weight)
+_unsafe_view_10 = aten._unsafe_view(int8_linear_default_4, [2, 5, 64])
+silu = aten.silu(_unsafe_view_10)
+view_9 = aten.view(mul_3, [10, 32])
+int8_linear_default_5 = int8fx.int8_linear(view_9, mlp_up_proj_weight_cb, mlp_up_proj_weight_scb, None, 6.0, mlp_up_proj_weight)
+_unsafe_view_11 = aten._unsafe_view(int8_linear_default_5, [2, 5, 64])
+mul_4 = aten.mul(silu, _unsafe_view_11)
+view_10 = aten.view(mul_4, [10, 64])
+int8_linear_default_6 = int8fx.int8_linear(view_10, mlp_down_proj_weight_cb, mlp_down_proj_weight_scb, None, 6.0, mlp_down_proj_weight)
+_unsafe_view_12 = aten._unsafe_view(int8_linear_default_6, [2, 5, 32])
+add_3 = aten.add(add_1, _unsafe_view_12)
+return [add_3]""")
+
+    def test_gpt2_conv1d_is_quantized_along_its_output_features(self):
+        backend = rewrite(GPT2MLP(), torch.randn(2, 3, 32))
+        self.assertExpectedInline(backend.reports[0].after, """\
+inputs: l_x_, c_fc_weight, c_fc_bias, c_proj_weight, c_proj_bias, c_fc_weight_cb, c_fc_weight_scb, c_proj_weight_cb, c_proj_weight_scb
+view = aten.view(l_x_, [-1, 32])
+t_default = aten.t(c_fc_weight)
+int8_linear_default = int8fx.int8_linear(view, c_fc_weight_cb, c_fc_weight_scb, c_fc_bias, 6.0, t_default)
+view_1 = aten.view(int8_linear_default, [2, 3, 128])
+gelu = aten.gelu(view_1)
+view_2 = aten.view(gelu, [-1, 128])
+t_default_1 = aten.t(c_proj_weight)
+int8_linear_default_1 = int8fx.int8_linear(view_2, c_proj_weight_cb, c_proj_weight_scb, c_proj_bias, 6.0, t_default_1)
+view_3 = aten.view(int8_linear_default_1, [2, 3, 32])
+return [view_3]""")
+        layers = {layer.module_path: layer for layer in backend.reports[0].layers}
+        # Stored [in, out] = [32, 128]; quantized as [out, in] = [128, 32].
+        assert layers["c_fc"].shape == (128, 32) and layers["c_proj"].shape == (32, 128)
+
+    def test_tied_lm_head_is_skipped_by_module_path(self):
+        class Tied(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.embed_tokens = nn.Embedding(50, 16)
+                self.proj = nn.Linear(16, 16)
+                self.lm_head = nn.Linear(16, 50, bias=False)
+                self.lm_head.weight = self.embed_tokens.weight
+
+            def forward(self, tokens):
+                return self.lm_head(self.proj(self.embed_tokens(tokens)))
+
+        backend = rewrite(Tied(), torch.randint(0, 50, (2, 4)))
+        self.assertExpectedInline(backend.reports[0].after, """\
+inputs: embed_tokens_weight, l_tokens_, proj_weight, proj_bias, proj_weight_cb, proj_weight_scb
+embedding = aten.embedding(embed_tokens_weight, l_tokens_)
+view = aten.view(embedding, [8, 16])
+int8_linear_default = int8fx.int8_linear(view, proj_weight_cb, proj_weight_scb, proj_bias, 6.0, proj_weight)
+view_1 = aten.view(int8_linear_default, [2, 4, 16])
+t_1 = aten.t(embed_tokens_weight)
+view_2 = aten.view(view_1, [8, 16])
+mm = aten.mm(view_2, t_1)
+_unsafe_view = aten._unsafe_view(mm, [2, 4, 50])
+return [_unsafe_view]""")
+        skipped = backend.reports[0].skipped
+        assert [(s.module_path, s.weight) for s in skipped] == [("lm_head", "embed_tokens.weight")]
+        assert "skip entry 'lm_head'" in skipped[0].reason
+
+
+@pytest.mark.parametrize("shape", [(4, 16), (2, 3, 16), (2, 2, 3, 16)])
+def test_every_spelling_and_rank_is_replaced(shape):
+    backend = rewrite(Spellings(), torch.randn(*shape))
+    report = backend.reports[0]
+    assert sorted(layer.module_path or "<root>" for layer in report.replaced) == ["<root>", "<root>", "<root>", "a"]  # F.linear on a.weight is called from the root
+    assert report.skipped == []
+    assert "aten.mm" not in report.after and "aten.addmm" not in report.after
+
+
+def test_bias_is_folded_only_from_addmm():
+    backend = rewrite(nn.Linear(8, 4), torch.randn(3, 8))
+    assert re.search(r"int8fx\.int8_linear\(\w+, weight_cb, weight_scb, bias, 6\.0, weight\)", backend.reports[0].after)
+
+
+def test_parameter_products_and_left_multiplication_are_skipped_with_reasons():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1 = nn.Parameter(torch.randn(8, 8))
+            self.w2 = nn.Parameter(torch.randn(8, 8))
+
+        def forward(self, x):
+            combined = self.w1 @ self.w2  # a product of two parameters
+            return self.w1 @ x.t() + combined.sum()  # the parameter on the left
+
+    backend = rewrite(Odd(), torch.randn(3, 8))
+    reasons = sorted(layer.reason for layer in backend.reports[0].skipped)
+    assert reasons == ["both operands are parameters", "the parameter is the left operand (W @ x), not a linear"]
+
+
+def test_skip_list_and_config_paths():
+    model = nn.Sequential()
+    model.add_module("encoder", MLP())
+    model.add_module("head", nn.Linear(16, 4))
+    backend = rewrite(model, torch.randn(2, 32), skip=("head", "encoder.down"))
+    report = backend.reports[0]
+    assert [layer.module_path for layer in report.replaced] == ["encoder.up"]
+    assert sorted(layer.module_path for layer in report.skipped) == ["encoder.down", "head"]
+
+
+def test_matches_skip_is_component_wise():
+    assert matches_skip("lm_head", ("lm_head",)) == "lm_head"
+    assert matches_skip("model.lm_head", ("lm_head",)) == "lm_head"
+    assert matches_skip("model.layers.0.mlp.down_proj", ("mlp",)) == "mlp"
+    assert matches_skip("model.lm_headless", ("lm_head",)) is None
+    assert matches_skip("model.layers.1.mlp", ("layers.1",)) == "layers.1"
+    assert matches_skip("model.layers.10.mlp", ("layers.1",)) is None
+
+
+def test_normalize_source_path():
+    src = "L['self']._modules['model']._modules['layers']._modules['0']._parameters['weight']"
+    assert normalize_source_path(src) == "model.layers.0.weight"
+    assert normalize_source_path("L['self'].model.layers[3].mlp") == "model.layers.3.mlp"
+
+
+def test_activation_matmuls_are_not_candidates():
+    def attention(q, k, v):
+        return F.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+
+    q = torch.randn(2, 4, 8)
+    backend = rewrite(attention, q, q, q)
+    assert backend.reports[0].layers == []
