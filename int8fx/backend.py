@@ -109,6 +109,15 @@ def _name_inputs_after_sources(aten_gm: fx.GraphModule, dynamo_gm: fx.GraphModul
     aten_gm.recompile()
 
 
+def _linear_shape(node: fx.Node) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a matmul node, from its fake values."""
+    x = passes.match_linear.linear_operands(node)[0]
+    out_val, x_val = node.meta.get("val"), getattr(x, "meta", {}).get("val")
+    if isinstance(out_val, torch.Tensor) and isinstance(x_val, torch.Tensor):
+        return (int(out_val.shape[-1]), int(x_val.shape[-1]))
+    return (0, 0)
+
+
 # ---------------------------------------------------------------- the backend
 
 class Int8LtBackend:
@@ -209,8 +218,7 @@ class Int8LtBackend:
         return ""
 
     def _record_fp(self, report: GraphReport, path: str, weight: str, node: fx.Node, reason: str) -> None:
-        val = node.meta.get("val")
-        shape = (val.shape[-1], 0) if isinstance(val, torch.Tensor) else (0, 0)
+        shape = _linear_shape(node)
         report.layers.append(LayerReport(path, weight, shape, "fp", reason))
         counters["int8fx"]["linears_skipped"] += 1
         log.info("int8lt: kept %s (%s) in floating point: %s", path or "<root>", weight, reason)

@@ -48,7 +48,8 @@ def replace_linear(
     if type(model) is nn.Linear:
         return _convert(model, config.threshold, has_fp16_weights)
     for parent_path, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
+        # _modules, not named_children(): that one hides a child seen twice under one parent.
+        for name, child in list(parent._modules.items()):
             path = f"{parent_path}.{name}" if parent_path else name
             if type(child) is not nn.Linear:
                 continue

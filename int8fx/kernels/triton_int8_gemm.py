@@ -41,6 +41,22 @@ def dequantize_accumulator(acc, sca, scb):
 
 
 @triton.jit
+def round_to(v, dtype: tl.constexpr):
+    """fp32 ``v`` rounded to ``dtype``, to nearest even, as torch's ``.to(dtype)``.
+
+    bf16 is rounded by hand because the interpreter truncates fp32 -> bf16 casts (GPUs
+    round to nearest even either way): add half a bf16 ulp minus one, plus the bit that
+    breaks ties to even, and keep the top 16 bits (NaN payloads aside).
+    """
+    if dtype == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits += 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(dtype)
+
+
+@triton.jit
 def outlier_weight_tile(
     b_ptr, w_ptr, scb_step, rn, cols, mask,
     stride_bn, stride_bk, stride_wn, stride_wk,
@@ -66,7 +82,7 @@ def outlier_dot(x_tile, w_tile, acc):
     Operands are widened to fp32 because the interpreter cannot multiply bf16 tiles; on a
     GPU this runs on FMA units, which is cheap for the few outlier columns.
     """
-    w_tile = w_tile.to(x_tile.dtype).to(tl.float32)
+    w_tile = round_to(w_tile, x_tile.dtype).to(tl.float32)
     return tl.dot(x_tile.to(tl.float32), w_tile, acc, input_precision="ieee")
 
 
@@ -183,7 +199,7 @@ def _int8_gemm_kernel(
                 y = outlier_dot(x_tile, w_tile, y)
         if HAS_BIAS:
             y += tl.load(bias_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(out_ptrs, round_to(y, out_ptr.dtype.element_ty), mask=out_mask)
     else:
         tl.store(out_ptrs, acc, mask=out_mask)
 
