@@ -266,6 +266,17 @@ def test_gemv_epilogue(M, dtype, threshold, with_bias, outlier_weight):
     assert_within_bound(y, x, CB, SCB, bias, threshold, weight)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_epilogue_exact_without_outliers(dtype):
+    # Without outlier columns the kernels perform the reference's fp32 operations in the
+    # reference's order (dequantize, add the bias, round once), so the output is bit-exact.
+    x, CB, SCB, bias, _ = linear_inputs(70, 300, 200, dtype, True, "int8")
+    expected = reference.int8_linear(x, CB, SCB, bias, 0.0)
+    CA, SCA, _ = triton_quantize_activation.quantize_activation(x, 0.0)
+    assert torch.equal(triton_int8_gemm.int8_gemm(CA, SCA, CB, SCB, bias, x, None, None), expected)
+    assert torch.equal(triton_int8_gemv.int8_linear_small_m(x[:5], CB, SCB, bias, 0.0, None), expected[:5])
+
+
 @pytest.mark.parametrize("M", [3, 40])
 def test_all_outlier_row(M):
     # Every column is an outlier column: the int8 part is all zero, the fp part is everything.
