@@ -5,6 +5,9 @@ Importing int8fx registers its ops (``torch.ops.int8fx.*``) and changes no globa
 
 from int8fx.backend import GraphReport, Int8LtBackend, LayerReport, int8lt
 from int8fx.config import Int8LtConfig
+from int8fx import nn
+from int8fx.functional import MatmulLtState, matmul
+from int8fx.swap import replace_linear
 
-__all__ = ["GraphReport", "Int8LtBackend", "Int8LtConfig", "LayerReport", "int8lt"]
+__all__ = ["GraphReport", "Int8LtBackend", "Int8LtConfig", "LayerReport", "MatmulLtState", "int8lt", "matmul", "nn", "replace_linear"]
 __version__ = "0.1.0"

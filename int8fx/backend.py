@@ -18,6 +18,7 @@ compilation never fails because of int8fx.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import warnings
 import weakref
@@ -143,6 +144,7 @@ class Int8LtBackend:
             log.warning("int8lt: graph %d left in floating point: %s", report.index, report.error, exc_info=log.isEnabledFor(logging.DEBUG))
             counters["int8fx"]["graphs_failed"] += 1
             rewritten = None
+        self._dump(report)
         if rewritten is None:
             return self._inner_compile(gm, list(example_inputs))
         aten_gm, quantized_inputs, weights = rewritten
@@ -177,6 +179,7 @@ class Int8LtBackend:
                 accepted.append(match)
         report.before = passes.format_graph(aten_gm.graph)
         if not accepted:
+            report.after = report.before
             self._log_summary(report)
             return None
 
@@ -230,6 +233,19 @@ class Int8LtBackend:
                 stacklevel=2,
             )
 
+    def _dump(self, report: GraphReport) -> None:
+        """Writes the graphs and the layer table when ``dump_dir`` or ``INT8FX_DUMP`` names a folder."""
+        directory = self.config.dump_dir or os.environ.get("INT8FX_DUMP")
+        if not directory:
+            return
+        from int8fx.report import write_graph_dump
+
+        try:
+            paths = write_graph_dump(directory, report)
+            log.info("int8lt: graph %d dumped to %s", report.index, ", ".join(map(str, paths)))
+        except OSError as error:
+            log.warning("int8lt: could not write the graph dump to %s: %s", directory, error)
+
     def _log_summary(self, report: GraphReport) -> None:
         log.info("int8lt: graph %d: %d linears to int8, %d kept in floating point", report.index, len(report.replaced), len(report.skipped))
 
@@ -261,9 +277,20 @@ class _Int8Runtime:
         return self.compiled(*args, *extras)
 
 
+_default_backend: Optional[Int8LtBackend] = None
+
+
+def default_backend() -> Int8LtBackend:
+    """The backend instance behind ``backend="int8lt"`` (its ``reports`` cover every such compile)."""
+    global _default_backend
+    if _default_backend is None:
+        _default_backend = Int8LtBackend()
+    return _default_backend
+
+
 def int8lt_backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
     """The backend behind ``torch.compile(model, backend="int8lt")``: default options."""
-    return Int8LtBackend()(gm, example_inputs)
+    return default_backend()(gm, example_inputs)
 
 
 def int8lt(config: Optional[Int8LtConfig] = None, **options: Any) -> Int8LtBackend:

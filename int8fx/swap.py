@@ -10,11 +10,11 @@ from __future__ import annotations
 import logging
 from typing import Iterable, Union
 
-import torch
 from torch import nn
 
 from int8fx.config import Int8LtConfig
 from int8fx.nn.modules import Int8Params, Linear8bitLt
+from int8fx.passes.match_linear import matches_skip  # the backend's rule, so both skip alike
 
 __all__ = ["replace_linear"]
 
@@ -53,7 +53,7 @@ def replace_linear(
             path = f"{parent_path}.{name}" if parent_path else name
             if type(child) is not nn.Linear:
                 continue
-            if _is_skipped(path, config.skip):
+            if matches_skip(path, config.skip) is not None:
                 log.debug("int8fx.replace_linear: %s kept in floating point (skip=%s)", path, config.skip)
                 continue
             if id(child) not in converted:
@@ -61,17 +61,6 @@ def replace_linear(
             setattr(parent, name, converted[id(child)])
     log.info("int8fx.replace_linear: %d linear layers converted to Linear8bitLt", len(converted))
     return model
-
-
-def _is_skipped(path: str, skip: tuple[str, ...]) -> bool:
-    """True when some entry's components appear as a contiguous run of ``path``'s components."""
-    parts = path.split(".")
-    for entry in skip:
-        wanted = entry.split(".")
-        width = len(wanted)
-        if any(parts[i : i + width] == wanted for i in range(len(parts) - width + 1)):
-            return True
-    return False
 
 
 def _convert(linear: nn.Linear, threshold: float, has_fp16_weights: bool) -> Linear8bitLt:

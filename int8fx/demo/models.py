@@ -44,7 +44,6 @@ class MissingPackages(RuntimeError):
 def require(modules: tuple[str, ...]) -> None:
     missing = [name for name in modules if importlib.util.find_spec(name) is None]
     if missing:
-        pins = " ".join(_PIP_NAME.get(name, name) for name in missing)
         raise MissingPackages(
             f"missing package(s): {', '.join(missing)}.\n"
             "From an int8fx checkout, install every demo package (your torch is left as it is) with:\n"

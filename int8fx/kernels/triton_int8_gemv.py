@@ -90,7 +90,7 @@ def _int8_gemv_kernel(
         q = quantize_values(x32, inverse_scale[:, None])
         b = tl.load(b_ptrs + k0 * stride_bk, mask=k_ok[:, None], other=0)
         if HAS_THRESHOLD:
-            is_column = tl.max((tl.abs(x32) >= threshold).to(tl.int32), axis=0) > 0
+            is_column = tl.max((tl.abs(x32) > threshold).to(tl.int32), axis=0) > 0
             q = tl.where(is_column[None, :], 0, q).to(tl.int8)
             if tl.max(is_column.to(tl.int32), axis=0) > 0:
                 x_outliers = tl.where(is_column[None, :], x, 0.0)

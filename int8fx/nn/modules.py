@@ -176,8 +176,7 @@ class Linear8bitLt(nn.Linear):
             CB, SCB = self._int8_weight()
             # weight=None: outlier columns use the dequantized int8 columns, as bitsandbytes does.
             out = torch.ops.int8fx.int8_linear(x, CB, SCB, bias, threshold, None)
-        if not torch.compiler.is_compiling():
-            self._record_call(x)
+        self._record_call(x)
         return out
 
     def _int8_weight(self) -> tuple[Tensor, Tensor]:

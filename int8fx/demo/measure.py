@@ -1,0 +1,132 @@
+"""Measurements of a model in floating point and under ``int8lt``: quality, memory, speed.
+
+Every function takes the callable to measure (an eager or compiled model) so the same
+code measures the fp reference, the fp model under inductor and the int8lt model.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from int8fx.backend import GraphReport
+from int8fx.demo.progress import track
+
+Model = Callable[..., Any]
+MIB = 2**20
+
+
+# ---------------------------------------------------------------- quality
+
+def perplexity(model: Model, chunks: Sequence[torch.Tensor], description: str) -> float:
+    """``exp(mean next-token NLL)`` over every predicted token of every chunk ``[1, T]``."""
+    total_nll = 0.0
+    total_tokens = 0
+    with torch.no_grad():
+        for ids in track(chunks, description, len(chunks)):
+            logits = model(input_ids=ids, use_cache=False).logits
+            targets = ids[:, 1:]
+            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum")
+            total_nll += float(nll)
+            total_tokens += targets.numel()
+    return math.exp(total_nll / total_tokens)
+
+
+def sentence_embeddings(model: Model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean-pooled ``last_hidden_state`` over the real (non-padding) tokens, as sentence-transformers does."""
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state.float()
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+
+def cosine_similarities(reference: torch.Tensor, approximation: torch.Tensor) -> torch.Tensor:
+    """Per-row cosine similarity of two ``[rows, features]`` embedding matrices."""
+    return F.cosine_similarity(reference.double(), approximation.double(), dim=-1)
+
+
+# ---------------------------------------------------------------- memory
+
+@dataclass
+class LinearMemory:
+    """Bytes of the ``nn.Linear`` weights, each shared weight counted once."""
+
+    fp32: int
+    fp16: int
+    int8lt: int  # replaced weights as int8 + one fp32 scale per output row; the others as stored
+
+
+def replaced_module_paths(reports: Iterable[GraphReport]) -> set[str]:
+    return {layer.module_path for report in reports for layer in report.replaced}
+
+
+def linear_memory(model: torch.nn.Module, replaced: set[str]) -> LinearMemory:
+    """What the linear weights take in fp32, in fp16, and with int8lt's replaced layers in int8.
+
+    A tied weight (SmolLM2's ``lm_head`` is the embedding matrix) is counted once, as
+    int8 only if every linear using it was replaced.
+    """
+    weights: dict[int, tuple[torch.Tensor, bool]] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            weight = module.weight
+            _, all_replaced = weights.get(id(weight), (weight, True))
+            weights[id(weight)] = (weight, all_replaced and path in replaced)
+    fp32 = fp16 = int8lt = 0
+    for weight, is_int8 in weights.values():
+        fp32 += weight.numel() * 4
+        fp16 += weight.numel() * 2
+        int8lt += (weight.numel() + weight.shape[0] * 4) if is_int8 else weight.numel() * weight.element_size()
+    return LinearMemory(fp32, fp16, int8lt)
+
+
+# ---------------------------------------------------------------- speed
+
+@dataclass
+class GenerationResult:
+    prefill_ms: float  # median over the timed prefills (after one warm-up call that compiles)
+    decode_tokens_per_s: float  # over the decode steps after the warm-up steps
+    new_token_ids: list[int]
+
+
+# Decode steps run before timing: the first compiles the one-token graph, the second
+# recompiles it with a dynamic cache length (dynamo's automatic dynamic shapes).
+DECODE_WARMUP_STEPS = 2
+
+
+def greedy_generate(model: Model, prompt: torch.Tensor, new_tokens: int, prefill_repeats: int, description: str) -> GenerationResult:
+    """Times prefill of ``prompt [1, T]`` and greedy decoding of ``new_tokens`` tokens with a KV cache."""
+    from transformers import DynamicCache
+
+    if new_tokens <= DECODE_WARMUP_STEPS + 1:
+        raise ValueError(f"new_tokens must be > {DECODE_WARMUP_STEPS + 1} to time any decode step, got {new_tokens}")
+
+    def prefill():
+        cache = DynamicCache()
+        return model(input_ids=prompt, past_key_values=cache, use_cache=True).logits, cache
+
+    prefill_times = []
+    with torch.no_grad():
+        for i in track(range(prefill_repeats + 1), f"{description}: prefill (first call compiles)", prefill_repeats + 1):
+            start = time.perf_counter()
+            logits, cache = prefill()
+            if i:
+                prefill_times.append(time.perf_counter() - start)
+        token = logits[:, -1].argmax(dim=-1, keepdim=True)
+        generated = [int(token)]
+        decode_start = None
+        for step in track(range(new_tokens - 1), f"{description}: decode", new_tokens - 1):
+            if step == DECODE_WARMUP_STEPS:
+                decode_start = time.perf_counter()
+            logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits
+            token = logits[:, -1].argmax(dim=-1, keepdim=True)
+            generated.append(int(token))
+        timed_steps = new_tokens - 1 - DECODE_WARMUP_STEPS
+        decode_tokens_per_s = timed_steps / (time.perf_counter() - decode_start)
+    return GenerationResult(statistics.median(prefill_times) * 1e3, decode_tokens_per_s, generated)
