@@ -35,7 +35,7 @@ import int8fx.ops  # noqa: F401  (registers torch.ops.int8fx)
 from int8fx import passes
 from int8fx.config import Int8LtConfig
 from int8fx.passes.match_linear import normalize_source_path
-from int8fx.weights import STORE, QuantizedWeight
+from int8fx.weights import RELEASE_HINT, STORE, QuantizedWeight, ReleasedWeightError, is_released, release_fp_weight
 
 log = logging.getLogger("int8fx")
 
@@ -119,6 +119,12 @@ def _linear_shape(node: fx.Node) -> tuple[int, int]:
     return (0, 0)
 
 
+def _check_no_released_reads(placeholders: list[fx.Node], example_inputs: list, names: dict) -> None:
+    for node, value in zip(placeholders, example_inputs):
+        if is_released(value) and node.users:
+            raise ReleasedWeightError(f"this graph reads {names[node]} outside the int8 linears, but {RELEASE_HINT}")
+
+
 # ---------------------------------------------------------------- the backend
 
 class Int8LtBackend:
@@ -139,6 +145,8 @@ class Int8LtBackend:
         self.reports.append(report)
         try:
             rewritten = self._rewrite(gm, list(example_inputs), report)
+        except ReleasedWeightError:
+            raise  # the graph would read freed weights: no floating-point fallback exists
         except Exception as error:  # never fail the user's compile because of int8fx
             report.error = f"{type(error).__name__}: {error}"
             log.warning("int8lt: graph %d left in floating point: %s", report.index, report.error, exc_info=log.isEnabledFor(logging.DEBUG))
@@ -147,10 +155,10 @@ class Int8LtBackend:
         self._dump(report)
         if rewritten is None:
             return self._inner_compile(gm, list(example_inputs))
-        aten_gm, quantized_inputs, weights = rewritten
+        aten_gm, quantized_inputs, weights, to_release = rewritten
         extras = [tensor for w in weights for tensor in (w.CB, w.SCB)]
         compiled = self._inner_compile(aten_gm, list(example_inputs) + extras)
-        return _Int8Runtime(compiled, quantized_inputs, weights)
+        return _Int8Runtime(compiled, quantized_inputs, weights, to_release)
 
     # -- steps
 
@@ -179,16 +187,17 @@ class Int8LtBackend:
                 accepted.append(match)
         report.before = passes.format_graph(aten_gm.graph)
         if not accepted:
+            _check_no_released_reads(placeholders, example_inputs, names)
             report.after = report.before
             self._log_summary(report)
             return None
 
+        def fp_outliers(weight: fx.Node) -> bool:
+            released_or_will_be = self.config.release_weights or is_released(example_inputs[position[weight]])
+            return self.config.outlier_weights == "fp" and not released_or_will_be
+
         quantized_inputs = passes.rewrite_to_int8(
-            aten_gm,
-            accepted,
-            threshold=self.config.threshold,
-            fp_outlier_weights=self.config.outlier_weights == "fp",
-            fake_mode=fake_mode,
+            aten_gm, accepted, threshold=self.config.threshold, fp_outliers=fp_outliers, fake_mode=fake_mode
         )
         weights = [STORE.get(example_inputs[q.weight_input_index], q.layout) for q in quantized_inputs]
         sqnr = {(q.weight_input_index, q.layout): w.weight_sqnr_db() for q, w in zip(quantized_inputs, weights)}
@@ -200,9 +209,23 @@ class Int8LtBackend:
                             weight_sqnr_db=sqnr[(index, match.layout)])
             )
             counters["int8fx"]["linears_replaced"] += 1
+        to_release = self._unread_weights(placeholders, quantized_inputs, names) if self.config.release_weights else []
+        _check_no_released_reads(placeholders, example_inputs, names)
         report.after = passes.format_graph(aten_gm.graph)
         self._log_summary(report)
-        return aten_gm, quantized_inputs, weights
+        return aten_gm, quantized_inputs, weights, to_release
+
+    @staticmethod
+    def _unread_weights(placeholders, quantized_inputs, names) -> list[int]:
+        """Input positions of the quantized weights that the rewritten graph no longer reads."""
+        unread = []
+        for q in quantized_inputs:
+            node = placeholders[q.weight_input_index]
+            if node.users:
+                log.info("int8lt: keeping the fp data of %s: the graph still reads it", names[node])
+            else:
+                unread.append(q.weight_input_index)
+        return unread
 
     def _policy_reason(self, match: passes.LinearMatch, param: torch.Tensor) -> str:
         """Why a matched linear must stay in floating point ("" when it can be quantized)."""
@@ -260,13 +283,20 @@ class Int8LtBackend:
 class _Int8Runtime:
     """Calls the compiled graph with the current quantized weights appended to its inputs."""
 
-    def __init__(self, compiled: Callable, quantized_inputs: list, weights: list[QuantizedWeight]) -> None:
+    def __init__(self, compiled: Callable, quantized_inputs: list, weights: list[QuantizedWeight], to_release: list[int]) -> None:
         self.compiled = compiled
+        # Released on the first call, not at compile time: dynamo re-checks its guards
+        # (shapes and strides of every input) right after compiling.
+        self.to_release = to_release
         self.indices = [q.weight_input_index for q in quantized_inputs]
         self.layouts = [q.layout for q in quantized_inputs]
         self.weights = weights
 
     def __call__(self, *args: Any) -> Any:
+        if self.to_release:
+            freed = sum(release_fp_weight(args[i]) for i in self.to_release)
+            log.info("int8lt: released %.1f MiB of floating-point weights", freed / 2**20)
+            self.to_release = []
         extras = []
         for slot, (index, weight) in enumerate(zip(self.indices, self.weights)):
             param = args[index]

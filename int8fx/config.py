@@ -32,6 +32,11 @@ class Int8LtConfig:
             weight receives no gradient (bitsandbytes' behaviour).
         min_features: linears with ``in_features`` or ``out_features`` below this stay in
             floating point (int8 buys nothing on tiny matrices).
+        release_weights: after quantization, free the floating-point storage of every weight
+            whose uses were all replaced, so those layers hold only int8 weights plus one fp32
+            scale per row. Outlier columns then use the dequantized int8 columns. The released
+            parameters keep their shape; any eager use of them (calling the module, reading
+            ``weight``, ``state_dict()``) raises an error naming this option.
         inner: ``"inductor"`` compiles the rewritten graph with inductor; ``"eager"`` runs it
             as is (for debugging and fast tests).
     """
@@ -41,6 +46,7 @@ class Int8LtConfig:
     outlier_weights: OutlierWeights = "fp"
     trainable_weights: TrainableWeights = "keep_fp"
     min_features: int = 1
+    release_weights: bool = False
     inner: InnerCompiler = "inductor"
     dump_dir: str | None = field(default=None)
 
@@ -61,6 +67,8 @@ class Int8LtConfig:
         _check_choice("outlier_weights", self.outlier_weights, ("fp", "int8"))
         _check_choice("trainable_weights", self.trainable_weights, ("keep_fp", "freeze"))
         _check_choice("inner", self.inner, ("inductor", "eager"))
+        if not isinstance(self.release_weights, bool):
+            raise TypeError(f"release_weights must be True or False, got {self.release_weights!r}")
         if isinstance(self.min_features, bool) or not isinstance(self.min_features, int) or self.min_features < 1:
             raise ValueError(f"min_features must be an int >= 1, got {self.min_features!r}")
 

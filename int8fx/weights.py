@@ -44,12 +44,15 @@ class QuantizedWeight:
     layout: WeightLayout
 
     def is_current_for(self, param: Tensor) -> bool:
-        return self.param_ref() is param and (self.version is None or self.version == version_of(param))
+        if self.param_ref() is not param:
+            return False
+        # A released weight has no fp data left to requantize from: its int8 form is final.
+        return self.version is None or is_released(param) or self.version == version_of(param)
 
     def weight_sqnr_db(self) -> float:
         """How well ``CB * SCB / 127`` reproduces the fp weight (dB); needs the fp weight alive."""
         param = self.param_ref()
-        if param is None or param.untyped_storage().size() == 0:
+        if param is None or is_released(param):
             return float("nan")
         return reference.sqnr_db(_as_out_in(param, self.layout), reference.dequantize_rows(self.CB, self.SCB))
 
@@ -88,3 +91,53 @@ class QuantizedWeightStore:
 
 
 STORE = QuantizedWeightStore()
+
+
+# ---------------------------------------------------------------- releasing fp weights
+
+RELEASE_HINT = (
+    "its floating-point data was released by int8fx after quantization "
+    "(Int8LtConfig(release_weights=True)); only the compiled model can use it. Reload the "
+    "weights (e.g. from the checkpoint) to use the module eagerly, or compile without release_weights."
+)
+
+
+class ReleasedWeightError(RuntimeError):
+    """Eager use of a parameter whose fp storage ``release_weights`` freed."""
+
+
+class ReleasedParameter(torch.nn.Parameter):
+    """A parameter whose storage was freed: same shape, one NaN element, every eager use raises.
+
+    Dynamo traces through the override (``is_compiling``), so recompiles for new shapes
+    keep working; the rewritten graphs never read the data.
+    """
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if not torch.compiler.is_compiling():
+            raise ReleasedWeightError(f"{getattr(func, '__name__', func)} on a released weight: {RELEASE_HINT}")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+    def __repr__(self) -> str:
+        with torch._C.DisableTorchFunctionSubclass():
+            return f"ReleasedParameter(shape={tuple(self.shape)}, dtype={self.dtype}: released by int8fx release_weights)"
+
+
+def is_released(param: Tensor) -> bool:
+    return isinstance(param, ReleasedParameter)
+
+
+def release_fp_weight(param: Tensor) -> int:
+    """Frees ``param``'s storage (keeping shape, dtype, device); returns the bytes freed."""
+    if is_released(param):
+        return 0
+    with torch._C.DisableTorchFunctionSubclass():
+        freed = param.untyped_storage().nbytes()
+        # A single NaN broadcast to the full shape: metadata (and so dynamo's guards on
+        # shape) stay valid, nothing can read past a buffer, and any read is NaN.
+        placeholder = torch.full((1,) * param.dim(), float("nan"), dtype=param.dtype, device=param.device)
+        param.data = placeholder.expand(param.shape)
+    param.__class__ = ReleasedParameter
+    counters["int8fx"]["weights_released"] += 1
+    return freed

@@ -10,7 +10,7 @@ shared by every graph and recompile, and requantized after an in-place update.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import fx
@@ -51,10 +51,15 @@ def rewrite_to_int8(
     matches: list[LinearMatch],
     *,
     threshold: float,
-    fp_outlier_weights: bool,
+    fp_outliers: Callable[[fx.Node], bool],
     fake_mode,
 ) -> list[QuantizedInput]:
-    """Rewrites ``gm`` in place; returns the new inputs in the order they were appended."""
+    """Rewrites ``gm`` in place; returns the new inputs in the order they were appended.
+
+    ``fp_outliers(weight_placeholder)`` says whether the outlier columns may use that
+    weight's fp data (else the dequantized int8 columns are used and the fp weight is
+    no longer read by the graph).
+    """
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     index_of = {node: i for i, node in enumerate(placeholders)}
@@ -77,7 +82,7 @@ def rewrite_to_int8(
             added[key] = (cb, scb)
             new_inputs.append(QuantizedInput(index_of[match.weight], match.layout))
         cb, scb = added[key]
-        _replace_one(graph, match, cb, scb, threshold, fp_outlier_weights, fake_mode)
+        _replace_one(graph, match, cb, scb, threshold, fp_outliers(match.weight), fake_mode)
 
     graph.eliminate_dead_code()
     graph.lint()
