@@ -21,7 +21,7 @@ from int8fx import reference
 __all__ = ["MatmulLtState", "matmul", "outlier_column_indices", "int8_linear_trainable"]
 
 
-@dataclass
+@dataclass(eq=False)  # identity comparison: comparing tensor fields elementwise makes no sense
 class MatmulLtState:
     """What one LLM.int8() linear keeps between calls (bitsandbytes' ``MatmulLtState`` fields).
 

@@ -40,9 +40,9 @@ SQNR_FLOOR_DB = 40.0
 OUTLIER_GAIN_DB = 6.0
 
 
-def _fp_linear(seed: int = 0, bias: bool = True) -> nn.Linear:
+def _fp_linear(seed: int = 0) -> nn.Linear:
     torch.manual_seed(seed)
-    return nn.Linear(K, N, bias=bias)
+    return nn.Linear(K, N)
 
 
 def _int8_module(linear: nn.Linear, threshold: float = 6.0, has_fp16_weights: bool = False) -> Linear8bitLt:
@@ -407,6 +407,23 @@ def test_replace_linear_saves_memory_and_keeps_shared_modules_shared():
     with pytest.raises(ValueError, match="threshold"):
         replace_linear(nn.Sequential(nn.Linear(4, 4)), threshold=-1.0)
     assert isinstance(replace_linear(nn.Linear(4, 4)), Linear8bitLt)  # a bare Linear is returned converted
+
+
+def test_replace_linear_on_meta_then_load_an_8bit_checkpoint():
+    # The empty-weights flow: build on meta, swap, then assign the 8-bit tensors directly.
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(K, 2 * K), nn.ReLU(), nn.Linear(2 * K, N, bias=False))
+
+    quantized = replace_linear(build())
+    with torch.device("meta"):
+        empty = build()
+    replace_linear(empty)
+    result = empty.load_state_dict(quantized.state_dict(), strict=True, assign=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert all(isinstance(m.weight, Int8Params) and not m.weight.is_meta for m in (empty[0], empty[2]))
+    x = _inputs()
+    assert torch.equal(empty(x), quantized(x))
 
 
 # ---------------------------------------------------------------- torch.compile

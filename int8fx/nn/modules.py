@@ -176,7 +176,8 @@ class Linear8bitLt(nn.Linear):
             CB, SCB = self._int8_weight()
             # weight=None: outlier columns use the dequantized int8 columns, as bitsandbytes does.
             out = torch.ops.int8fx.int8_linear(x, CB, SCB, bias, threshold, None)
-        self._record_call(x)
+        if not torch.compiler.is_compiling():
+            self._record_call(x)
         return out
 
     def _int8_weight(self) -> tuple[Tensor, Tensor]:
@@ -254,7 +255,7 @@ class Linear8bitLt(nn.Linear):
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         weight = self.weight
-        if weight.dtype == torch.int8:
+        if weight.dtype == torch.int8 and weight.SCB is not None:
             destination[prefix + "SCB"] = weight.SCB if keep_vars else weight.SCB.detach()
             destination[prefix + "weight_format"] = torch.tensor(WEIGHT_FORMAT_ROW, dtype=torch.uint8)
 
