@@ -22,10 +22,12 @@ from int8fx import reference
 from int8fx.passes.match_linear import WeightLayout
 
 
-def version_of(tensor: Tensor) -> Optional[int]:
-    """The in-place version counter, or None for inference-mode tensors (which have none)."""
+def version_of(tensor: Tensor) -> Optional[tuple]:
+    """What changes when a parameter's values may have: its in-place version counter and its
+    storage (``module.half()``, ``.to(device)`` and ``param.data = ...`` swap the storage
+    without bumping the counter). None for inference-mode tensors, which have no counter."""
     try:
-        return tensor._version
+        return (tensor._version, tensor.data_ptr(), tensor.dtype, tensor.device)
     except RuntimeError:
         return None
 
@@ -39,7 +41,7 @@ def _as_out_in(param: Tensor, layout: WeightLayout) -> Tensor:
 class QuantizedWeight:
     CB: Tensor  # int8 [N, K]
     SCB: Tensor  # fp32 [N]
-    version: Optional[int]
+    version: Optional[tuple]
     param_ref: weakref.ref
     layout: WeightLayout
 
@@ -82,11 +84,14 @@ class QuantizedWeightStore:
 
     @staticmethod
     def _requantize(entry: QuantizedWeight, param: Tensor) -> None:
-        # In place: compiled graphs (and CUDA graphs) keep reading the same tensors.
         with torch.no_grad():
             CB, SCB = torch.ops.int8fx.quantize_weight(_as_out_in(param, entry.layout))
-            entry.CB.copy_(CB)
-            entry.SCB.copy_(SCB)
+            if CB.device == entry.CB.device:
+                # In place: compiled graphs (and CUDA graphs) keep reading the same tensors.
+                entry.CB.copy_(CB)
+                entry.SCB.copy_(SCB)
+            else:  # the module moved to another device
+                entry.CB, entry.SCB = CB, SCB
         entry.version = version_of(param)
 
 

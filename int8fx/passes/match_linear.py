@@ -117,6 +117,16 @@ def linear_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, Optional[fx.Node],
     return node.args[0], node.args[1], None, "mm"
 
 
+def _dtype_problem(x: fx.Node, weight_operand: fx.Node, bias: Optional[fx.Node]) -> Optional[str]:
+    """Eager PyTorch rejects mixed dtypes here; left in fp, the graph raises the same error."""
+    dtypes = [getattr(n.meta.get("val"), "dtype", None) for n in (x, weight_operand, bias) if isinstance(n, fx.Node)]
+    if not all(dtype is not None and dtype.is_floating_point for dtype in dtypes):
+        return "input, weight or bias is not a floating-point tensor"
+    if len(set(dtypes)) > 1:
+        return f"mixed dtypes {', '.join(str(d) for d in dtypes)} (eager PyTorch rejects them)"
+    return None
+
+
 def _bias_problem(node: fx.Node, bias: Optional[fx.Node], n_features: int) -> Optional[str]:
     if node.target == aten.addmm.default and (node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1):
         return "addmm with beta/alpha != 1"
@@ -156,7 +166,7 @@ def find_linears(
         else:
             layout = "out_in" if transposed else "in_out"
         n_features = node.meta["val"].shape[-1] if isinstance(node.meta.get("val"), torch.Tensor) else None
-        problem = _bias_problem(node, bias, n_features)
+        problem = _dtype_problem(x, weight_operand, bias) or _bias_problem(node, bias, n_features)
         if problem:
             skipped.append(SkippedLinear(node, weight, path, problem))
             continue
