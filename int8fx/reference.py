@@ -58,7 +58,9 @@ def outlier_columns(x2d: Tensor, threshold: float) -> Tensor:
     """Bool mask ``[K]``: columns of ``x2d`` with any ``|x| >= threshold`` (none if threshold <= 0)."""
     if threshold <= 0:
         return torch.zeros(x2d.shape[1], dtype=torch.bool, device=x2d.device)
-    return (x2d.abs() >= threshold).any(dim=0)
+    # Compared in fp32, like the element mask below: a threshold such as 6.1 is not
+    # representable in bf16, and both tests must agree.
+    return (x2d.float().abs() >= threshold).any(dim=0)
 
 
 def quantize_activation(x2d: Tensor, threshold: float) -> tuple[QuantizedRows, Tensor]:

@@ -15,8 +15,13 @@ GPU tests (``-m gpu``) need a CUDA device and ``TRITON_INTERPRET=0`` in the envi
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+import triton
 
 from int8fx import reference
 from int8fx.kernels import triton_int8_gemm, triton_int8_gemv, triton_int8_linear, triton_quantize_activation
@@ -75,9 +80,8 @@ def epilogue_bound(x2d, CB, SCB, bias, threshold, weight) -> torch.Tensor:
         at most ``u_d * P`` with ``P = sum_j |x[m, j]| |w[n, j]|`` over the outlier columns
         and ``u_d`` the dtype's unit roundoff (eps / 2);
     (b) summation order: each fp32 add is off by at most ``u32 * S`` where
-        ``S = |Y8| + P + |bias|`` bounds every partial sum; the kernel accumulates the
-        ``n_o`` products onto ``Y8`` and the reference sums them separately (``n_o`` adds
-        each), plus two adds each for ``Y8 + Y16`` and the bias: ``(2 n_o + 4) u32 S``.
+        ``S = |Y8| + P + |bias|`` bounds every partial sum, and each side needs at most
+        ``n_o + 2`` adds (the ``n_o`` outlier products, ``Y8``, the bias): ``(2 n_o + 4) u32 S``.
     So the values before the final cast differ by ``d <= u_d P + (2 n_o + 4) u32 S``, and
     both casts to the dtype add at most ``u_d`` of their magnitude (``<= |y| + d``), plus half
     a subnormal step each: ``|kernel - ref| <= d + 2 u_d (|y| + d) + subnormal step``.
@@ -113,9 +117,11 @@ def test_bound_is_tight_enough_to_catch_mistakes():
     bias = make_bias(200, torch.float16)
     bound = epilogue_bound(x, CB, SCB, bias, THRESHOLD, weight)
     right = reference.int8_linear(x, CB, SCB, bias, THRESHOLD, weight).double()
+    (CA, SCA), _ = reference.quantize_activation(x, THRESHOLD)
+    int8_part = reference.dequantize_output(reference.int8_matmul(CA, CB), SCA, SCB)
     wrong = {
         "no bias": reference.int8_linear(x, CB, SCB, None, THRESHOLD, weight),
-        "no outlier part": reference.int8_linear(x, CB, SCB, bias, 0.0, weight),
+        "no outlier part": (int8_part + bias.float()).half(),
         "int8 outlier weight": reference.int8_linear(x, CB, SCB, bias, THRESHOLD, None),
     }
     for mistake, y in wrong.items():
@@ -339,6 +345,10 @@ def test_gpu_matches_reference(M, dtype):
         CA, SCA, outliers = triton_quantize_activation.quantize_activation(x_cuda, THRESHOLD)
         outliers = triton_quantize_activation.OutlierColumns(outliers.index.cpu(), outliers.count.cpu())
         assert_quantization_matches(x, THRESHOLD, CA.cpu(), SCA.cpu(), outliers)
+    else:  # the small-M kernel quantizes internally: its exact int32 result checks CA
+        C32 = triton_int8_gemv.int8_linear_small_m(x_cuda, CB_cuda, SCB_cuda, None, THRESHOLD, None, epilogue=False)
+        (CA, _), _ = reference.quantize_activation(x, THRESHOLD)
+        assert torch.equal(C32.cpu(), reference.int8_matmul(CA, CB))
     for threshold, use_weight in ((0.0, False), (THRESHOLD, False), (THRESHOLD, True)):
         y = triton_int8_linear.int8_linear(x_cuda, CB_cuda, SCB_cuda, bias_cuda, threshold, weight_cuda if use_weight else None)
         assert_within_bound(y.cpu(), x, CB, SCB, bias, threshold, weight if use_weight else None)
@@ -352,3 +362,92 @@ def test_gpu_int8_matmul_exact(M):
     CA = torch.randint(-127, 128, (M, K), dtype=torch.int8, device="cuda")
     CB = torch.randint(-127, 128, (N, K), dtype=torch.int8, device="cuda")
     assert torch.equal(triton_int8_gemm.int8_matmul(CA, CB), torch._int_mm(CA, CB.t()))
+
+
+# ---------------------------------------------------------------- GPU compilation, without a GPU
+
+def _compile_for_gpu(kernel, signature: dict, constexprs: dict, capability: int):
+    """Compiles ``kernel`` to a cubin for an NVIDIA GPU of ``capability`` (e.g. 90), no device needed."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.autotuner import Autotuner
+
+    kernel = kernel.fn if isinstance(kernel, Autotuner) else kernel
+    signature = {**signature, **{name: "constexpr" for name in constexprs}}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": 4, "num_stages": 3})
+
+
+def _gpu_compile_cases() -> dict:
+    """One fully-featured specialization per kernel (bf16 input, outliers, bias, fp weight)."""
+    int32 = lambda *names: {name: "i32" for name in names}
+    return {
+        "row_stats": (
+            triton_quantize_activation._row_stats_kernel,
+            {"x_ptr": "*bf16", "absmax_ptr": "*fp32", "column_flag_ptr": "*i32", **int32("M", "K", "stride_xm", "stride_xk"), "threshold": "fp32"},
+            {"HAS_THRESHOLD": True, "BLOCK_M": 8, "BLOCK_K": 256},
+        ),
+        "quantize": (
+            triton_quantize_activation._quantize_kernel,
+            {"x_ptr": "*bf16", "absmax_ptr": "*fp32", "column_flag_ptr": "*i32", "ca_ptr": "*i8", "outlier_index_ptr": "*i32",
+             "outlier_count_ptr": "*i32", **int32("M", "K", "stride_xm", "stride_xk", "stride_cam")},
+            {"HAS_THRESHOLD": True, "BLOCK_M": 8, "BLOCK_K": 256},
+        ),
+        "gemm": (
+            triton_int8_gemm._int8_gemm_kernel,
+            {"a_ptr": "*i8", "b_ptr": "*i8", "out_ptr": "*bf16", "sca_ptr": "*fp32", "scb_ptr": "*fp32", "bias_ptr": "*bf16",
+             "x_ptr": "*bf16", "w_ptr": "*bf16", "outlier_index_ptr": "*i32", "outlier_count_ptr": "*i32",
+             **int32("M", "N", "K", "M_BUCKET", "stride_am", "stride_ak", "stride_bn", "stride_bk", "stride_om", "stride_on",
+                     "stride_xm", "stride_xk", "stride_wn", "stride_wk")},
+            {"EPILOGUE": True, "HAS_BIAS": True, "HAS_OUTLIERS": True, "OUTLIER_W_FROM_CB": False, "BLOCK_O": 16,
+             "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8},
+        ),
+        "gemv": (
+            triton_int8_gemv._int8_gemv_kernel,
+            {"x_ptr": "*bf16", "b_ptr": "*i8", "out_ptr": "*bf16", "scb_ptr": "*fp32", "bias_ptr": "*bf16", "w_ptr": "*bf16",
+             **int32("M", "N", "K", "stride_xm", "stride_xk", "stride_bn", "stride_bk", "stride_om", "stride_on", "stride_wn", "stride_wk"),
+             "threshold": "fp32"},
+            {"EPILOGUE": True, "HAS_THRESHOLD": True, "HAS_BIAS": True, "OUTLIER_W_FROM_CB": False, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256},
+        ),
+    }
+
+
+def _has_nvidia_compiler() -> bool:
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def hopper_ptx(tmp_path_factory) -> Path:
+    """PTX of every kernel compiled for sm_90, from a subprocess: under TRITON_INTERPRET=1 (set
+    for this process) ``@triton.jit`` makes interpreted functions that cannot be compiled."""
+    out = tmp_path_factory.mktemp("ptx")
+    script = (
+        "import os, sys\n"
+        "os.environ['TRITON_INTERPRET'] = '0'\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_kernels_triton import _compile_for_gpu, _gpu_compile_cases\n"
+        "for name, case in _gpu_compile_cases().items():\n"
+        f"    open(os.path.join({str(out)!r}, name + '.ptx'), 'w').write(_compile_for_gpu(*case, capability=90).asm['ptx'])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_nvidia_compiler(), reason="this Triton has no NVIDIA backend")
+@pytest.mark.parametrize("kernel", ["row_stats", "quantize", "gemm", "gemv"])
+def test_kernels_compile_for_hopper(kernel, hopper_ptx):
+    # The interpreter never runs Triton's GPU compiler; this does (through ptxas, for sm_90),
+    # catching type and lowering errors, and checks the instructions the numerics rely on.
+    ptx = (hopper_ptx / f"{kernel}.ptx").read_text()
+    if kernel in ("quantize", "gemv"):
+        assert "div.rn.f32" in ptx  # the IEEE division the reference's scales need
+    if kernel == "gemm":
+        assert "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8" in ptx  # Hopper int8 tensor cores
+    if kernel == "gemv":
+        assert "mma.sync.aligned.m16n8k32" in ptx and ".s32.s8.s8.s32" in ptx  # 16-row int8 MMA

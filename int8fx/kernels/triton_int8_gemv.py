@@ -5,11 +5,13 @@ one program per ``BLOCK_N`` output features, each holding all (at most 16) rows 
 so every byte of ``CB`` is read exactly once and there is no second pass over the output.
 
 With all rows in one program, a program can also derive the activation statistics itself:
-it reads ``X`` (a few KiB, L2-resident) once for the row absmax over non-outlier elements,
-then again in the main loop, where it quantizes each ``X`` tile on the fly, finds that
-tile's outlier columns (every row is present) and multiplies them in fp. That replaces
-the three launches of the large-M path (flag memset, row stats, quantize) and keeps
-``CA`` out of global memory. Quantization uses the same jit helpers as
+it reads ``X`` once for the row absmax over non-outlier elements, then again in the main
+loop, where it quantizes each ``X`` tile on the fly, finds that tile's outlier columns
+(every row is present) and multiplies them in fp. That replaces the three launches of the
+large-M path (flag memset, row stats, quantize) and keeps ``CA`` out of global memory.
+The price is re-reading ``X`` from L2 in every program: ``2 * N / BLOCK_N * |X|`` bytes,
+small next to the weight at M = 1 but comparable to it at M = 16 with a narrow
+``BLOCK_N`` (the autotuner weighs this when it picks ``BLOCK_N``). Quantization uses the same jit helpers as
 ``triton_quantize_activation``, so ``CA`` and ``SCA`` are bit-identical to the reference.
 
 Not done: split-K. When ``N / BLOCK_N`` is below the GPU's SM count (small models) part of
@@ -90,7 +92,7 @@ def _int8_gemv_kernel(
         q = quantize_values(x32, inverse_scale[:, None])
         b = tl.load(b_ptrs + k0 * stride_bk, mask=k_ok[:, None], other=0)
         if HAS_THRESHOLD:
-            is_column = tl.max((tl.abs(x32) > threshold).to(tl.int32), axis=0) > 0
+            is_column = tl.max((tl.abs(x32) >= threshold).to(tl.int32), axis=0) > 0
             q = tl.where(is_column[None, :], 0, q).to(tl.int8)
             if tl.max(is_column.to(tl.int32), axis=0) > 0:
                 x_outliers = tl.where(is_column[None, :], x, 0.0)

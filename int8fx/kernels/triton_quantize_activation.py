@@ -33,17 +33,17 @@ BLOCK_K = 256
 NUM_WARPS = 4
 
 
-class QuantizedActivation(NamedTuple):
-    CA: Tensor  # int8 [M, K], outlier columns zeroed
-    SCA: Tensor  # fp32 [M], absmax over the non-outlier elements of each row
-    outliers: Optional["OutlierColumns"]  # None when threshold <= 0
-
-
 class OutlierColumns(NamedTuple):
     """Outlier columns in compact form, left on the device (no host sync)."""
 
     index: Tensor  # int32 [K]; the first ``count`` entries are the columns, ascending
     count: Tensor  # int32 [1]
+
+
+class QuantizedActivation(NamedTuple):
+    CA: Tensor  # int8 [M, K], outlier columns zeroed
+    SCA: Tensor  # fp32 [M], absmax over the non-outlier elements of each row
+    outliers: Optional[OutlierColumns]  # None when threshold <= 0
 
 
 # ---------------------------------------------------------------- shared jit helpers

@@ -1,0 +1,289 @@
+"""Latency of one linear layer: int8fx against fp and int8 peers, side by side.
+
+On a GPU: torch ``F.linear`` bf16 / fp16 (cuBLAS), ``torch._int_mm`` + dequant,
+bitsandbytes ``Linear8bitLt`` threshold 0 / 6, torchao int8 dynamic (when installed) and
+int8fx threshold 0 / 6 (``torch.ops.int8fx.int8_linear``: the Triton kernels), on the
+Llama-3-8B linear shapes; medians from ``triton.testing.do_bench``.
+
+On a CPU: fp32 and bf16 eager, bare ``torch._int_mm``, int8fx threshold 0 / 6 and
+bitsandbytes / torchao where importable; medians of ``time.perf_counter``.
+
+Inputs have 0.1% outlier columns (|x| in [8, 20]; the rest is clipped normal, |x| <= 4).
+Shapes are written ``KxN`` (in_features x out_features). Prints a markdown table and
+writes ``bench_linear_<device>.csv`` (and a PNG of the speed-up over bf16 when matplotlib
+is installed) to ``--out``.
+
+    python benchmarks/bench_linear.py [--device cuda|cpu] [--shapes 4096x4096 ...] [--m 1 16 ...]
+                                      [--out DIR] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+import int8fx  # noqa: F401  (registers torch.ops.int8fx)
+from int8fx import reference
+
+GPU_SHAPES = ["4096x4096", "4096x14336", "14336x4096"]  # Llama-3-8B: q/o, gate/up, down
+GPU_M = [1, 16, 64, 256, 1024, 4096]
+CPU_SHAPES = ["4096x4096", "4096x11008", "11008x4096", "576x1536", "1536x576"]  # Llama-2-7B, SmolLM2-135M
+CPU_M = [1, 16, 128, 512]
+SMOKE_SHAPES = ["64x96", "96x64"]
+SMOKE_M = [1, 16]
+OUTLIER_FRACTION = 0.001
+
+CSV_COLUMNS = ["device", "shape", "M", "K", "N", "provider", "ms", "TOPS", "GB/s", "x_vs_bf16", "x_vs_bnb_t6", "x_vs_int_mm"]
+
+Provider = Callable[[], torch.Tensor]
+
+
+# ---------------------------------------------------------------- inputs
+
+def make_activation(M: int, K: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(M, K, generator=generator).clamp_(-4, 4)
+    columns = torch.randperm(K, generator=generator)[: max(1, round(K * OUTLIER_FRACTION))]
+    signs = torch.randint(0, 2, (M, columns.numel()), generator=generator) * 2 - 1
+    x[:, columns] = signs * (8 + 12 * torch.rand(M, columns.numel(), generator=generator))
+    return x.to(device=device, dtype=dtype)
+
+
+def make_weight(K: int, N: int) -> torch.Tensor:
+    return torch.randn(N, K, generator=torch.Generator().manual_seed(1)) * K**-0.5
+
+
+# ---------------------------------------------------------------- providers
+
+# Each builder returns the callable (None when the provider cannot run the shape) and the
+# bytes it must read at least: its weight and its activations.
+
+def fp_linear(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> tuple[Provider, int]:
+    x, weight = x.to(dtype), weight.to(device=x.device, dtype=dtype)
+    return (lambda: F.linear(x, weight)), weight.nbytes + x.nbytes
+
+
+def int_mm(x: torch.Tensor, weight: torch.Tensor, dequant: bool) -> tuple[Optional[Provider], int]:
+    """int8 GEMM on pre-quantized activations (no activation quantization, no outliers)."""
+    if x.is_cuda and x.shape[0] <= 16:
+        return None, 0  # cuBLAS int8 needs M > 16
+    (CA, SCA), _ = reference.quantize_activation(x.cpu(), 0.0)
+    CB, SCB = reference.quantize_weight(weight)
+    CA, SCA, CB, SCB = (t.to(x.device) for t in (CA, SCA, CB, SCB))
+    CBt = CB.t()
+    if not dequant:
+        return (lambda: torch._int_mm(CA, CBt)), CB.nbytes + CA.nbytes
+    scale = SCA[:, None] * SCB[None, :] / 127**2
+    return (lambda: (torch._int_mm(CA, CBt) * scale).to(x.dtype)), CB.nbytes + CA.nbytes + scale.nbytes
+
+
+def int8fx_linear(x: torch.Tensor, weight: torch.Tensor, threshold: float) -> tuple[Provider, int]:
+    CB, SCB = torch.ops.int8fx.quantize_weight(weight.to(x.device))
+    return (lambda: torch.ops.int8fx.int8_linear(x, CB, SCB, None, threshold, None)), CB.nbytes + SCB.nbytes + x.nbytes
+
+
+def bnb_linear(x: torch.Tensor, weight: torch.Tensor, threshold: float) -> tuple[Provider, int]:
+    import bitsandbytes as bnb
+
+    K, N = weight.shape[1], weight.shape[0]
+    layer = bnb.nn.Linear8bitLt(K, N, bias=False, has_fp16_weights=False, threshold=threshold)
+    layer.weight = bnb.nn.Int8Params(weight.to(x.dtype), requires_grad=False, has_fp16_weights=False)
+    layer = layer.to(x.device)  # quantizes the weight
+    return (lambda: layer(x)), N * K + 4 * N + x.nbytes
+
+
+def torchao_linear(x: torch.Tensor, weight: torch.Tensor) -> tuple[Provider, int]:
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=x.device, dtype=x.dtype)
+    layer.weight.data.copy_(weight)
+    quantize_(layer, Int8DynamicActivationInt8WeightConfig())
+    layer = torch.compile(layer) if x.is_cuda else layer  # torchao's kernels come from inductor
+    return (lambda: layer(x)), weight.numel() + 4 * weight.shape[0] + x.nbytes
+
+
+def providers(device: str) -> dict[str, Callable]:
+    """Name -> ``build(x_fp32, weight_fp32)``. Activations go in the dtype each provider is
+    used with: bf16 on GPU (fp16 for bitsandbytes, its native dtype), fp32 on CPU."""
+    if device == "cuda":
+        bf16 = lambda x: x.to(torch.bfloat16)
+        found = {
+            "torch bf16": lambda x, w: fp_linear(x, w, torch.bfloat16),
+            "torch fp16": lambda x, w: fp_linear(x, w, torch.float16),
+            "_int_mm+dequant": lambda x, w: int_mm(bf16(x), w, dequant=True),
+            "bnb t=0": lambda x, w: bnb_linear(x.half(), w, 0.0),
+            "bnb t=6": lambda x, w: bnb_linear(x.half(), w, 6.0),
+            "torchao int8 dyn": lambda x, w: torchao_linear(bf16(x), w),
+            "int8fx t=0": lambda x, w: int8fx_linear(bf16(x), w, 0.0),
+            "int8fx t=6": lambda x, w: int8fx_linear(bf16(x), w, 6.0),
+        }
+    else:
+        found = {
+            "fp32 eager": lambda x, w: fp_linear(x, w, torch.float32),
+            "bf16 eager": lambda x, w: fp_linear(x, w, torch.bfloat16),
+            "_int_mm": lambda x, w: int_mm(x, w, dequant=False),
+            "bnb t=0": lambda x, w: bnb_linear(x, w, 0.0),
+            "bnb t=6": lambda x, w: bnb_linear(x, w, 6.0),
+            "torchao int8 dyn": lambda x, w: torchao_linear(x, w),
+            "int8fx t=0": lambda x, w: int8fx_linear(x, w, 0.0),
+            "int8fx t=6": lambda x, w: int8fx_linear(x, w, 6.0),
+        }
+    for name, module in (("bnb", "bitsandbytes"), ("torchao", "torchao")):
+        if not _importable(module):
+            print(f"{module} is not installed: skipping its providers")
+            found = {key: build for key, build in found.items() if not key.startswith(name)}
+    return found
+
+
+def _importable(module: str) -> bool:
+    try:
+        __import__(module)
+    except Exception:  # an installed but broken package counts as absent
+        return False
+    return True
+
+
+# ---------------------------------------------------------------- timing
+
+def median_ms(fn: Provider, device: str, reps: int, budget_s: float) -> float:
+    if device == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=max(1, reps // 4), rep=max(1, reps), return_mode="median")
+    fn()  # warm up (first-call allocation, lazy init)
+    times = []
+    start = time.perf_counter()
+    while len(times) < reps and (not times or time.perf_counter() - start < budget_s):
+        begin = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - begin)
+    return statistics.median(times) * 1e3
+
+
+# ---------------------------------------------------------------- main
+
+def run(device: str, shapes: list[str], ms: list[int], reps: int, budget_s: float) -> list[dict]:
+    builders = providers(device)
+    rows = []
+    for shape in shapes:
+        K, N = (int(v) for v in shape.split("x"))
+        weight = make_weight(K, N)
+        for M in ms:
+            x = make_activation(M, K, torch.float32, device)
+            group = []
+            for name, build in builders.items():
+                try:
+                    fn, bytes_in = build(x, weight)
+                except Exception as error:  # a peer that cannot run this shape is reported, not fatal
+                    print(f"{name} {shape} M={M}: skipped ({type(error).__name__}: {error})")
+                    continue
+                if fn is None:
+                    continue
+                with torch.no_grad():
+                    elapsed = median_ms(fn, device, reps, budget_s)
+                    out = fn()
+                moved = bytes_in + out.nbytes  # the least a kernel must move
+                group.append({"device": device, "shape": shape, "M": M, "K": K, "N": N, "provider": name,
+                              "ms": elapsed, "TOPS": 2 * M * N * K / elapsed / 1e9, "GB/s": moved / elapsed / 1e6})
+            add_ratios(group)
+            rows += group
+    return rows
+
+
+def add_ratios(group: list[dict]) -> None:
+    """Speed-ups within one (shape, M): ``x_vs_P = ms(P) / ms(row)``, > 1 means faster than P."""
+    by_name = {row["provider"]: row["ms"] for row in group}
+    baselines = {"x_vs_bf16": ("torch bf16", "bf16 eager"), "x_vs_bnb_t6": ("bnb t=6",), "x_vs_int_mm": ("_int_mm", "_int_mm+dequant")}
+    for row in group:
+        for column, names in baselines.items():
+            base = next((by_name[n] for n in names if n in by_name), None)
+            row[column] = "" if base is None else base / row["ms"]
+
+
+def print_table(rows: list[dict]) -> None:
+    header = ["shape (KxN)", "M", "provider", "ms", "TOPS", "GB/s", "x vs bf16", "x vs bnb t=6", "x vs _int_mm"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    fmt = lambda v, spec: "" if v == "" else format(v, spec)
+    for r in rows:
+        cells = [r["shape"], str(r["M"]), r["provider"], fmt(r["ms"], ".3f"), fmt(r["TOPS"], ".3f"), fmt(r["GB/s"], ".1f"),
+                 fmt(r["x_vs_bf16"], ".2f"), fmt(r["x_vs_bnb_t6"], ".2f"), fmt(r["x_vs_int_mm"], ".2f")]
+        print("| " + " | ".join(cells) + " |")
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    figure, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        for name in dict.fromkeys(r["provider"] for r in rows):
+            points = [(r["M"], r["x_vs_bf16"]) for r in rows if r["shape"] == shape and r["provider"] == name and r["x_vs_bf16"] != ""]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=name)
+        ax.set(xscale="log", xlabel="M (tokens)", ylabel="speed-up over bf16", title=f"{shape} (KxN)")
+        ax.axhline(1.0, color="grey", linewidth=0.5)
+    axes[0][0].legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path)
+    print(f"wrote {path}")
+
+
+def describe(device: str) -> str:
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+    else:
+        name = platform.machine()
+        if os.path.exists("/proc/cpuinfo"):
+            with open("/proc/cpuinfo") as cpuinfo:
+                name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), name)
+    return f"{device}: {name}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shapes", nargs="+", help="KxN shapes (default: per device)")
+    parser.add_argument("--m", nargs="+", type=int, help="batch sizes (default: per device)")
+    parser.add_argument("--reps", type=int, default=None, help="CPU: timed calls per median; GPU: do_bench rep in ms")
+    parser.add_argument("--budget-s", type=float, default=2.0, help="CPU: stop repeating a measurement after this long")
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, 1 rep: checks that the script runs")
+    args = parser.parse_args()
+    gpu = args.device == "cuda"
+    shapes = args.shapes or (SMOKE_SHAPES if args.smoke else GPU_SHAPES if gpu else CPU_SHAPES)
+    ms = args.m or (SMOKE_M if args.smoke else GPU_M if gpu else CPU_M)
+    reps = args.reps or (1 if args.smoke else 100 if gpu else 10)
+    print(describe(args.device))
+    rows = run(args.device, shapes, ms, reps, args.budget_s)
+    print_table(rows)
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"bench_linear_{args.device}")
+    write_csv(rows, stem + ".csv")
+    print(f"wrote {stem}.csv")
+    plot(rows, stem + ".png")
+
+
+if __name__ == "__main__":
+    main()
