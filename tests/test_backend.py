@@ -15,12 +15,7 @@ from int8fx.config import Int8LtConfig
 from tests.models import MLP, LlamaConfig, TinyLlama, TransformerBlock, reference_int8
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def compiled(model, inner="eager", **options):

@@ -14,12 +14,7 @@ from int8fx.weights import STORE, ReleasedWeightError
 from tests.models import reference_int8
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def stack(dims=(256, 512, 256, 128)):

@@ -16,12 +16,7 @@ from int8fx.kernels import cpu_int8_linear
 from tests.models import MLP, reference_int8
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def run_compiled(model, *inputs, **options):
