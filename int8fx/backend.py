@@ -318,8 +318,14 @@ def default_backend() -> Int8LtBackend:
     return _default_backend
 
 
-def int8lt_backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-    """The backend behind ``torch.compile(model, backend="int8lt")``: default options."""
+def int8lt_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Optional[dict] = None) -> Callable:
+    """The backend behind ``torch.compile(model, backend="int8lt")``.
+
+    ``torch.compile(model, backend="int8lt", options={"threshold": 6.0})`` passes
+    ``Int8LtConfig`` fields through ``options``.
+    """
+    if options:
+        return int8lt(**options)(gm, example_inputs)
     return default_backend()(gm, example_inputs)
 
 

@@ -80,6 +80,11 @@ class QuantizedWeightStore:
     def _quantize(param: Tensor, layout: WeightLayout) -> QuantizedWeight:
         with torch.no_grad():
             CB, SCB = torch.ops.int8fx.quantize_weight(_as_out_in(param, layout))
+        if CB.is_cuda:
+            # CUDA graphs (mode="reduce-overhead") may then read them in place, like parameters;
+            # requantization writes into the same memory.
+            torch._dynamo.mark_static_address(CB, guard=False)
+            torch._dynamo.mark_static_address(SCB, guard=False)
         return QuantizedWeight(CB, SCB, version_of(param), weakref.ref(param), layout)
 
     @staticmethod

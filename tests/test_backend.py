@@ -236,3 +236,15 @@ def test_a_failing_rewrite_leaves_the_graph_in_fp_and_compiles(monkeypatch):
     torch.testing.assert_close(run(x), model(x))
     assert "simulated matcher bug" in backend.reports[0].error
     assert counters["int8fx"]["graphs_failed"] == 1
+
+
+@torch.no_grad()
+def test_string_backend_takes_options():
+    linear = nn.Linear(64, 16)
+    x = torch.randn(4, 64)
+    x[:, 3] = 30.0
+    fp32 = linear(x)
+    naive = torch.compile(linear, backend="int8lt", options={"threshold": 0.0, "inner": "eager"})(x)
+    torch._dynamo.reset()
+    decomposed = torch.compile(linear, backend="int8lt", options={"inner": "eager"})(x)
+    assert reference.sqnr_db(fp32, decomposed) > reference.sqnr_db(fp32, naive) + 10
