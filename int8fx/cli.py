@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -35,9 +36,11 @@ def _add_size_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-tokens", type=int, default=128, help="prompt length for the prefill timing (default 128)")
     parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated for the decode timing (default 32)")
     parser.add_argument("--no-timing", action="store_true", help="skip the prefill/decode timings (and their compiles)")
-    parser.add_argument("--inner", choices=("inductor", "eager"), default="inductor", help="int8lt's inner compiler (default inductor)")
+    parser.add_argument("--inner", choices=("inductor", "eager"), help="int8lt's inner compiler (default inductor; eager with --quick)")
     parser.add_argument("--dump", metavar="DIR", help="write the graphs before/after the rewrite and the per-layer report to DIR")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes for smoke tests: 1 chunk of 32 tokens, 5 new tokens, eager inner")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke-test sizes: 2 decoder layers, 1 chunk of 32 tokens, 5 new tokens, eager inner compiler"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,20 +71,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace):
-    from int8fx.demo.evaluate import EvalSettings, quick
+    from int8fx.demo.evaluate import QUICK, EvalSettings
 
-    settings = EvalSettings(
-        threshold=args.threshold,
-        chunks=args.chunks,
-        chunk_tokens=args.chunk_tokens,
-        timing=not args.no_timing,
-        prefill_tokens=args.prefill_tokens,
-        new_tokens=args.new_tokens,
-        sentences=getattr(args, "sentences", EvalSettings.sentences),
-        inner=args.inner,
-        dump_dir=args.dump,
-    )
-    return quick(settings) if args.quick else settings
+    chosen = {"threshold": args.threshold, "timing": not args.no_timing, "dump_dir": args.dump}
+    if args.inner is not None:
+        chosen["inner"] = args.inner
+    if args.quick:  # the sizes are QUICK's; the choices above still apply
+        return dataclasses.replace(QUICK, **chosen)
+    sizes = {
+        "chunks": args.chunks,
+        "chunk_tokens": args.chunk_tokens,
+        "prefill_tokens": args.prefill_tokens,
+        "new_tokens": args.new_tokens,
+        "sentences": getattr(args, "sentences", EvalSettings.sentences),
+    }
+    return EvalSettings(**chosen, **sizes)
 
 
 def _load_causal_lm(name: str, dtype: torch.dtype):
@@ -122,11 +126,12 @@ def format_demo_table(result: dict[str, Any]) -> str:
         rows.append(("perplexity int8lt threshold 0 (naive int8)", f"{_value(result['ppl_int8lt_t0'])} ({result['ppl_int8lt_t0_delta_pct']:+.2f}%)"))
     rows += [
         (
-            "linear weights fp32 / fp16 / int8lt (MiB)",
+            "linear weights fp32 / fp16 / int8 + row scales (MiB)",
             " / ".join(_value(result[k], 1) for k in ("linear_weights_fp32_mib", "linear_weights_fp16_mib", "linear_weights_int8lt_mib")),
         ),
         ("linear layers to int8 / kept in fp", f"{result['layers_int8']} / {result['layers_fp']}"),
         *((f"  kept in fp: {reason}", "") for reason in result["layers_fp_reasons"]),
+        ("graphs compiled / rewrite failed (left in fp)", f"{result['graphs']} / {result['graphs_failed']}"),
         (f"outlier columns (|x| >= {t}) over the text", result["outlier_summary"]),
         ("largest |x| entering a linear", _value(result["max_abs_linear_input"], 1)),
     ]

@@ -11,14 +11,14 @@ sentences.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
 import int8fx
 from int8fx import report as int8_report
-from int8fx.demo import measure
+from int8fx.demo import measure, models
 from int8fx.demo.data import bbc_sentences, bbc_token_chunks
 
 
@@ -33,16 +33,15 @@ class EvalSettings:
     new_tokens: int = 32  # greedy decode; the first steps compile, see measure.DECODE_WARMUP_STEPS
     sentences: int = 64  # encoders: BBC sentences embedded
     inner: str = "inductor"  # int8lt's inner compiler (and whether the fp speed baseline is compiled)
+    decoder_layers: Optional[int] = None  # causal LMs: keep only the first N blocks (smoke tests)
     dump_dir: Optional[str] = None
 
 
-# Small enough for the test suite: one short chunk, a few decode steps, no inductor compile.
-QUICK = EvalSettings(chunks=1, chunk_tokens=32, prefill_tokens=16, prefill_repeats=1, new_tokens=5, sentences=8, inner="eager")
-
-
-def quick(settings: EvalSettings) -> EvalSettings:
-    """``settings`` shrunk to the quick sizes, keeping its threshold and dump directory."""
-    return replace(QUICK, threshold=settings.threshold, timing=settings.timing, dump_dir=settings.dump_dir)
+# Small enough for the test suite: one short chunk, a few decode steps, no inductor compile,
+# two decoder blocks (tracing the whole of SmolLM2 takes most of a minute on 2 CPU cores).
+QUICK = EvalSettings(
+    chunks=1, chunk_tokens=32, prefill_tokens=16, prefill_repeats=1, new_tokens=5, sentences=8, inner="eager", decoder_layers=2
+)
 
 
 def _compile(model: torch.nn.Module, backend: Any) -> torch.nn.Module:
@@ -91,6 +90,9 @@ def _relative_pct(value: float, reference: float) -> float:
 
 def evaluate_causal_lm(name: str, model: torch.nn.Module, tokenizer: Any, settings: EvalSettings) -> dict[str, Any]:
     """Every causal-LM measurement of the module docstring, as one flat dict (units in the keys)."""
+    if settings.decoder_layers is not None:
+        total = models.keep_first_decoder_layers(model, settings.decoder_layers)
+        name += f" (first {settings.decoder_layers} of {total} decoder layers)"
     chunks = bbc_token_chunks(tokenizer, settings.chunks, settings.chunk_tokens)
     result: dict[str, Any] = {
         "model": name,

@@ -92,6 +92,20 @@ def load_minilm() -> tuple[torch.nn.Module, Any]:
     return _for_inference(AutoModel.from_pretrained(directory)), AutoTokenizer.from_pretrained(directory)
 
 
+def keep_first_decoder_layers(model: torch.nn.Module, count: int) -> int:
+    """Drops all but the first ``count`` decoder blocks (``model.model.layers``); returns how many there were.
+
+    For smoke tests of the whole pipeline on a real model: tracing and compiling cost
+    grows with depth, the code paths do not.
+    """
+    layers = model.model.layers
+    total = len(layers)
+    if count < total:
+        model.model.layers = layers[:count]
+        model.config.num_hidden_layers = count
+    return total
+
+
 def _for_inference(model: torch.nn.Module) -> torch.nn.Module:
     # Weights that require grad stay in fp under int8lt (it will not silently freeze them).
     return model.eval().requires_grad_(False)
