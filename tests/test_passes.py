@@ -11,7 +11,7 @@ from torch import nn
 import int8fx
 from int8fx.passes import matches_skip
 from int8fx.passes.match_linear import normalize_source_path
-from tests.models import MLP, GPT2MLP, Spellings, TransformerBlock
+from tests.models import MLP, GPT2MLP, Spellings, TransformerBlock, reference_int8
 
 
 def rewrite(model, *inputs, **options):
@@ -216,3 +216,16 @@ def test_activation_matmuls_are_not_candidates():
     q = torch.randn(2, 4, 8)
     backend = rewrite(attention, q, q, q)
     assert backend.reports[0].layers == []
+
+
+def test_non_flattenable_3d_input_bmm_is_replaced():
+    # A transposed single-token input: linear decomposes to bmm with the weight broadcast
+    # over the batch (what Llama's o_proj sees at decode).
+    linear = nn.Linear(32, 16)
+    x = torch.randn(3, 32, 1).transpose(1, 2)
+    backend = rewrite(linear, x)
+    assert len(backend.reports[0].replaced) == 1 and "aten.bmm" not in backend.reports[0].after
+    with torch.no_grad():
+        out = torch.compile(linear, backend=int8fx.int8lt(inner="eager"))(x)
+    assert out.shape == (3, 1, 16)
+    torch.testing.assert_close(out, reference_int8(linear, 6.0)(x.contiguous()), rtol=0, atol=1e-5)

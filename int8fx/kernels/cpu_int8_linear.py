@@ -1,6 +1,7 @@
 """CPU LLM.int8() linear: row-wise activation quantization, int8 GEMM, fp outlier part.
 
-The bulk runs as a real int8 GEMM (``torch._int_mm``, int32 accumulation); only the few
+The bulk runs as a real int8 GEMM with int32 accumulation (``int8_matmul``: the AVX2
+kernel of ``cpu_int8_gemm`` on CPUs without VNNI, else ``torch._int_mm``); only the few
 outlier columns are multiplied in the input's floating dtype. Numerics follow
 ``int8fx.reference`` exactly for ``CA``, ``SCA`` and ``C32``.
 """
@@ -12,7 +13,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from int8fx.kernels import cpu_int8_gemm
+
 INT8_MAX = 127
+
+
+def int8_matmul(CA: Tensor, CB: Tensor) -> Tensor:
+    """Exact int32 ``CA [M, K] @ CB [N, K].T``; ``CB`` in [-127, 127] (see ``cpu_int8_gemm``)."""
+    if cpu_int8_gemm.is_available():
+        return cpu_int8_gemm.int8_gemm(CA, CB)
+    return torch._int_mm(CA, CB.t())
 
 
 def quantize_activation(x2d: Tensor, threshold: float) -> tuple[Tensor, Tensor, Optional[Tensor]]:
@@ -50,7 +60,7 @@ def int8_linear(
     K, N = x.shape[-1], CB.shape[0]
     x2d = x.reshape(-1, K)
     CA, SCA, outlier_index = quantize_activation(x2d, threshold)
-    C32 = torch._int_mm(CA, CB.t())
+    C32 = int8_matmul(CA, CB)
     out = C32.float() * (SCA[:, None] * SCB[None, :]) / (INT8_MAX * INT8_MAX)
     if outlier_index is not None:
         if weight is not None:

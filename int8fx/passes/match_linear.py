@@ -8,7 +8,9 @@
 * ``torch.addmm(b, x, W)`` / ``x @ W`` with ``W`` stored ``[in, out]`` (GPT-2's ``Conv1D``):
   the parameter is used untransposed;
 * ``aten.linear`` where the graph was traced above autograd (pre-dispatch);
-* under autocast the weight is first cast (``_to_copy(W, dtype=...)``).
+* under autocast the weight is first cast (``_to_copy(W, dtype=...)``);
+* a 3-D input that cannot be flattened without a copy (e.g. a transposed attention output
+  at decode, seq = 1) becomes ``bmm(x3d, view(expand(t(W), [B, K, N])))``.
 
 Matmuls of two activations (attention's ``Q @ K^T``, ``P @ V``) never name a parameter
 and are not candidates. Every candidate comes back either as a ``LinearMatch`` or as a
@@ -28,7 +30,8 @@ aten = torch.ops.aten
 
 WeightLayout = Literal["out_in", "in_out"]
 
-_LINEAR_OPS = (aten.mm.default, aten.addmm.default, aten.linear.default)
+_LINEAR_OPS = (aten.mm.default, aten.addmm.default, aten.linear.default, aten.bmm.default)
+_BROADCAST_OPS = (aten.expand.default, aten.view.default, aten._unsafe_view.default)
 
 
 @dataclass
@@ -107,8 +110,24 @@ def trace_weight(operand: fx.Node) -> tuple[fx.Node, bool]:
     return node, transposed
 
 
-def linear_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, Optional[fx.Node], str]:
-    """``(x, weight_operand, bias, how)`` where the weight operand is ``[K, N]`` for mm/addmm."""
+def _unbroadcast(operand: fx.Node) -> Optional[fx.Node]:
+    """For bmm: the 2-D matrix that ``view(expand(w2d, [B, K, N]))`` broadcasts over the batch."""
+    node = operand
+    while node.op == "call_function" and node.target in _BROADCAST_OPS:
+        node = node.args[0]
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.dim() == 2:
+            return node if tuple(operand.meta["val"].shape[-2:]) == tuple(val.shape) else None
+    return None
+
+
+def linear_operands(node: fx.Node) -> tuple[fx.Node, Optional[fx.Node], Optional[fx.Node], str]:
+    """``(x, weight_operand, bias, how)`` where the weight operand is ``[K, N]`` for mm/addmm/bmm.
+
+    For a bmm whose second operand is not a broadcast 2-D matrix, the weight operand is None.
+    """
+    if node.target == aten.bmm.default:
+        return node.args[0], _unbroadcast(node.args[1]), None, "mm"
     if node.target == aten.linear.default:
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         return node.args[0], node.args[1], bias, "linear"
@@ -148,6 +167,8 @@ def find_linears(
         if node.op != "call_function" or node.target not in _LINEAR_OPS:
             continue
         x, weight_operand, bias, how = linear_operands(node)
+        if weight_operand is None:
+            continue  # a batched matmul of activations (attention)
         weight, transposed = trace_weight(weight_operand)
         x_source, _ = trace_weight(x)
         path = module_path_of(node)
