@@ -21,7 +21,7 @@ PYTHON="${PYTHON:-python}"
 "$PYTHON" -m pip install -q \
     "huggingface-hub>=1.31,<3" \
     "tokenizers>=0.23.1,<0.24" \
-    pyyaml regex tqdm typer psutil requests
+    "safetensors>=0.8.0" pyyaml regex tqdm typer psutil requests
 
 # Smoke check. `pip check` will still list the dependencies left out on purpose above
 # (llama-cpp-python, llm, sentence-transformers, scikit-learn): the demo uses none of them.
