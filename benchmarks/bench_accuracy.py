@@ -1,0 +1,108 @@
+"""SmolLM2-135M perplexity on BBC News: int8lt against bitsandbytes, side by side in one run.
+
+Every provider reads the same token chunks (BOS + 511 tokens each, consecutive text), so
+the differences are the methods', not the text's. Perplexity differences between int8
+methods at a few thousand tokens are small; use ``--chunks 16`` or more to see them above
+the noise. Prints a markdown table and writes ``bench_accuracy.csv``.
+
+    python benchmarks/bench_accuracy.py [--chunks 16] [--out DIR] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import os
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+import int8fx
+from int8fx.demo.data import bbc_token_chunks
+from int8fx.demo.measure import perplexity
+from int8fx.demo.models import keep_first_decoder_layers, load_smollm2
+from int8fx.passes import matches_skip
+
+SKIP = ("lm_head",)  # as Hugging Face's load_in_8bit does
+
+
+def int8lt(model: nn.Module, threshold: float, outlier_weights: str) -> Callable:
+    torch._dynamo.reset()
+    backend = int8fx.int8lt(threshold=threshold, outlier_weights=outlier_weights, skip=SKIP, inner="eager")
+    return torch.compile(model, backend=backend)
+
+
+def bitsandbytes_swap(model: nn.Module, threshold: float) -> nn.Module:
+    """``load_in_8bit``'s module swap, in eval mode (in training mode bitsandbytes' CPU
+    backend switches to weight-only int8)."""
+    import bitsandbytes as bnb
+
+    model = copy.deepcopy(model)
+    for path, module in list(model.named_modules()):
+        for name, child in list(module.named_children()):
+            full = f"{path}.{name}" if path else name
+            if isinstance(child, nn.Linear) and not matches_skip(full, SKIP):
+                swapped = bnb.nn.Linear8bitLt(
+                    child.in_features, child.out_features, bias=child.bias is not None,
+                    has_fp16_weights=False, threshold=threshold,
+                )
+                swapped.load_state_dict(child.state_dict())
+                setattr(module, name, swapped.to("cpu").eval())
+    return model
+
+
+def providers(model: nn.Module) -> dict[str, Callable[[], Callable]]:
+    table = {
+        "fp32 eager": lambda: model,
+        "int8lt t=6 (fp outlier columns, default)": lambda: int8lt(model, 6.0, "fp"),
+        "int8lt t=6 (int8 outlier columns, as bitsandbytes)": lambda: int8lt(model, 6.0, "int8"),
+        "int8lt t=0 (naive int8)": lambda: int8lt(model, 0.0, "int8"),
+    }
+    try:
+        import bitsandbytes  # noqa: F401
+
+        table["bitsandbytes t=6"] = lambda: bitsandbytes_swap(model, 6.0)
+        table["bitsandbytes t=0"] = lambda: bitsandbytes_swap(model, 0.0)
+    except ImportError:
+        print("bitsandbytes is not installed: its rows are skipped (scripts/install_bnb.sh)")
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--chunks", type=int, default=16)
+    parser.add_argument("--chunk-tokens", type=int, default=512)
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--smoke", action="store_true", help="2 decoder layers, 1 chunk of 32 tokens")
+    args = parser.parse_args()
+    model, tokenizer = load_smollm2()
+    model.eval().requires_grad_(False)
+    if args.smoke:
+        keep_first_decoder_layers(model, 2)
+        args.chunks, args.chunk_tokens = 1, 32
+    chunks = bbc_token_chunks(tokenizer, args.chunks, args.chunk_tokens)
+    rows = []
+    baseline = None
+    for name, make in providers(model).items():
+        start = time.perf_counter()
+        ppl = perplexity(make(), chunks, name)
+        baseline = baseline or ppl
+        rows.append({"provider": name, "perplexity": round(ppl, 4), "vs_fp32_pct": round((ppl / baseline - 1) * 100, 2),
+                     "seconds": round(time.perf_counter() - start, 1)})
+    tokens = args.chunks * (args.chunk_tokens - 1)
+    print(f"\nSmolLM2-135M, BBC News, {args.chunks} chunks x {args.chunk_tokens} tokens ({tokens} predicted tokens)\n")
+    print("| provider | perplexity | vs fp32 (%) | seconds |\n|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['provider']} | {row['perplexity']:.4f} | {row['vs_fp32_pct']:+.2f} | {row['seconds']:.0f} |")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench_accuracy.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
