@@ -8,6 +8,7 @@ from int8fx.config import Int8LtConfig
 from int8fx import nn
 from int8fx.functional import MatmulLtState, matmul
 from int8fx.swap import replace_linear
+from int8fx.weights import ReleasedWeightError
 
-__all__ = ["GraphReport", "Int8LtBackend", "Int8LtConfig", "LayerReport", "MatmulLtState", "int8lt", "matmul", "nn", "replace_linear"]
+__all__ = ["GraphReport", "Int8LtBackend", "Int8LtConfig", "LayerReport", "MatmulLtState", "ReleasedWeightError", "int8lt", "matmul", "nn", "replace_linear"]
 __version__ = "0.1.0"
