@@ -290,3 +290,24 @@ def test_property_error_within_the_quantization_step(problem):
     dW = (SCB / 254)[None, :, None]
     bound = (x.abs()[:, None, :] * dW + W.abs()[None, :, :] * dx + dx * dW).sum(-1)
     assert ((y - x @ W.t()).abs() <= bound * (1 + 1e-5) + 1e-6).all()
+
+
+def test_each_fallback_is_logged_at_info(caplog):
+    class Fallbacks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tiny = nn.Linear(16, 2)  # below min_features
+            self.w = nn.Parameter(torch.randn(16, 16))
+            self.b2d = nn.Parameter(torch.randn(3, 16))
+
+        def forward(self, x):
+            scaled = torch.addmm(torch.zeros(16), x, self.w, beta=0.5)  # beta != 1
+            full_bias = torch.addmm(self.b2d, x, self.w.t())  # a [M, N] addend, not a bias
+            return self.tiny(scaled + full_bias)
+
+    with caplog.at_level("INFO", logger="int8fx"):
+        out, backend = run_compiled(Fallbacks(), torch.randn(3, 16), min_features=4)
+    reasons = sorted(layer.reason for layer in backend.reports[0].skipped)
+    assert reasons == ["addmm with beta/alpha != 1", "smaller than min_features=4", "the added term is not a [16] bias"]
+    for reason in reasons:
+        assert any(reason in record.getMessage() and record.levelname == "INFO" for record in caplog.records)
