@@ -462,29 +462,17 @@ def test_compiles_fullgraph_to_the_int8_op(threshold, has_fp16_weights):
     assert torch.equal(x_compiled.grad, x_eager.grad)
 
 
-def test_compiles_with_inductor_fullgraph():
+@pytest.mark.parametrize("backend", ["inductor", "int8lt"])
+def test_compiles_fullgraph(backend):
     torch._dynamo.reset()
     model = _int8_model(6.0)
-    counter = CompileCounterWithBackend("inductor")
+    counter = CompileCounterWithBackend(backend)
     compiled = torch.compile(model, backend=counter, fullgraph=True)
     x = _inputs()
     with torch.no_grad():
         out, expected = compiled(x), model(x)
     assert counter.frame_count == 1 and _int8_op_calls(counter.graphs) == 2
     # The int8 op runs as an extern call and ReLU is exact: nothing may differ.
-    assert torch.equal(out, expected)
-
-
-def test_compiles_with_the_int8lt_backend():
-    pytest.importorskip("int8fx.backend", reason="the int8lt backend (int8fx/backend.py) is not in this checkout yet")
-    torch._dynamo.reset()
-    model = _int8_model(6.0)
-    counter = CompileCounterWithBackend("int8lt")
-    compiled = torch.compile(model, backend=counter, fullgraph=True)
-    x = _inputs()
-    with torch.no_grad():
-        out, expected = compiled(x), model(x)
-    assert counter.frame_count == 1 and _int8_op_calls(counter.graphs) == 2
     assert torch.equal(out, expected)
 
 
