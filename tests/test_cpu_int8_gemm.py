@@ -135,3 +135,90 @@ def test_failed_build_falls_back(monkeypatch, fresh_caches, caplog):
         out = cpu_int8_linear.int8_linear(x, CB, SCB, None, 6.0, None)
     assert "could not build" in caplog.text
     assert torch.equal(out, reference.int8_linear(x, CB, SCB, None, 6.0))
+
+
+# ---------------------------------------------------------------- fused quantization and epilogue
+
+def assert_matches_reference_quantization(x: torch.Tensor, threshold: float) -> None:
+    CA, SCA, index = cpu_int8_gemm.quantize_rows(x, threshold)
+    (ref_CA, ref_SCA), columns = reference.quantize_activation(x, threshold)
+    assert torch.equal(CA, ref_CA)
+    assert torch.equal(SCA, ref_SCA) or torch.allclose(SCA, ref_SCA, equal_nan=True, rtol=0, atol=0)
+    if columns.any():
+        assert torch.equal(index, columns.nonzero().flatten())
+    else:
+        assert index is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("threshold", [0.0, 6.0, 1.5])
+@pytest.mark.parametrize("M, K", [(0, 16), (1, 576), (3, 0), (5, 37), (17, 1536), (64, 100)])
+def test_quantize_rows_matches_reference(M, K, threshold):
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M * 1000 + K)) * 3
+    assert_matches_reference_quantization(x, threshold)
+
+
+@needs_kernel
+def test_quantize_rows_ties_round_half_to_even():
+    # absmax 127 makes the inverse scale exactly 1: every x.5 is a tie, in the vector body
+    # (first 32) and the scalar tail.
+    halves = torch.arange(-126.5, 127.0, 1.0)
+    x = torch.cat([halves, torch.tensor([127.0])]).repeat(2, 1)[:, :37].contiguous()
+    x[:, 0] = 127.0
+    assert_matches_reference_quantization(x, 0.0)
+    CA, _, _ = cpu_int8_gemm.quantize_rows(x, 0.0)
+    assert CA[0, 1:5].tolist() == [-126, -124, -124, -122]  # -125.5, -124.5, -123.5, -122.5
+
+
+@needs_kernel
+def test_quantize_rows_threshold_compared_in_fp32():
+    # 6.1 in fp32 is below 6.1 in double: the element is an outlier in fp32, as in torch.
+    x = torch.ones(2, 40)
+    x[0, 3] = 6.1
+    x[1, 35] = 6.0
+    for threshold in (6.1, 6.0):
+        assert_matches_reference_quantization(x, threshold)
+    assert cpu_int8_gemm.quantize_rows(x, 6.1)[2].tolist() == [3]
+    assert cpu_int8_gemm.quantize_rows(x, 6.0)[2].tolist() == [3, 35]
+
+
+@needs_kernel
+def test_quantize_rows_zero_rows_and_all_outlier_columns():
+    x = torch.zeros(4, 40)
+    x[1] = 7.0  # every column is an outlier column: every row scale is 0, all of CA is 0
+    assert_matches_reference_quantization(x, 6.0)
+    CA, SCA, index = cpu_int8_gemm.quantize_rows(x, 6.0)
+    assert not CA.any() and not SCA.any() and index.tolist() == list(range(40))
+
+
+@needs_kernel
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+@pytest.mark.parametrize("column", [5, 36])  # vector body, scalar tail
+def test_quantize_rows_nan_and_inf(threshold, column):
+    x = torch.randn(3, 40, generator=torch.Generator().manual_seed(0))
+    x[1, column] = float("nan")
+    x[2, column] = float("inf")
+    assert_matches_reference_quantization(x, threshold)
+    _, SCA, _ = cpu_int8_gemm.quantize_rows(x, threshold)
+    assert torch.isnan(SCA[1]) and torch.isfinite(SCA[0])
+
+
+@needs_kernel
+def test_quantize_rows_subnormal_scale_and_other_dtypes():
+    x = torch.zeros(2, 40)
+    x[0, 7] = 1e-45  # 1 / absmax is inf: zeros become NaN products, quantized to 0 like torch
+    assert_matches_reference_quantization(x, 6.0)
+    y = torch.randn(5, 33, dtype=torch.bfloat16) * 4
+    assert_matches_reference_quantization(y, 6.0)
+    assert_matches_reference_quantization(y.t(), 6.0)  # non-contiguous
+
+
+@needs_kernel
+@pytest.mark.parametrize("M, N", [(0, 8), (1, 1536), (5, 37), (16, 576)])
+def test_dequantize_matches_reference(M, N):
+    generator = torch.Generator().manual_seed(N)
+    C32 = torch.randint(-(2**24), 2**24, (M, N), generator=generator, dtype=torch.int32)
+    SCA, SCB, bias = torch.rand(M, generator=generator) * 10, torch.rand(N, generator=generator), torch.randn(N, generator=generator)
+    expected = reference.dequantize_output(C32, SCA, SCB)
+    assert torch.equal(cpu_int8_gemm.dequantize(C32, SCA, SCB), expected)
+    assert torch.equal(cpu_int8_gemm.dequantize(C32, SCA, SCB, bias), expected + bias)

@@ -16,7 +16,10 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
+#include <vector>
 
 #include <ATen/Parallel.h>
 
@@ -116,4 +119,145 @@ extern "C" void int8fx_int8_gemm(const int8_t* A, const int8_t* B, int32_t* C, i
   } else {
     gemm<2, 4>(A, B, C, M, N, K);
   }
+}
+
+// ---------------------------------------------------------------- activation quantization
+//
+// Row-wise LLM.int8() quantization of X [M, K] fp32 (cpu_int8_linear.quantize_activation
+// in one call instead of ~15 torch ops and a host sync), bit-exact with
+// reference.quantize_activation:
+//   * outliers are |x| >= threshold compared in fp32 (NaN never is one);
+//   * the row scale is the max |x| over the row's non-outlier elements, NaN when the row
+//     holds a NaN (torch.amax propagates it);
+//   * the inverse scale is torch's `127 / absmax`, which is `absmax.reciprocal() * 127`
+//     (two fp32 roundings, not one division), and 0 unless absmax > 0 (so NaN -> 0);
+//   * round half to even (the default MXCSR mode, as torch.round), clamp to [-127, 127];
+//     a NaN product (NaN * 0, or 0 * inf for a subnormal absmax) becomes 0, which is what
+//     torch's float -> int8 conversion gives for NaN.
+// Two passes over X: scales and outlier columns, then the quantized values.
+
+namespace {
+
+// Max |x| over the non-outlier elements of a row of K floats; marks its outlier columns.
+float row_absmax(const float* x, int64_t K, float threshold, bool use_threshold, uint8_t* outlier) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 thr = _mm256_set1_ps(threshold);
+  __m256 acc = _mm256_setzero_ps();
+  __m256 nan = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k));
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+    if (use_threshold) {
+      const __m256 is_outlier = _mm256_cmp_ps(a, thr, _CMP_GE_OQ);
+      int bits = _mm256_movemask_ps(is_outlier);
+      if (bits) {
+        // Relaxed atomic stores: rows run on several threads and may mark the same column.
+        for (int lane = 0; lane < 8; ++lane)
+          if (bits >> lane & 1) __atomic_store_n(outlier + k + lane, uint8_t(1), __ATOMIC_RELAXED);
+        a = _mm256_andnot_ps(is_outlier, a);
+      }
+    }
+    acc = _mm256_max_ps(acc, a);  // a NaN lane is lost here; `nan` keeps it
+  }
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  float absmax = _mm_cvtss_f32(m);
+  bool has_nan = _mm256_movemask_ps(nan) != 0;
+  for (; k < K; ++k) {
+    const float a = std::fabs(x[k]);
+    if (a != a) {
+      has_nan = true;
+    } else if (use_threshold && a >= threshold) {
+      __atomic_store_n(outlier + k, uint8_t(1), __ATOMIC_RELAXED);
+    } else {
+      absmax = std::max(absmax, a);
+    }
+  }
+  return has_nan ? std::numeric_limits<float>::quiet_NaN() : absmax;
+}
+
+inline float quantize_one(float x, float inverse_scale) {
+  const float q = std::nearbyint(x * inverse_scale);
+  return q != q ? 0.0f : std::min(127.0f, std::max(-127.0f, q));
+}
+
+void quantize_row(const float* x, int64_t K, float absmax, int8_t* out) {
+  const float inverse_scale = absmax > 0 ? (1.0f / absmax) * 127.0f : 0.0f;
+  const __m256 scale = _mm256_set1_ps(inverse_scale);
+  const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m256i q[4];
+    for (int i = 0; i < 4; ++i) {
+      __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + k + 8 * i), scale),
+                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      v = _mm256_and_ps(v, _mm256_cmp_ps(v, v, _CMP_ORD_Q));  // NaN -> 0
+      q[i] = _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, v)));
+    }
+    // The packs interleave 128-bit lanes; the permute restores element order.
+    const __m256i words = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    const __m256i ordered = _mm256_permutevar8x32_epi32(words, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k), ordered);
+  }
+  for (; k < K; ++k) out[k] = int8_t(quantize_one(x[k], inverse_scale));
+}
+
+}  // namespace
+
+// X: fp32 [M, K] contiguous. Writes CA int8 [M, K], SCA fp32 [M] and outlier [K] (1 for
+// an outlier column, which must come in zeroed). use_threshold is the caller's
+// `threshold > 0`, decided in double: a tiny threshold may round to 0 in fp32 and must
+// still mark every element. Returns the number of outlier columns.
+extern "C" int64_t int8fx_quantize_rows(const float* X, int64_t M, int64_t K, int32_t use_threshold,
+                                        float threshold, int8_t* CA, float* SCA, uint8_t* outlier) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));
+  at::parallel_for(0, M, grain, [&](int64_t first, int64_t last) {
+    for (int64_t m = first; m < last; ++m) SCA[m] = row_absmax(X + m * K, K, threshold, use_threshold, outlier);
+  });
+  std::vector<int64_t> columns;
+  for (int64_t k = 0; k < K; ++k)
+    if (outlier[k]) columns.push_back(k);
+  at::parallel_for(0, M, grain, [&](int64_t first, int64_t last) {
+    for (int64_t m = first; m < last; ++m) {
+      quantize_row(X + m * K, K, SCA[m], CA + m * K);
+      for (int64_t k : columns) CA[m * K + k] = 0;
+    }
+  });
+  return int64_t(columns.size());
+}
+
+// ---------------------------------------------------------------- dequantization epilogue
+//
+// out[m, n] = float(C[m, n]) * (SCA[m] * SCB[n]) / 16129 (+ bias[n]), each step one fp32
+// rounding in exactly the order of reference.dequantize_output followed by `+ bias`
+// (torch divides by a scalar with a true division, not a reciprocal multiply). bias may be
+// null; the caller passes it only when nothing is added between the two.
+extern "C" void int8fx_dequantize(const int32_t* C, const float* SCA, const float* SCB, const float* bias,
+                                  float* out, int64_t M, int64_t N) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1));
+  at::parallel_for(0, M, grain, [&](int64_t first, int64_t last) {
+    const __m256 divisor = _mm256_set1_ps(16129.0f);
+    for (int64_t m = first; m < last; ++m) {
+      const float sa = SCA[m];
+      const __m256 sa8 = _mm256_set1_ps(sa);
+      const int32_t* c = C + m * N;
+      float* o = out + m * N;
+      int64_t n = 0;
+      for (; n + 8 <= N; n += 8) {
+        const __m256 scale = _mm256_mul_ps(sa8, _mm256_loadu_ps(SCB + n));
+        const __m256 value = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + n)));
+        __m256 v = _mm256_div_ps(_mm256_mul_ps(value, scale), divisor);
+        if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + n));
+        _mm256_storeu_ps(o + n, v);
+      }
+      for (; n < N; ++n) {
+        const float scale = sa * SCB[n];
+        const float product = float(c[n]) * scale;
+        const float v = product / 16129.0f;
+        o[n] = bias ? v + bias[n] : v;
+      }
+    }
+  });
 }
