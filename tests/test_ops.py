@@ -147,3 +147,23 @@ def test_clear_errors_on_bad_arguments():
         torch.ops.int8fx.int8_linear(torch.randn(2, 16), CB.float(), SCB, None, 6.0, None)
     with pytest.raises(RuntimeError, match="bias must be"):
         torch.ops.int8fx.int8_linear(torch.randn(2, 16), CB, SCB, torch.zeros(3), 6.0, None)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+def test_torch_fallback_path_matches_reference(monkeypatch, threshold):
+    # The pure-torch CPU path runs where the AVX2 library does not (VNNI CPUs, no compiler):
+    # test it on every machine.
+    from int8fx.kernels import cpu_int8_gemm
+
+    monkeypatch.setattr(cpu_int8_gemm, "is_available", lambda: False)
+    x = activations(9, 40, torch.float32, outlier_columns=(4, 31))
+    x[3, 7] = 6.0
+    CA, SCA, index = cpu_int8_linear.quantize_activation(x, threshold)
+    (CA_ref, SCA_ref), columns = reference.quantize_activation(x, threshold)
+    assert torch.equal(CA, CA_ref) and torch.equal(SCA, SCA_ref)
+    W = weights(12, 40)
+    CB, SCB = torch.ops.int8fx.quantize_weight(W)
+    bias = torch.randn(12)
+    y = cpu_int8_linear.int8_linear(x, CB, SCB, bias, threshold, W)
+    y_ref = reference.int8_linear(x, CB, SCB, bias, threshold, W)
+    assert ((y - y_ref).abs() <= _rounding_bound(y_ref, x, W, columns)).all()
