@@ -21,7 +21,6 @@ import logging
 import os
 import re
 import warnings
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -103,9 +102,10 @@ def _name_inputs_after_sources(aten_gm: fx.GraphModule, dynamo_gm: fx.GraphModul
     dynamo_inputs = [n for n in dynamo_gm.graph.nodes if n.op == "placeholder"]
     aten_inputs = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
     for aten_node, dynamo_node in zip(aten_inputs, dynamo_inputs):
+        source = _source_name(dynamo_node)
         name = dynamo_node.name
-        if "_parameters[" in _source_name(dynamo_node) or "_buffers[" in _source_name(dynamo_node):
-            name = re.sub(r"\W", "_", _parameter_name(dynamo_node))
+        if "_parameters[" in source or "_buffers[" in source:
+            name = re.sub(r"\W", "_", normalize_source_path(source))
         aten_node._rename(name)
     aten_gm.recompile()
 
@@ -248,13 +248,6 @@ class Int8LtBackend:
         report.layers.append(LayerReport(path, weight, shape, "fp", reason))
         counters["int8fx"]["linears_skipped"] += 1
         log.info("int8lt: kept %s (%s) in floating point: %s", path or "<root>", weight, reason)
-        if "requires grad" in reason:
-            warnings.warn(
-                f"int8lt: {path or weight} stays in floating point because its weight requires grad while grad "
-                "is enabled; run inference under torch.no_grad()/torch.inference_mode(), call "
-                "model.requires_grad_(False), or pass trainable_weights='freeze'.",
-                stacklevel=2,
-            )
 
     def _dump(self, report: GraphReport) -> None:
         """Writes the graphs and the layer table when ``dump_dir`` or ``INT8FX_DUMP`` names a folder."""
@@ -270,6 +263,14 @@ class Int8LtBackend:
             log.warning("int8lt: could not write the graph dump to %s: %s", directory, error)
 
     def _log_summary(self, report: GraphReport) -> None:
+        trainable = [layer.module_path or layer.weight for layer in report.skipped if "requires grad" in layer.reason]
+        if trainable:  # one warning per graph: a model can have hundreds of such layers
+            warnings.warn(
+                f"int8lt: {len(trainable)} linear(s) (e.g. {trainable[0]}) stay in floating point because their "
+                "weights require grad while grad is enabled; run inference under torch.no_grad()/"
+                "torch.inference_mode(), call model.requires_grad_(False), or pass trainable_weights='freeze'.",
+                stacklevel=2,
+            )
         log.info("int8lt: graph %d: %d linears to int8, %d kept in floating point", report.index, len(report.replaced), len(report.skipped))
 
     def _inner_compile(self, gm: fx.GraphModule, example_inputs: list) -> Callable:

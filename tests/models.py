@@ -10,7 +10,21 @@ from torch import nn
 
 from int8fx import reference
 from int8fx.passes import matches_skip
-from int8fx.toy_models import MLP, Attention, LlamaConfig, RMSNorm, SwiGLU, TinyLlama, TransformerBlock  # noqa: F401
+from int8fx.toy_models import MLP, LlamaConfig, TinyLlama, TransformerBlock  # noqa: F401  (re-exported for the tests)
+
+
+class TiedLM(nn.Module):
+    """Embedding -> proj -> lm_head, with ``lm_head.weight`` tied to the embedding's."""
+
+    def __init__(self, vocab=50, dim=16):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, tokens):
+        return self.lm_head(self.proj(self.embed_tokens(tokens)))
 
 
 class Conv1D(nn.Module):

@@ -11,7 +11,7 @@ from torch._dynamo.utils import counters
 import int8fx
 from int8fx import reference
 from int8fx.weights import STORE, ReleasedWeightError
-from tests.models import reference_int8
+from tests.models import TiedLM, reference_int8
 
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
@@ -72,23 +72,12 @@ def test_eager_use_of_released_weights_raises_a_clear_error():
 
 
 def test_weights_read_elsewhere_are_kept():
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.Embedding(64, 32)
-            self.proj = nn.Linear(32, 32)
-            self.lm_head = nn.Linear(32, 64, bias=False)
-            self.lm_head.weight = self.embed.weight
-
-        def forward(self, tokens):
-            return self.lm_head(self.proj(self.embed(tokens)))
-
-    model = Tied().requires_grad_(False)
+    model = TiedLM(vocab=64, dim=32).requires_grad_(False)
     backend = int8fx.int8lt(inner="eager", release_weights=True, skip=())
     torch.compile(model, backend=backend)(torch.randint(0, 64, (2, 5)))
     assert len(backend.reports[0].replaced) == 2
     assert counters["int8fx"]["weights_released"] == 1  # proj only: the embedding still reads its weight
-    model.embed(torch.tensor([1]))  # still usable eagerly
+    model.embed_tokens(torch.tensor([1]))  # still usable eagerly
 
 
 def test_process_memory_drops_by_the_released_bytes():

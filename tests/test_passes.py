@@ -11,7 +11,7 @@ from torch import nn
 import int8fx
 from int8fx.passes import matches_skip
 from int8fx.passes.match_linear import normalize_source_path
-from tests.models import MLP, GPT2MLP, Spellings, TransformerBlock, reference_int8
+from tests.models import MLP, GPT2MLP, Spellings, TiedLM, TransformerBlock, reference_int8
 
 
 def rewrite(model, *inputs, **options):
@@ -126,18 +126,7 @@ return [view_3]""")
         assert layers["c_fc"].shape == (128, 32) and layers["c_proj"].shape == (32, 128)
 
     def test_tied_lm_head_is_skipped_by_module_path(self):
-        class Tied(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.embed_tokens = nn.Embedding(50, 16)
-                self.proj = nn.Linear(16, 16)
-                self.lm_head = nn.Linear(16, 50, bias=False)
-                self.lm_head.weight = self.embed_tokens.weight
-
-            def forward(self, tokens):
-                return self.lm_head(self.proj(self.embed_tokens(tokens)))
-
-        backend = rewrite(Tied(), torch.randint(0, 50, (2, 4)))
+        backend = rewrite(TiedLM(), torch.randint(0, 50, (2, 4)))
         self.assertExpectedInline(backend.reports[0].after, """\
 inputs: embed_tokens_weight, l_tokens_, proj_weight, proj_bias, proj_weight_cb, proj_weight_scb
 embedding = aten.embedding(embed_tokens_weight, l_tokens_)

@@ -22,7 +22,7 @@ import ctypes
 import functools
 import logging
 import os
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
