@@ -169,7 +169,7 @@ def test_trainable_weights_stay_in_fp_with_a_warning_unless_frozen():
     model = MLP()  # weights require grad, grad mode on: a training setting
     x = torch.randn(3, 32)
     run, backend = compiled(model)
-    with pytest.warns(UserWarning, match="2 linear\(s\).*require grad while grad is enabled"):
+    with pytest.warns(UserWarning, match=r"2 linear\(s\).*require grad while grad is enabled"):
         out = run(x)
     assert backend.reports[0].replaced == [] and len(backend.reports[0].skipped) == 2
     out.sum().backward()

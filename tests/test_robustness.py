@@ -196,7 +196,7 @@ def test_linear_under_no_grad_inside_a_training_model():
 
     model = PartlyFrozen()
     backend = int8fx.int8lt(inner="eager")
-    with pytest.warns(UserWarning, match="1 linear\(s\).*require grad"):
+    with pytest.warns(UserWarning, match=r"1 linear\(s\).*require grad"):
         torch.compile(model, backend=backend)(torch.randn(3, 16)).sum().backward()
     assert [layer.module_path for layer in backend.reports[0].replaced] == ["frozen"]
     assert model.head.weight.grad is not None
