@@ -13,7 +13,7 @@ and the ops trace under ``fullgraph=True`` and dynamic shapes.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -22,16 +22,25 @@ from int8fx import reference
 from int8fx.kernels import cpu_int8_linear
 
 
-def _check_int8_linear_args(x: Tensor, CB: Tensor, SCB: Tensor, bias: Optional[Tensor], weight: Optional[Tensor]) -> None:
-    torch._check(CB.dim() == 2 and CB.dtype == torch.int8, lambda: f"CB must be a 2-D int8 tensor, got {CB.dtype} {tuple(CB.shape)}")
+def _raise_unless(condition: bool, message: Callable[[], str]) -> None:
+    """``torch._check`` for real tensors without its symbolic-shape machinery, which costs
+    more than a small layer's int8 GEMM at decode; fake tensors keep ``torch._check``."""
+    if not condition:
+        raise RuntimeError(message())
+
+
+def _check_int8_linear_args(
+    x: Tensor, CB: Tensor, SCB: Tensor, bias: Optional[Tensor], weight: Optional[Tensor], check: Callable = torch._check
+) -> None:
+    check(CB.dim() == 2 and CB.dtype == torch.int8, lambda: f"CB must be a 2-D int8 tensor, got {CB.dtype} {tuple(CB.shape)}")
     N, K = CB.shape
-    torch._check(x.is_floating_point(), lambda: f"int8_linear expects a floating-point input, got {x.dtype}")
-    torch._check(x.dim() >= 1 and x.shape[-1] == K, lambda: f"input's last dimension {tuple(x.shape)} does not match CB's in_features {K}")
-    torch._check(SCB.shape == (N,) and SCB.dtype == torch.float32, lambda: f"SCB must be fp32 [{N}], got {SCB.dtype} {tuple(SCB.shape)}")
+    check(x.is_floating_point(), lambda: f"int8_linear expects a floating-point input, got {x.dtype}")
+    check(x.dim() >= 1 and x.shape[-1] == K, lambda: f"input's last dimension {tuple(x.shape)} does not match CB's in_features {K}")
+    check(SCB.shape == (N,) and SCB.dtype == torch.float32, lambda: f"SCB must be fp32 [{N}], got {SCB.dtype} {tuple(SCB.shape)}")
     if bias is not None:
-        torch._check(bias.shape == (N,), lambda: f"bias must be [{N}], got {tuple(bias.shape)}")
+        check(bias.shape == (N,), lambda: f"bias must be [{N}], got {tuple(bias.shape)}")
     if weight is not None:
-        torch._check(weight.shape == (N, K), lambda: f"weight must be [{N}, {K}], got {tuple(weight.shape)}")
+        check(weight.shape == (N, K), lambda: f"weight must be [{N}, {K}], got {tuple(weight.shape)}")
 
 
 # ---------------------------------------------------------------- quantize_weight
@@ -52,63 +61,82 @@ def _(weight: Tensor) -> tuple[Tensor, Tensor]:
 
 
 # ---------------------------------------------------------------- int8_linear
+#
+# Defined with the lower-level ``torch.library.Library`` API rather than ``custom_op``:
+# a compiled decode step calls this op ~200 times, and ``custom_op``'s Python wrappers
+# around each call cost about as much as the M = 1 int8 GEMM of a small layer (measured
+# ~20 us of ~70 us per call, SmolLM2 shapes). The op behaves the same for torch.compile:
+# a schema, device kernels, a fake kernel and an autograd kernel.
 
-@torch.library.custom_op("int8fx::int8_linear", mutates_args=())
-def int8_linear(
-    x: Tensor,
-    CB: Tensor,
-    SCB: Tensor,
-    bias: Optional[Tensor],
-    threshold: float,
-    weight: Optional[Tensor] = None,
-) -> Tensor:
-    """LLM.int8() ``x @ W.T + bias``; output in ``x``'s dtype and shape ``[..., N]``.
+_LIBRARY = torch.library.Library("int8fx", "FRAGMENT")
+_LIBRARY.define(
+    "int8_linear(Tensor x, Tensor CB, Tensor SCB, Tensor? bias, float threshold, Tensor? weight=None) -> Tensor"
+)
+int8_linear = torch.ops.int8fx.int8_linear.default
+int8_linear.__doc__ = """LLM.int8() ``x @ W.T + bias``; output in ``x``'s dtype and shape ``[..., N]``.
 
-    ``CB`` holds values in ``[-127, 127]`` as ``quantize_weight`` (and bitsandbytes) produce
-    them; the CPU kernels rely on it (-128 is never a quantized weight).
-    """
-    _check_int8_linear_args(x, CB, SCB, bias, weight)
+``CB`` holds values in ``[-127, 127]`` as ``quantize_weight`` (and bitsandbytes) produce
+them; the CPU kernels rely on it (-128 is never a quantized weight). ``weight`` is the
+optional fp weight ``[N, K]`` for the outlier columns.
+"""
+
+
+def _int8_linear_default(x, CB, SCB, bias, threshold, weight=None):
+    """CPU (until the C++ kernel registers itself, or where it cannot) and any device
+    without a kernel of its own (the pure-torch reference)."""
+    _check_int8_linear_args(x, CB, SCB, bias, weight, check=_raise_unless)
+    if x.device.type == "cpu":
+        return cpu_int8_linear.int8_linear(x, CB, SCB, bias, threshold, weight)
     return reference.int8_linear(x, CB, SCB, bias, threshold, weight)
 
 
-@int8_linear.register_kernel("cpu")
-def _(x, CB, SCB, bias, threshold, weight=None):
-    _check_int8_linear_args(x, CB, SCB, bias, weight)
-    return cpu_int8_linear.int8_linear(x, CB, SCB, bias, threshold, weight)
+def _int8_linear_cuda(x, CB, SCB, bias, threshold, weight=None):
+    # Imported on first use: Triton is only needed when a CUDA tensor arrives.
+    from int8fx.kernels import triton_int8_linear
+
+    _check_int8_linear_args(x, CB, SCB, bias, weight, check=_raise_unless)
+    return triton_int8_linear.int8_linear(x, CB, SCB, bias, threshold, weight)
 
 
-@int8_linear.register_fake
+# The C++ CPU kernel (kernels/cpu_int8_linear_op.cpp) is registered at the CPU key by
+# cpu_int8_gemm.is_available() on first use, where the AVX2 kernels apply.
+_LIBRARY.impl("int8_linear", _int8_linear_default, "CompositeExplicitAutograd")
+_LIBRARY.impl("int8_linear", _int8_linear_cuda, "CUDA")
+
+
+@torch.library.register_fake("int8fx::int8_linear", lib=_LIBRARY)
 def _(x, CB, SCB, bias, threshold, weight=None):
     _check_int8_linear_args(x, CB, SCB, bias, weight)
     return x.new_empty((*x.shape[:-1], CB.shape[0]))
 
 
-def _int8_linear_setup_context(ctx, inputs, output) -> None:
-    x, CB, SCB, bias, _threshold, _weight = inputs
-    ctx.save_for_backward(CB, SCB)
-    ctx.input_shape = x.shape
-    ctx.bias_dtype = None if bias is None else bias.dtype
+class _Int8LinearFunction(torch.autograd.Function):
+    """Gradients for the input and the bias only: quantized weights are frozen."""
+
+    @staticmethod
+    def forward(ctx, keyset, x, CB, SCB, bias, threshold, weight):
+        ctx.save_for_backward(CB, SCB)
+        ctx.input_shape = x.shape
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return int8_linear.redispatch(keyset & torch._C._after_autograd_keyset, x, CB, SCB, bias, threshold, weight)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        CB, SCB = ctx.saved_tensors
+        grad_2d = grad_output.reshape(-1, CB.shape[0])
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[1]:
+            grad_x = reference.int8_linear_input_grad(grad_2d, CB, SCB).reshape(ctx.input_shape)
+        if ctx.needs_input_grad[4]:
+            grad_bias = grad_2d.sum(dim=0).to(ctx.bias_dtype)
+        return None, grad_x, None, None, grad_bias, None, None
 
 
-def _int8_linear_backward(ctx, grad_output: Tensor):
-    # Only the input and the bias get gradients: quantized weights are frozen.
-    CB, SCB = ctx.saved_tensors
-    grad_2d = grad_output.reshape(-1, CB.shape[0])
-    grad_x = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        grad_x = reference.int8_linear_input_grad(grad_2d, CB, SCB).reshape(ctx.input_shape)
-    if ctx.needs_input_grad[3]:
-        grad_bias = grad_2d.sum(dim=0).to(ctx.bias_dtype)
-    return grad_x, None, None, grad_bias, None, None
+def _int8_linear_autograd(keyset, x, CB, SCB, bias, threshold, weight=None):
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return _Int8LinearFunction.apply(keyset, x, CB, SCB, bias, threshold, weight)
+    # Inference: straight to the device kernel, no autograd.Function bookkeeping.
+    return int8_linear.redispatch(keyset & torch._C._after_autograd_keyset, x, CB, SCB, bias, threshold, weight)
 
 
-int8_linear.register_autograd(_int8_linear_backward, setup_context=_int8_linear_setup_context)
-
-
-@int8_linear.register_kernel("cuda")
-def _(x, CB, SCB, bias, threshold, weight=None):
-    # Imported on first use: Triton is only needed when a CUDA tensor arrives.
-    from int8fx.kernels import triton_int8_linear
-
-    _check_int8_linear_args(x, CB, SCB, bias, weight)
-    return triton_int8_linear.int8_linear(x, CB, SCB, bias, threshold, weight)
+_LIBRARY.impl("int8_linear", _int8_linear_autograd, "Autograd", with_keyset=True)

@@ -1,6 +1,7 @@
-"""The AVX2 int8 GEMM (``kernels/cpu_int8_gemm``) and the CPU dispatch ``int8_matmul``.
+"""The AVX2 kernels (``kernels/cpu_int8_gemm``) and the CPU dispatch of ``cpu_int8_linear``.
 
-Every result must equal ``reference.int8_matmul`` exactly: the GEMM is integer arithmetic.
+Every GEMM result must equal ``reference.int8_matmul`` exactly: it is integer arithmetic.
+The fused linear is bit-exact with the reference where no outlier part is involved.
 The first test in a fresh cache compiles the kernel (a few seconds).
 """
 
@@ -79,7 +80,6 @@ def test_non_contiguous_inputs():
     assert not CA.is_contiguous() and not CB.is_contiguous()
     expected = reference.int8_matmul(CA, CB)
     assert torch.equal(cpu_int8_gemm.int8_gemm(CA, CB), expected)
-    assert torch.equal(cpu_int8_linear.int8_matmul(CA, CB), expected)
 
 
 @needs_kernel
@@ -93,16 +93,32 @@ def test_rejects_mismatched_shapes():
 def test_dispatch_uses_kernel_when_available(monkeypatch):
     calls = []
     monkeypatch.setattr(cpu_int8_gemm, "is_available", lambda: True)
-    monkeypatch.setattr(cpu_int8_gemm, "int8_gemm", lambda CA, CB: calls.append(1) or reference.int8_matmul(CA, CB))
-    cpu_int8_linear.int8_matmul(random_int8(2, 8, seed=0), random_int8(3, 8, seed=1))
+    monkeypatch.setattr(cpu_int8_gemm, "int8_linear", lambda x, CB, *args: calls.append(1) or torch.zeros(x.shape[0], CB.shape[0]))
+    CB, SCB = reference.quantize_weight(torch.randn(3, 8))
+    cpu_int8_linear.int8_linear(torch.randn(2, 8), CB, SCB, None, 6.0, None)
     assert calls == [1]
+
+
+@needs_kernel
+def test_op_calls_the_registered_cpp_kernel(monkeypatch):
+    # Once registered, the op's CPU calls never reach the Python fallback.
+    assert cpu_int8_gemm.is_available()
+    monkeypatch.setattr(cpu_int8_linear, "int8_linear", lambda *args: pytest.fail("the Python CPU path ran"))
+    x, weight, bias, CB, SCB = fused_case(3, 40, 8, (5,))
+    y = torch.ops.int8fx.int8_linear(x, CB, SCB, bias, 6.0, weight)
+    assert torch.equal(y, cpu_int8_gemm.int8_linear(x, CB, SCB, bias, 6.0, weight))
 
 
 def test_fallback_to_int_mm(monkeypatch):
     monkeypatch.setattr(cpu_int8_gemm, "is_available", lambda: False)
-    monkeypatch.setattr(cpu_int8_gemm, "int8_gemm", lambda CA, CB: pytest.fail("the kernel must not run"))
-    CA, CB = random_int8(17, 33, seed=0), random_int8(5, 33, seed=1)
-    assert torch.equal(cpu_int8_linear.int8_matmul(CA, CB), reference.int8_matmul(CA, CB))
+    monkeypatch.setattr(cpu_int8_gemm, "int8_linear", lambda *args: pytest.fail("the kernel must not run"))
+    calls = []
+    int_mm = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append(1) or int_mm(a, b))
+    x = torch.randn(17, 33)
+    CB, SCB = reference.quantize_weight(torch.randn(5, 33))
+    assert torch.equal(cpu_int8_linear.int8_linear(x, CB, SCB, None, 0.0, None), reference.int8_linear(x, CB, SCB, None, 0.0))
+    assert calls == [1]
 
 
 def test_vnni_cpu_keeps_int_mm(monkeypatch, fresh_caches, caplog):
@@ -213,12 +229,96 @@ def test_quantize_rows_subnormal_scale_and_other_dtypes():
     assert_matches_reference_quantization(y.t(), 6.0)  # non-contiguous
 
 
+# ---------------------------------------------------------------- fused linear
+
+def fused_case(M, K, N, outlier_columns=(), seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=generator) * 2
+    for column in outlier_columns:
+        x[:, column] = 20.0 * torch.sign(torch.randn(M, generator=generator))
+    weight = torch.randn(N, K, generator=generator) / K**0.5
+    bias = torch.randn(N, generator=generator)
+    CB, SCB = reference.quantize_weight(weight)
+    return x, weight, bias, CB, SCB
+
+
 @needs_kernel
-@pytest.mark.parametrize("M, N", [(0, 8), (1, 1536), (5, 37), (16, 576)])
-def test_dequantize_matches_reference(M, N):
-    generator = torch.Generator().manual_seed(N)
-    C32 = torch.randint(-(2**24), 2**24, (M, N), generator=generator, dtype=torch.int32)
-    SCA, SCB, bias = torch.rand(M, generator=generator) * 10, torch.rand(N, generator=generator), torch.randn(N, generator=generator)
-    expected = reference.dequantize_output(C32, SCA, SCB)
-    assert torch.equal(cpu_int8_gemm.dequantize(C32, SCA, SCB), expected)
-    assert torch.equal(cpu_int8_gemm.dequantize(C32, SCA, SCB, bias), expected + bias)
+@pytest.mark.parametrize("M, K, N", [(0, 16, 8), (1, 576, 1536), (5, 37, 33), (16, 100, 576), (33, 64, 7)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fused_linear_without_outliers_is_bit_exact(M, K, N, with_bias):
+    # Dequantization and bias in the GEMM's tiles follow the reference's fp32 rounding steps.
+    x, weight, bias, CB, SCB = fused_case(M, K, N)
+    bias = bias if with_bias else None
+    for threshold in (0.0, 1e6):
+        expected = reference.int8_linear(x, CB, SCB, bias, threshold, weight)
+        assert torch.equal(cpu_int8_gemm.int8_linear(x, CB, SCB, bias, threshold, weight), expected)
+
+
+def outlier_bound(x, source, columns, y_ref):
+    """fp32 summation order of the outlier part (<= count * eps * sum |x_o w_o|) plus the final sum's rounding."""
+    eps = torch.finfo(torch.float32).eps
+    magnitude = x[:, columns].abs() @ source[:, columns].abs().t()
+    return len(columns) * eps * magnitude + eps * y_ref.abs()
+
+
+@needs_kernel
+@pytest.mark.parametrize("fp_weight", [True, False])
+@pytest.mark.parametrize("columns", [(3,), (0, 17, 39), tuple(range(0, 40, 2))])
+def test_fused_linear_outlier_part(fp_weight, columns):
+    x, weight, bias, CB, SCB = fused_case(9, 40, 24, columns)
+    w = weight if fp_weight else None
+    y = cpu_int8_gemm.int8_linear(x, CB, SCB, bias, 6.0, w)
+    y_ref = reference.int8_linear(x, CB, SCB, bias, 6.0, w)
+    source = weight if fp_weight else reference.dequantize_rows(CB, SCB)
+    bound = outlier_bound(x, source, list(columns), y_ref)
+    assert ((y - y_ref).abs() <= bound).all()
+    # Dropping the outlier part, or taking the wrong weight columns, is far outside it.
+    assert (reference.int8_linear(x, CB, SCB, bias, 6.0, None if fp_weight else weight) - y_ref).abs().max() > bound.max()
+
+
+@needs_kernel
+def test_fused_linear_strided_weight():
+    # A Conv1D-style weight is a transposed view: the kernel reads its strides in place.
+    x, weight, bias, CB, SCB = fused_case(6, 48, 20, (1, 5, 30))
+    weight_view = weight.t().contiguous().t()
+    assert not weight_view.is_contiguous()
+    y_ref = reference.int8_linear(x, CB, SCB, bias, 6.0, weight)
+    bound = outlier_bound(x, weight, [1, 5, 30], y_ref)
+    assert ((cpu_int8_gemm.int8_linear(x, CB, SCB, bias, 6.0, weight_view) - y_ref).abs() <= bound).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_fused_linear_reads_other_weight_dtypes(dtype):
+    x, weight, bias, CB, SCB = fused_case(6, 48, 20, (2, 40))
+    weight = weight.to(dtype)
+    y = cpu_int8_gemm.int8_linear(x, CB, SCB, bias, 6.0, weight)
+    # The same columns as fp32 values: the kernel converts exactly, then works in fp32.
+    y_fp32_weight = cpu_int8_gemm.int8_linear(x, CB, SCB, bias, 6.0, weight.float())
+    assert torch.equal(y, y_fp32_weight)
+    # ... and the weight's bits really are used (not the int8 columns).
+    assert not torch.equal(y, cpu_int8_gemm.int8_linear(x, CB, SCB, bias, 6.0, None))
+
+
+@needs_kernel
+def test_fused_linear_every_column_an_outlier():
+    x, weight, bias, CB, SCB = fused_case(4, 40, 9)
+    x[0] = 7.0  # every column holds an outlier: the int8 part is all zero
+    y_ref = reference.int8_linear(x, CB, SCB, bias, 6.0, weight)
+    bound = outlier_bound(x, weight, list(range(40)), y_ref)
+    assert ((cpu_int8_gemm.int8_linear(x, CB, SCB, bias, 6.0, weight) - y_ref).abs() <= bound).all()
+
+
+@needs_kernel
+def test_fused_linear_bf16_input():
+    x, weight, bias, CB, SCB = fused_case(5, 40, 12, (7,))
+    x = x.bfloat16()
+    y = cpu_int8_gemm.int8_linear(x, CB, SCB, bias, 6.0, None)
+    y_ref = reference.int8_linear(x, CB, SCB, bias, 6.0, None)
+    assert y.dtype == torch.bfloat16
+    # The kernel keeps the outlier part in fp32, the reference rounds it to bf16 first;
+    # both round the sum to bf16 once.
+    eps = torch.finfo(torch.bfloat16).eps
+    source = reference.dequantize_rows(CB, SCB)
+    bound = eps * (x.float()[:, [7]].abs() @ source[:, [7]].abs().t()) + eps * y_ref.float().abs()
+    assert ((y.float() - y_ref.float()).abs() <= bound).all()

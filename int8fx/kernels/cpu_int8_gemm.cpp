@@ -10,18 +10,26 @@
 // Blocking: a tile of MR rows of A against NR rows of B keeps MR * NR int32x8
 // accumulators in registers (16 ymm registers on AVX2), reduced horizontally at the end.
 // B is walked in blocks of rows sized to stay in L2 while all rows of A pass over them;
-// the blocks are split between threads. Built by cpu_int8_gemm.py and called via ctypes:
-// only ATen/Parallel.h is included, which keeps the first-use compile to a few seconds.
+// the blocks are split between threads. The tiles hand their results to a store functor:
+// int32 for the bare GEMM, dequantization + outlier part + bias for the fused linear.
+//
+// Built by cpu_int8_gemm.py, alone for ctypes (the GEMM and the activation quantization)
+// and with cpu_int8_linear_op.cpp as int8fx::int8_linear's CPU kernel. Only
+// ATen/Parallel.h is included, which keeps this file's compile to a few seconds.
 
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include <ATen/Parallel.h>
+
+#include "cpu_int8_kernels.h"
 
 namespace {
 
@@ -38,10 +46,57 @@ inline int32_t horizontal_sum(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-// C[0:MR, 0:NR] = A[0:MR, :] @ B[0:NR, :]^T; rows of A and B are K apart, rows of C ldc.
-template <int MR, int NR>
-void tile(const int8_t* A, const int8_t* B, int32_t* C, int64_t K, int64_t ldc) {
+// Where a tile's finished dot products go (`count` consecutive outputs of row m from
+// column n): the int32 GEMM stores them, the fused linear dequantizes them in the same
+// step (no int32 [M, N] round trip through memory).
+struct StoreInt32 {
+  int32_t* C;
+  int64_t ldc;
+  void operator()(int64_t m, int64_t n, const int32_t* values, int count) const {
+    std::copy(values, values + count, C + m * ldc + n);
+  }
+};
+
+// out[m, n] = (float(c) * (SCA[m] * SCB[n])) / 127^2, one fp32 rounding per step in the
+// order of reference.dequantize_output (torch divides by the scalar, it does not multiply
+// by its reciprocal); four lanes at a time, each lane rounding exactly as the scalar tail.
+// When add_outliers, out already holds the outlier part Y16 and the sum is Y8 + Y16; the
+// bias, when given, is added last: (Y8 + Y16) + b as in the reference.
+struct StoreDequantized {
+  float* out;
+  int64_t ldc;
+  const float* SCA;
+  const float* SCB;
+  const float* bias;  // may be null
+  bool add_outliers;
+  void operator()(int64_t m, int64_t n, const int32_t* values, int count) const {
+    float* o = out + m * ldc + n;
+    const float* scb = SCB + n;
+    const float* b = bias ? bias + n : nullptr;
+    const __m128 sa = _mm_set1_ps(SCA[m]), divisor = _mm_set1_ps(16129.0f);
+    int j = 0;
+    for (; j + 4 <= count; j += 4) {
+      const __m128 value = _mm_cvtepi32_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(values + j)));
+      __m128 y = _mm_div_ps(_mm_mul_ps(value, _mm_mul_ps(sa, _mm_loadu_ps(scb + j))), divisor);
+      if (add_outliers) y = _mm_add_ps(y, _mm_loadu_ps(o + j));
+      if (b) y = _mm_add_ps(y, _mm_loadu_ps(b + j));
+      _mm_storeu_ps(o + j, y);
+    }
+    for (; j < count; ++j) {
+      float y = float(values[j]) * (SCA[m] * scb[j]) / 16129.0f;
+      if (add_outliers) y = y + o[j];
+      if (b) y = y + b[j];
+      o[j] = y;
+    }
+  }
+};
+
+// Rows m..m+MR of A against rows n..n+NR of B (rows are K apart), each result to store.
+template <int MR, int NR, class Store>
+void tile(const int8_t* A, const int8_t* B, int64_t K, int64_t m, int64_t n, const Store& store) {
   const __m256i ones = _mm256_set1_epi16(1);
+  const int8_t* a_rows = A + m * K;
+  const int8_t* b_rows = B + n * K;
   __m256i acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
@@ -49,76 +104,80 @@ void tile(const int8_t* A, const int8_t* B, int32_t* C, int64_t K, int64_t ldc) 
   for (; k + 32 <= K; k += 32) {
     __m256i a[MR], a_abs[MR];
     for (int i = 0; i < MR; ++i) {
-      a[i] = load32(A + i * K + k);
+      a[i] = load32(a_rows + i * K + k);
       a_abs[i] = _mm256_sign_epi8(a[i], a[i]);
     }
     for (int j = 0; j < NR; ++j) {
-      const __m256i b = load32(B + j * K + k);
+      const __m256i b = load32(b_rows + j * K + k);
       for (int i = 0; i < MR; ++i) {
         const __m256i pairs = _mm256_maddubs_epi16(a_abs[i], _mm256_sign_epi8(b, a[i]));
         acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(pairs, ones));
       }
     }
   }
-  for (int i = 0; i < MR; ++i)
+  for (int i = 0; i < MR; ++i) {
+    int32_t sums[NR];
     for (int j = 0; j < NR; ++j) {
-      int32_t sum = horizontal_sum(acc[i][j]);
-      for (int64_t t = k; t < K; ++t) sum += int32_t(A[i * K + t]) * int32_t(B[j * K + t]);
-      C[i * ldc + j] = sum;
+      sums[j] = horizontal_sum(acc[i][j]);
+      for (int64_t t = k; t < K; ++t) sums[j] += int32_t(a_rows[i * K + t]) * int32_t(b_rows[j * K + t]);
     }
+    store(m + i, n, sums, NR);
+  }
 }
 
-// Rows [n0, n1) of B against all of A, in MR x NR tiles; ragged edges take thinner tiles.
-template <int MR, int NR>
-void sweep(const int8_t* A, const int8_t* B, int32_t* C, int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
-  for (int64_t m = 0; m < M; m += MR) {
-    const bool full_rows = m + MR <= M;
-    for (int64_t n = n0; n < n1; n += NR) {
-      const int64_t nr = std::min<int64_t>(NR, n1 - n);
-      const int8_t* a = A + m * K;
-      const int8_t* b = B + n * K;
-      int32_t* c = C + m * N + n;
-      if (full_rows && nr == NR) {
-        tile<MR, NR>(a, b, c, K, N);
-      } else if (full_rows) {
-        for (int64_t j = 0; j < nr; ++j) tile<MR, 1>(a, b + j * K, c + j, K, N);
+// Rows [n0, n1) of B against all of A. The NR rows of B in flight stay in L1 while every
+// row of A passes over them; ragged edges take thinner tiles.
+template <int MR, int NR, class Store>
+void sweep(const int8_t* A, const int8_t* B, int64_t M, int64_t K, int64_t n0, int64_t n1, const Store& store) {
+  for (int64_t n = n0; n < n1; n += NR) {
+    const int64_t nr = std::min<int64_t>(NR, n1 - n);
+    int64_t m = 0;
+    for (; m + MR <= M; m += MR) {
+      if (nr == NR) {
+        tile<MR, NR>(A, B, K, m, n, store);
       } else {
-        for (int64_t i = m; i < M; ++i) {
-          if (nr == NR) {
-            tile<1, NR>(A + i * K, b, C + i * N + n, K, N);
-          } else {
-            for (int64_t j = 0; j < nr; ++j) tile<1, 1>(A + i * K, b + j * K, C + i * N + n + j, K, N);
-          }
-        }
+        for (int64_t j = 0; j < nr; ++j) tile<MR, 1>(A, B, K, m, n + j, store);
+      }
+    }
+    for (; m < M; ++m) {
+      if (nr == NR) {
+        tile<1, NR>(A, B, K, m, n, store);
+      } else {
+        for (int64_t j = 0; j < nr; ++j) tile<1, 1>(A, B, K, m, n + j, store);
       }
     }
   }
 }
 
-template <int MR, int NR>
-void gemm(const int8_t* A, const int8_t* B, int32_t* C, int64_t M, int64_t N, int64_t K) {
+template <int MR, int NR, class Store>
+void gemm(const int8_t* A, const int8_t* B, int64_t M, int64_t N, int64_t K, const Store& store) {
   const int64_t block = std::max<int64_t>(NR, kL2BlockBytes / std::max<int64_t>(K, 1) / NR * NR);
   const int64_t blocks = (N + block - 1) / block;
   at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
     for (int64_t i = first; i < last; ++i) {
-      sweep<MR, NR>(A, B, C, M, N, K, i * block, std::min(N, (i + 1) * block));
+      sweep<MR, NR>(A, B, M, K, i * block, std::min(N, (i + 1) * block), store);
     }
   });
+}
+
+// Tile shapes measured on a 2-core EPYC (Zen 3), one thread: 1 x 8 streams the weight
+// at about 22 GB/s at M = 1; for M > 1, 2 x 4 was as fast as any tile tried (2 x 6,
+// 3 x 3, 3 x 4, 4 x 2; within the machine's noise) and fits the 16 registers without
+// spilling (8 accumulators, a and |a| for two rows, b, ones).
+template <class Store>
+void dispatch_gemm(const int8_t* A, const int8_t* B, int64_t M, int64_t N, int64_t K, const Store& store) {
+  if (M == 1) {
+    gemm<1, 8>(A, B, M, N, K, store);
+  } else {
+    gemm<2, 4>(A, B, M, N, K, store);
+  }
 }
 
 }  // namespace
 
 // A: int8 [M, K], B: int8 [N, K] with no -128, C: int32 [M, N]; all contiguous.
 extern "C" void int8fx_int8_gemm(const int8_t* A, const int8_t* B, int32_t* C, int64_t M, int64_t N, int64_t K) {
-  // Tile shapes measured on a 2-core EPYC (Zen 3), one thread: 1 x 8 streams the weight
-  // at about 22 GB/s at M = 1; for M > 1, 2 x 4 was as fast as any tile tried (2 x 6,
-  // 3 x 3, 3 x 4, 4 x 2; within the machine's noise) and fits the 16 registers without
-  // spilling (8 accumulators, a and |a| for two rows, b, ones).
-  if (M == 1) {
-    gemm<1, 8>(A, B, C, M, N, K);
-  } else {
-    gemm<2, 4>(A, B, C, M, N, K);
-  }
+  dispatch_gemm(A, B, M, N, K, StoreInt32{C, N});
 }
 
 // ---------------------------------------------------------------- activation quantization
@@ -204,14 +263,12 @@ void quantize_row(const float* x, int64_t K, float absmax, int8_t* out) {
   for (; k < K; ++k) out[k] = int8_t(quantize_one(x[k], inverse_scale));
 }
 
-}  // namespace
-
 // X: fp32 [M, K] contiguous. Writes CA int8 [M, K], SCA fp32 [M] and outlier [K] (1 for
-// an outlier column, which must come in zeroed). use_threshold is the caller's
-// `threshold > 0`, decided in double: a tiny threshold may round to 0 in fp32 and must
-// still mark every element. Returns the number of outlier columns.
-extern "C" int64_t int8fx_quantize_rows(const float* X, int64_t M, int64_t K, int32_t use_threshold,
-                                        float threshold, int8_t* CA, float* SCA, uint8_t* outlier) {
+// an outlier column, which must come in zeroed); returns the outlier columns, ascending.
+// use_threshold is the caller's `threshold > 0`, decided in double: a tiny threshold may
+// round to 0 in fp32 and must still mark every element.
+std::vector<int64_t> quantize_activation(const float* X, int64_t M, int64_t K, bool use_threshold, float threshold,
+                                         int8_t* CA, float* SCA, uint8_t* outlier) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));
   at::parallel_for(0, M, grain, [&](int64_t first, int64_t last) {
     for (int64_t m = first; m < last; ++m) SCA[m] = row_absmax(X + m * K, K, threshold, use_threshold, outlier);
@@ -225,39 +282,94 @@ extern "C" int64_t int8fx_quantize_rows(const float* X, int64_t M, int64_t K, in
       for (int64_t k : columns) CA[m * K + k] = 0;
     }
   });
-  return int64_t(columns.size());
+  return columns;
 }
 
-// ---------------------------------------------------------------- dequantization epilogue
+}  // namespace
+
+// quantize_activation for Python (cpu_int8_gemm.quantize_rows); returns the number of outlier columns.
+extern "C" int64_t int8fx_quantize_rows(const float* X, int64_t M, int64_t K, int32_t use_threshold,
+                                        float threshold, int8_t* CA, float* SCA, uint8_t* outlier) {
+  return int64_t(quantize_activation(X, M, K, use_threshold != 0, threshold, CA, SCA, outlier).size());
+}
+
+// ---------------------------------------------------------------- the fused linear
 //
-// out[m, n] = float(C[m, n]) * (SCA[m] * SCB[n]) / 16129 (+ bias[n]), each step one fp32
-// rounding in exactly the order of reference.dequantize_output followed by `+ bias`
-// (torch divides by a scalar with a true division, not a reciprocal multiply). bias may be
-// null; the caller passes it only when nothing is added between the two.
-extern "C" void int8fx_dequantize(const int32_t* C, const float* SCA, const float* SCB, const float* bias,
-                                  float* out, int64_t M, int64_t N) {
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1));
+// reference.int8_linear in one call for an fp32 X: quantize the rows, the fp outlier part,
+// then the int8 GEMM whose tiles dequantize, add the outlier part and the bias as they
+// finish. cpu_int8_linear_op.cpp registers it as the CPU kernel of int8fx::int8_linear,
+// so a compiled graph calls it without any Python in between: per-call overhead is most
+// of the cost of a small layer at decode (M = 1).
+
+namespace {
+
+inline float to_float(float w) { return w; }
+inline float to_float(int8fx::BFloat16Bits w) {  // bf16 is the top half of an fp32
+  const uint32_t bits = uint32_t(w.bits) << 16;
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+inline float to_float(int8fx::HalfBits w) { return _cvtsh_ss(w.bits); }
+
+// out[M, N] = X[:, columns] @ Wc^T in fp32, columns in ascending order, where Wc holds the
+// outlier columns of the fp weight W (element [n, k] at W[n * w_row + k * w_col]) or,
+// when W is null, of CB dequantized as reference.dequantize_rows does: CB * (SCB / 127).
+// Column by column, vectorized over N: wide outlier sets (a tiny threshold) are slower
+// than a BLAS matmul would be, but real activations have a handful of outlier columns.
+template <class T>
+void outlier_part(const float* X, int64_t M, int64_t K, const std::vector<int64_t>& columns, const T* W,
+                  int64_t w_row, int64_t w_col, const int8_t* CB, const float* SCB, int64_t N, float* out) {
+  const int64_t count = int64_t(columns.size());
+  // The columns transposed to [count, N], so each outlier adds one contiguous row.
+  std::unique_ptr<float[]> columns_t(new float[count * N]);
+  at::parallel_for(0, N, 256, [&](int64_t first, int64_t last) {
+    for (int64_t n = first; n < last; ++n) {
+      const float dequantize = SCB[n] / 127.0f;
+      for (int64_t o = 0; o < count; ++o)
+        columns_t[o * N + n] = W ? to_float(W[n * w_row + columns[o] * w_col]) : float(CB[n * K + columns[o]]) * dequantize;
+    }
+  });
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(N * count, 1));
   at::parallel_for(0, M, grain, [&](int64_t first, int64_t last) {
-    const __m256 divisor = _mm256_set1_ps(16129.0f);
     for (int64_t m = first; m < last; ++m) {
-      const float sa = SCA[m];
-      const __m256 sa8 = _mm256_set1_ps(sa);
-      const int32_t* c = C + m * N;
-      float* o = out + m * N;
-      int64_t n = 0;
-      for (; n + 8 <= N; n += 8) {
-        const __m256 scale = _mm256_mul_ps(sa8, _mm256_loadu_ps(SCB + n));
-        const __m256 value = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + n)));
-        __m256 v = _mm256_div_ps(_mm256_mul_ps(value, scale), divisor);
-        if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + n));
-        _mm256_storeu_ps(o + n, v);
-      }
-      for (; n < N; ++n) {
-        const float scale = sa * SCB[n];
-        const float product = float(c[n]) * scale;
-        const float v = product / 16129.0f;
-        o[n] = bias ? v + bias[n] : v;
+      float* row = out + m * N;
+      const float x0 = X[m * K + columns[0]];
+      for (int64_t n = 0; n < N; ++n) row[n] = x0 * columns_t[n];
+      for (int64_t o = 1; o < count; ++o) {
+        const float x = X[m * K + columns[o]];
+        const float* w = columns_t.get() + o * N;
+        for (int64_t n = 0; n < N; ++n) row[n] += x * w[n];
       }
     }
   });
 }
+
+}  // namespace
+
+namespace int8fx {
+
+void int8_linear(const float* X, int64_t M, int64_t K, const int8_t* CB, const float* SCB, int64_t N,
+                 const FpWeight& W, const float* bias, bool use_threshold, float threshold, float* out) {
+  std::unique_ptr<int8_t[]> CA(new int8_t[std::max<int64_t>(M * K, 1)]);
+  std::unique_ptr<float[]> SCA(new float[std::max<int64_t>(M, 1)]);
+  std::vector<uint8_t> outlier(K, 0);
+  const std::vector<int64_t> columns = quantize_activation(X, M, K, use_threshold, threshold, CA.get(), SCA.get(), outlier.data());
+  const bool has_outliers = !columns.empty();
+  if (has_outliers) {
+    switch (W.type) {
+      case FpWeight::kFloat32:
+        outlier_part(X, M, K, columns, static_cast<const float*>(W.data), W.row_stride, W.column_stride, CB, SCB, N, out);
+        break;
+      case FpWeight::kBFloat16:
+        outlier_part(X, M, K, columns, static_cast<const BFloat16Bits*>(W.data), W.row_stride, W.column_stride, CB, SCB, N, out);
+        break;
+      case FpWeight::kFloat16:
+        outlier_part(X, M, K, columns, static_cast<const HalfBits*>(W.data), W.row_stride, W.column_stride, CB, SCB, N, out);
+        break;
+    }
+  }
+  dispatch_gemm(CA.get(), CB, M, N, K, StoreDequantized{out, N, SCA.get(), SCB, bias, has_outliers});
+}
+
+}  // namespace int8fx

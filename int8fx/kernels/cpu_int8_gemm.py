@@ -1,19 +1,22 @@
-"""Exact int8 GEMM for AVX2 CPUs without VNNI (``cpu_int8_gemm.cpp``), built on first use,
-and the fused activation quantization that feeds it (``quantize_rows``).
+"""AVX2 int8 kernels for CPUs without VNNI (``cpu_int8_gemm.cpp``), built on first use.
 
 Without AVX512-VNNI, AVX-VNNI or AMX, ``torch._int_mm`` on CPU falls back to a naive
 loop: on a 2-core AVX2 EPYC (Zen 3) it is slower than an fp32 matmul at every M, and
-this kernel is 14-46x faster than it, 1.2-5x faster than fp32 on the Llama shapes
-(see ``benchmarks/README.md``). CPUs with VNNI or AMX keep
-``torch._int_mm``: oneDNN's VNNI kernels are reported 3-5x faster than fp32 there, and
-this kernel has not been measured on such a CPU.
+the exact GEMM here is 14-46x faster than it (see ``benchmarks/README.md``). CPUs with
+VNNI or AMX keep ``torch._int_mm``: oneDNN's VNNI kernels are reported 3-5x faster than
+fp32 there, and these kernels have not been measured on such a CPU.
 
-The kernel is compiled once, on the first call, with ``torch.utils.cpp_extension``
-(``-O3 -mavx2 -mfma -fopenmp``; cached in torch's extension directory, so later processes
-only load it) and called through ``ctypes``: the source includes only ``ATen/Parallel.h``
-(for torch's thread pool), which keeps the compile to about 3 s. No compiler, no
-AVX2, or a failed build: one log line on the ``int8fx`` logger and ``is_available()`` is
-False, so callers use ``torch._int_mm``.
+Two libraries, compiled once with ``torch.utils.cpp_extension`` (cached in torch's
+extension directory, so later processes only load them):
+
+* the kernels alone, for ``ctypes`` (``int8_gemm``, ``quantize_rows``: tests and
+  benchmarks); the source includes only ``ATen/Parallel.h``, a ~3 s compile;
+* the same kernels plus ``cpu_int8_linear_op.cpp``, which registers the fused linear as
+  the CPU kernel of ``int8fx::int8_linear`` (~15 s: torch's headers). It is loaded only
+  by ``is_available()``, i.e. only where it should replace the ``torch._int_mm`` path.
+
+No compiler, no AVX2, or a failed build: one log line on the ``int8fx`` logger and
+``is_available()`` is False, so ``int8_linear`` stays on ``torch._int_mm``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,10 @@ from torch import Tensor
 
 log = logging.getLogger("int8fx")
 
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_int8_gemm.cpp")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_KERNELS = os.path.join(_HERE, "cpu_int8_gemm.cpp")
+_OP = os.path.join(_HERE, "cpu_int8_linear_op.cpp")
+_CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 _VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})  # /proc/cpuinfo names
 
 
@@ -45,43 +51,49 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-@functools.cache
-def _build() -> Optional[ctypes.CDLL]:
-    """Builds (or loads the cached build of) the kernels; None without AVX2 or when the build fails."""
+def _compile(name: str, sources: list[str]) -> Optional[str]:
+    """Path of the built shared library; None (logged) without AVX2 or when the build fails."""
     if "avx2" not in _cpu_flags():
         log.info("int8fx: no AVX2 on this CPU; the CPU int8 GEMM is torch._int_mm")
         return None
     try:
         from torch.utils import cpp_extension
 
-        path = cpp_extension.load(
-            name="int8fx_cpu_int8_gemm",
-            sources=[_SOURCE],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-        )
-        library = ctypes.CDLL(path)
-        gemm, quantize, dequantize = library.int8fx_int8_gemm, library.int8fx_quantize_rows, library.int8fx_dequantize
+        return cpp_extension.load(name=name, sources=sources, extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as error:  # no compiler, failed build: fall back, never fail
-        log.warning("int8fx: could not build the AVX2 int8 GEMM (%s: %s); using torch._int_mm", type(error).__name__, error)
+        log.warning("int8fx: could not build the AVX2 int8 kernels (%s: %s); using torch._int_mm", type(error).__name__, error)
         return None
-    gemm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
-    gemm.restype = None
+
+
+@functools.cache
+def _build() -> Optional[ctypes.CDLL]:
+    """The kernels for ``ctypes`` (no op registration); None where they cannot be built."""
+    path = _compile("int8fx_cpu_int8_gemm", [_KERNELS])
+    if path is None:
+        return None
+    library = ctypes.CDLL(path)
+    library.int8fx_int8_gemm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
+    library.int8fx_int8_gemm.restype = None
+    quantize = library.int8fx_quantize_rows
     quantize.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int32, ctypes.c_float] + [ctypes.c_void_p] * 3
     quantize.restype = ctypes.c_int64
-    dequantize.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2
-    dequantize.restype = None
     return library
 
 
 @functools.cache
 def is_available() -> bool:
-    """True when this kernel should replace ``torch._int_mm``: AVX2, no VNNI/AMX, and it builds."""
+    """True when the AVX2 kernels replace ``torch._int_mm``: AVX2, no VNNI/AMX, and they build.
+
+    The first True also registers the fused kernel as ``int8fx::int8_linear``'s CPU kernel.
+    """
     if _cpu_flags() & _VNNI_FLAGS:
         log.info("int8fx: CPU has VNNI/AMX; the CPU int8 GEMM is torch._int_mm (oneDNN)")
         return False
-    return _build() is not None
+    path = _compile("int8fx_cpu_int8_linear_op", [_KERNELS, _OP])
+    if path is None:
+        return False
+    torch.ops.load_library(path)
+    return True
 
 
 def int8_gemm(CA: Tensor, CB: Tensor) -> Tensor:
@@ -95,7 +107,7 @@ def int8_gemm(CA: Tensor, CB: Tensor) -> Tensor:
     torch._check(CA.dim() == 2 and CB.dim() == 2 and CA.shape[1] == CB.shape[1], lambda: f"shapes {tuple(CA.shape)} and {tuple(CB.shape)} do not chain")
     torch._check(CA.device.type == "cpu" and CB.device.type == "cpu", lambda: "CPU tensors expected")
     library = _build()
-    torch._check(library is not None, lambda: "the AVX2 int8 GEMM is not available on this machine")
+    torch._check(library is not None, lambda: "the AVX2 int8 kernels are not available on this machine")
     CA, CB = CA.contiguous(), CB.contiguous()
     (M, K), N = CA.shape, CB.shape[0]
     out = torch.empty((M, N), dtype=torch.int32)
@@ -122,18 +134,17 @@ def quantize_rows(x2d: Tensor, threshold: float) -> tuple[Tensor, Tensor, Option
     return CA, SCA, is_outlier.nonzero().flatten() if count else None
 
 
-def dequantize(C32: Tensor, SCA: Tensor, SCB: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``C32.float() * (SCA[:, None] * SCB[None, :]) / 127**2 (+ bias.float())`` in fp32, bit-exact; needs AVX2.
+def int8_linear(x: Tensor, CB: Tensor, SCB: Tensor, bias: Optional[Tensor], threshold: float, weight: Optional[Tensor]) -> Tensor:
+    """``reference.int8_linear`` by the C++ CPU kernel (``cpu_int8_linear_op.cpp``); needs ``is_available()``.
 
-    Takes contiguous int32 ``C32 [M, N]`` and fp32 ``SCA [M]``, ``SCB [N]``; ``bias`` is
-    converted to contiguous fp32.
+    ``CA``, ``SCA``, ``C32`` and the dequantization are bit-exact with the reference; the
+    outlier part is accumulated in fp32 (the reference uses the input's dtype).
     """
-    library = _build()
-    torch._check(library is not None, lambda: "the AVX2 int8 kernels are not available on this machine")
-    torch._check(C32.dtype == torch.int32 and C32.is_contiguous() and SCA.dtype == torch.float32 and SCB.dtype == torch.float32, lambda: "contiguous int32 C32 and fp32 scales expected")
-    M, N = C32.shape
-    SCA, SCB = SCA.contiguous(), SCB.contiguous()
-    bias = None if bias is None else bias.float().contiguous()
-    out = torch.empty((M, N), dtype=torch.float32)
-    library.int8fx_dequantize(C32.data_ptr(), SCA.data_ptr(), SCB.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(), M, N)
-    return out
+    torch._check(is_available(), lambda: "the AVX2 int8 kernels are not available on this machine")
+    # Straight to the CPU kernel: the Python kernel that calls this one sits at the
+    # CompositeExplicitAutograd key, which also fills the CPU slot until the C++ kernel
+    # is registered.
+    return torch.ops.int8fx.int8_linear.default.redispatch(_CPU_KEYSET, x, CB, SCB, bias, threshold, weight)
+
+
+_CPU_KEYSET = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
