@@ -39,6 +39,11 @@ def _add_size_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inner", choices=("inductor", "eager"), help="int8lt's inner compiler (default inductor; eager with --quick)")
     parser.add_argument("--dump", metavar="DIR", help="write the graphs before/after the rewrite and the per-layer report to DIR")
     parser.add_argument(
+        "--skip", action="append", metavar="PATH",
+        help="module path (or path component) int8lt keeps in fp (repeatable; default: lm_head); "
+        "e.g. --skip lm_head --skip v_proj",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="smoke-test sizes: 2 decoder layers, 1 chunk of 32 tokens, 5 new tokens, eager inner compiler"
     )
 
@@ -74,6 +79,8 @@ def _settings(args: argparse.Namespace):
     from int8fx.demo.evaluate import QUICK, EvalSettings
 
     chosen = {"threshold": args.threshold, "timing": not args.no_timing, "dump_dir": args.dump}
+    if args.skip is not None:  # replaces the default, as explain's --skip does
+        chosen["skip"] = tuple(args.skip)
     if args.inner is not None:
         chosen["inner"] = args.inner
     if args.quick:  # the sizes are QUICK's; the choices above still apply

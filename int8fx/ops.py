@@ -5,8 +5,10 @@
   mixed-precision linear. ``weight`` is the optional fp weight ``[N, K]`` used for the
   outlier columns (more accurate than the dequantized int8 columns bitsandbytes uses).
 
-The default implementation of each op is the pure-torch reference (any device); CPU
-gets the int8 GEMM path of ``kernels.cpu_int8_linear``. The outlier count is data
+The default implementation of each op is the pure-torch reference (any device). For
+``int8_linear``, CPU gets ``kernels.cpu_int8_linear`` (a C++ kernel that registers itself
+at the CPU key on first use where the AVX2 kernels apply, else torch ops around
+``torch._int_mm``) and CUDA the Triton kernels. The outlier count is data
 dependent but never reaches an output shape, so the fake implementations are exact
 and the ops trace under ``fullgraph=True`` and dynamic shapes.
 """

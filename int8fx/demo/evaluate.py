@@ -25,6 +25,7 @@ from int8fx.demo.data import bbc_sentences, bbc_token_chunks
 @dataclass(frozen=True)
 class EvalSettings:
     threshold: float = 6.0
+    skip: tuple[str, ...] = ("lm_head",)  # module paths int8lt keeps in fp (Int8LtConfig.skip)
     chunks: int = 4  # perplexity: chunks of running BBC text ...
     chunk_tokens: int = 512  # ... of this many tokens, BOS included
     timing: bool = True
@@ -109,11 +110,11 @@ def evaluate_causal_lm(name: str, model: torch.nn.Module, tokenizer: Any, settin
 
     # The fp reference pass doubles as the outlier census: hooks see every linear's input.
     outliers = int8_report.count_outlier_columns(model, reference_run, settings.threshold)
-    backend = int8fx.int8lt(threshold=settings.threshold, inner=settings.inner)
+    backend = int8fx.int8lt(threshold=settings.threshold, skip=settings.skip, inner=settings.inner)
     ppl["int8lt"] = measure.perplexity(_compile(model, backend), chunks, f"perplexity int8lt threshold {settings.threshold:g}")
     result.update(ppl_fp=ppl["fp"], ppl_int8lt=ppl["int8lt"], ppl_int8lt_delta_pct=_relative_pct(ppl["int8lt"], ppl["fp"]))
     if settings.threshold > 0:
-        naive = int8fx.int8lt(threshold=0.0, inner=settings.inner)
+        naive = int8fx.int8lt(threshold=0.0, skip=settings.skip, inner=settings.inner)
         ppl["naive"] = measure.perplexity(_compile(model, naive), chunks, "perplexity int8lt threshold 0")
         result.update(ppl_int8lt_t0=ppl["naive"], ppl_int8lt_t0_delta_pct=_relative_pct(ppl["naive"], ppl["fp"]))
     result.update(_memory(model, backend))
@@ -128,7 +129,7 @@ def _generation(model: torch.nn.Module, tokenizer: Any, prompt: torch.Tensor, se
     fp_model = _compile(model, "inductor") if settings.inner == "inductor" else model
     fp_label = "fp_inductor" if settings.inner == "inductor" else "fp_eager"
     fp = measure.greedy_generate(fp_model, prompt, settings.new_tokens, settings.prefill_repeats, f"generation {fp_label}")
-    backend = int8fx.int8lt(threshold=settings.threshold, inner=settings.inner)
+    backend = int8fx.int8lt(threshold=settings.threshold, skip=settings.skip, inner=settings.inner)
     q = measure.greedy_generate(_compile(model, backend), prompt, settings.new_tokens, settings.prefill_repeats, "generation int8lt")
     return {
         "prompt_tokens": prompt.shape[1],
@@ -154,7 +155,7 @@ def evaluate_encoder(name: str, model: torch.nn.Module, tokenizer: Any, settings
         embeddings["fp"] = measure.sentence_embeddings(model, batch)
 
     outliers = int8_report.count_outlier_columns(model, reference_run, settings.threshold)
-    backend = int8fx.int8lt(threshold=settings.threshold, inner=settings.inner)
+    backend = int8fx.int8lt(threshold=settings.threshold, skip=settings.skip, inner=settings.inner)
     cosine = measure.cosine_similarities(embeddings["fp"], measure.sentence_embeddings(_compile(model, backend), batch))
     result: dict[str, Any] = {
         "model": name,
@@ -166,7 +167,7 @@ def evaluate_encoder(name: str, model: torch.nn.Module, tokenizer: Any, settings
         "cosine_min": float(cosine.min()),
     }
     if settings.threshold > 0:
-        naive = int8fx.int8lt(threshold=0.0, inner=settings.inner)
+        naive = int8fx.int8lt(threshold=0.0, skip=settings.skip, inner=settings.inner)
         cosine_t0 = measure.cosine_similarities(embeddings["fp"], measure.sentence_embeddings(_compile(model, naive), batch))
         result.update(cosine_mean_t0=float(cosine_t0.mean()), cosine_min_t0=float(cosine_t0.min()))
     result.update(_memory(model, backend))

@@ -34,6 +34,9 @@
 namespace {
 
 constexpr int64_t kL2BlockBytes = 256 * 1024;  // half of a 512 KiB L2: room for rows of A
+constexpr int64_t kMinStreamBytes = 64 * 1024;  // few rows of A: the least weight worth a thread
+constexpr int64_t kStreamingRows = 16;  // below this many rows of A, the weight is streamed once
+constexpr int64_t kRowsPerTask = 64;  // rows of A per task (a multiple of the 2-row tile): 64 x K bytes in L2
 
 inline __m256i load32(const int8_t* p) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -132,21 +135,21 @@ void tile(const int8_t* A, const int8_t* B, int64_t K, int64_t m, int64_t n, con
   }
 }
 
-// Rows [n0, n1) of B against all of A. The NR rows of B in flight stay in L1 while every
-// row of A passes over them; ragged edges take thinner tiles.
+// Rows [m0, m1) of A against rows [n0, n1) of B. The NR rows of B in flight stay in L1
+// while the rows of A pass over them; ragged edges take thinner tiles.
 template <int MR, int NR, class Store>
-void sweep(const int8_t* A, const int8_t* B, int64_t M, int64_t K, int64_t n0, int64_t n1, const Store& store) {
+void sweep(const int8_t* A, const int8_t* B, int64_t K, int64_t m0, int64_t m1, int64_t n0, int64_t n1, const Store& store) {
   for (int64_t n = n0; n < n1; n += NR) {
     const int64_t nr = std::min<int64_t>(NR, n1 - n);
-    int64_t m = 0;
-    for (; m + MR <= M; m += MR) {
+    int64_t m = m0;
+    for (; m + MR <= m1; m += MR) {
       if (nr == NR) {
         tile<MR, NR>(A, B, K, m, n, store);
       } else {
         for (int64_t j = 0; j < nr; ++j) tile<MR, 1>(A, B, K, m, n + j, store);
       }
     }
-    for (; m < M; ++m) {
+    for (; m < m1; ++m) {
       if (nr == NR) {
         tile<1, NR>(A, B, K, m, n, store);
       } else {
@@ -156,13 +159,33 @@ void sweep(const int8_t* A, const int8_t* B, int64_t M, int64_t K, int64_t n0, i
   }
 }
 
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The work is split into tasks of (rows of A) x (a block of rows of B), numbered so that
+// consecutive tasks share rows of A: torch's thread pool hands each thread a contiguous
+// range of tasks, and every thread then gets a similar mix of (possibly uneven) blocks.
 template <int MR, int NR, class Store>
 void gemm(const int8_t* A, const int8_t* B, int64_t M, int64_t N, int64_t K, const Store& store) {
-  const int64_t block = std::max<int64_t>(NR, kL2BlockBytes / std::max<int64_t>(K, 1) / NR * NR);
-  const int64_t blocks = (N + block - 1) / block;
-  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
-    for (int64_t i = first; i < last; ++i) {
-      sweep<MR, NR>(A, B, M, K, i * block, std::min(N, (i + 1) * block), store);
+  if (M == 0 || N == 0) return;
+  const int64_t threads = at::get_num_threads();
+  int64_t n_blocks, m_chunk;
+  if (M < kStreamingRows) {
+    // Each row of B is used by few rows of A: the weight streams from memory once, so split
+    // it evenly between the threads, in blocks big enough to pay for waking a thread.
+    n_blocks = std::max<int64_t>(1, std::min(threads, N * K / kMinStreamBytes));
+    m_chunk = M;
+  } else {
+    // Blocks of B rows that stay in L2 while a chunk of A rows passes over them.
+    n_blocks = std::max<int64_t>(1, ceil_div(N * K, kL2BlockBytes));
+    m_chunk = kRowsPerTask;
+  }
+  const int64_t n_block = ceil_div(ceil_div(N, n_blocks), NR) * NR;
+  n_blocks = ceil_div(N, n_block);
+  const int64_t m_chunks = std::max<int64_t>(1, ceil_div(M, m_chunk));
+  at::parallel_for(0, m_chunks * n_blocks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t task = first; task < last; ++task) {
+      const int64_t m0 = task / n_blocks * m_chunk, n0 = task % n_blocks * n_block;
+      sweep<MR, NR>(A, B, K, m0, std::min(M, m0 + m_chunk), n0, std::min(N, n0 + n_block), store);
     }
   });
 }
@@ -274,8 +297,8 @@ void quantize_row(const float* x, int64_t K, float absmax, int8_t* out) {
 // an outlier column, which must come in zeroed); returns the outlier columns, ascending.
 // use_threshold is the caller's `threshold > 0`, decided in double: a tiny threshold may
 // round to 0 in fp32 and must still mark every element.
-std::vector<int64_t> quantize_activation(const float* X, int64_t M, int64_t K, bool use_threshold, float threshold,
-                                         int8_t* CA, float* SCA, uint8_t* outlier) {
+std::vector<int64_t> quantize_rows(const float* X, int64_t M, int64_t K, bool use_threshold, float threshold,
+                                   int8_t* CA, float* SCA, uint8_t* outlier) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));
   at::parallel_for(0, M, grain, [&](int64_t first, int64_t last) {
     for (int64_t m = first; m < last; ++m) SCA[m] = row_absmax(X + m * K, K, threshold, use_threshold, outlier);
@@ -297,16 +320,16 @@ std::vector<int64_t> quantize_activation(const float* X, int64_t M, int64_t K, b
 // quantize_activation for Python (cpu_int8_gemm.quantize_rows); returns the number of outlier columns.
 extern "C" int64_t int8fx_quantize_rows(const float* X, int64_t M, int64_t K, int32_t use_threshold,
                                         float threshold, int8_t* CA, float* SCA, uint8_t* outlier) {
-  return int64_t(quantize_activation(X, M, K, use_threshold != 0, threshold, CA, SCA, outlier).size());
+  return int64_t(quantize_rows(X, M, K, use_threshold != 0, threshold, CA, SCA, outlier).size());
 }
 
 // ---------------------------------------------------------------- the fused linear
 //
-// reference.int8_linear in one call for an fp32 X: quantize the rows, the fp outlier part,
-// then the int8 GEMM whose tiles dequantize, add the outlier part and the bias as they
-// finish. cpu_int8_linear_op.cpp registers it as the CPU kernel of int8fx::int8_linear,
-// so a compiled graph calls it without any Python in between: per-call overhead is most
-// of the cost of a small layer at decode (M = 1).
+// reference.int8_linear in three steps for an fp32 X (cpu_int8_kernels.h): quantize the
+// rows, the fp outlier part into the output, then the int8 GEMM whose tiles dequantize
+// and add the outlier part and the bias as they finish. cpu_int8_linear_op.cpp chains
+// them as int8fx::int8_linear's CPU kernel, so a compiled graph calls it with no Python
+// in between: per-call overhead is most of the cost of a small layer at decode (M = 1).
 
 namespace {
 
@@ -325,7 +348,7 @@ inline float to_float(int8fx::HalfBits w) { return _cvtsh_ss(w.bits); }
 // Column by column, vectorized over N: wide outlier sets (a tiny threshold) are slower
 // than a BLAS matmul would be, but real activations have a handful of outlier columns.
 template <class T>
-void outlier_part(const float* X, int64_t M, int64_t K, const std::vector<int64_t>& columns, const T* W,
+void outlier_part_of(const float* X, int64_t M, int64_t K, const std::vector<int64_t>& columns, const T* W,
                   int64_t w_row, int64_t w_col, const int8_t* CB, const float* SCB, int64_t N, float* out) {
   const int64_t count = int64_t(columns.size());
   // The columns transposed to [count, N], so each outlier adds one contiguous row.
@@ -356,27 +379,30 @@ void outlier_part(const float* X, int64_t M, int64_t K, const std::vector<int64_
 
 namespace int8fx {
 
-void int8_linear(const float* X, int64_t M, int64_t K, const int8_t* CB, const float* SCB, int64_t N,
-                 const FpWeight& W, const float* bias, bool use_threshold, float threshold, float* out) {
-  std::unique_ptr<int8_t[]> CA(new int8_t[std::max<int64_t>(M * K, 1)]);
-  std::unique_ptr<float[]> SCA(new float[std::max<int64_t>(M, 1)]);
+std::vector<int64_t> quantize_activation(const float* X, int64_t M, int64_t K, bool use_threshold, float threshold,
+                                         int8_t* CA, float* SCA) {
   std::vector<uint8_t> outlier(K, 0);
-  const std::vector<int64_t> columns = quantize_activation(X, M, K, use_threshold, threshold, CA.get(), SCA.get(), outlier.data());
-  const bool has_outliers = !columns.empty();
-  if (has_outliers) {
-    switch (W.type) {
-      case FpWeight::kFloat32:
-        outlier_part(X, M, K, columns, static_cast<const float*>(W.data), W.row_stride, W.column_stride, CB, SCB, N, out);
-        break;
-      case FpWeight::kBFloat16:
-        outlier_part(X, M, K, columns, static_cast<const BFloat16Bits*>(W.data), W.row_stride, W.column_stride, CB, SCB, N, out);
-        break;
-      case FpWeight::kFloat16:
-        outlier_part(X, M, K, columns, static_cast<const HalfBits*>(W.data), W.row_stride, W.column_stride, CB, SCB, N, out);
-        break;
-    }
+  return quantize_rows(X, M, K, use_threshold, threshold, CA, SCA, outlier.data());
+}
+
+void outlier_part(const float* X, int64_t M, int64_t K, const std::vector<int64_t>& columns, const FpWeight& W,
+                  const int8_t* CB, const float* SCB, int64_t N, float* out) {
+  switch (W.type) {
+    case FpWeight::kFloat32:
+      outlier_part_of(X, M, K, columns, static_cast<const float*>(W.data), W.row_stride, W.column_stride, CB, SCB, N, out);
+      break;
+    case FpWeight::kBFloat16:
+      outlier_part_of(X, M, K, columns, static_cast<const BFloat16Bits*>(W.data), W.row_stride, W.column_stride, CB, SCB, N, out);
+      break;
+    case FpWeight::kFloat16:
+      outlier_part_of(X, M, K, columns, static_cast<const HalfBits*>(W.data), W.row_stride, W.column_stride, CB, SCB, N, out);
+      break;
   }
-  dispatch_gemm(CA.get(), CB, M, N, K, StoreDequantized{out, N, SCA.get(), SCB, bias, has_outliers});
+}
+
+void gemm_dequantize(const int8_t* CA, const int8_t* CB, const float* SCA, const float* SCB, int64_t M, int64_t N,
+                     int64_t K, const float* bias, bool add_outliers, float* out) {
+  dispatch_gemm(CA, CB, M, N, K, StoreDequantized{out, N, SCA, SCB, bias, add_outliers});
 }
 
 }  // namespace int8fx

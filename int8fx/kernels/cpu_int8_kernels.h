@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 namespace int8fx {
 
@@ -20,11 +21,23 @@ struct FpWeight {
   int64_t column_stride;
 };
 
-// out [M, N] fp32 = reference.int8_linear(X, CB, SCB, bias, threshold, W) for X fp32 [M, K],
-// CB int8 [N, K] with no -128 and SCB fp32 [N] (all contiguous), bias fp32 [N] or null.
-// use_threshold is the caller's `threshold > 0` (decided in double). The outlier part is
-// accumulated in fp32.
-void int8_linear(const float* X, int64_t M, int64_t K, const int8_t* CB, const float* SCB, int64_t N,
-                 const FpWeight& W, const float* bias, bool use_threshold, float threshold, float* out);
+// The three steps of reference.int8_linear for an fp32 X [M, K], CB int8 [N, K] with no
+// -128 and SCB fp32 [N] (all contiguous); cpu_int8_linear_op.cpp chains them.
+
+// CA int8 [M, K] and SCA fp32 [M] of X, bit-exact with reference.quantize_activation;
+// returns the outlier columns in ascending order. use_threshold is the caller's
+// `threshold > 0` (decided in double).
+std::vector<int64_t> quantize_activation(const float* X, int64_t M, int64_t K, bool use_threshold, float threshold,
+                                         int8_t* CA, float* SCA);
+
+// out [M, N] = X[:, columns] @ W[:, columns]^T accumulated in fp32, column by column
+// (meant for a handful of columns).
+void outlier_part(const float* X, int64_t M, int64_t K, const std::vector<int64_t>& columns, const FpWeight& W,
+                  const int8_t* CB, const float* SCB, int64_t N, float* out);
+
+// out [M, N] = (dequantize(CA @ CB^T) (+ out, when add_outliers)) (+ bias, when not null),
+// each step rounded in fp32 in the reference's order.
+void gemm_dequantize(const int8_t* CA, const int8_t* CB, const float* SCA, const float* SCB, int64_t M, int64_t N,
+                     int64_t K, const float* bias, bool add_outliers, float* out);
 
 }  // namespace int8fx

