@@ -2,7 +2,7 @@
 
 Without AVX512-VNNI, AVX-VNNI or AMX, ``torch._int_mm`` on CPU falls back to a naive
 loop: on a 2-core AVX2 EPYC (Zen 3) it is slower than an fp32 matmul at every M, and
-the exact GEMM here is 14-46x faster than it (see ``benchmarks/README.md``). CPUs with
+the exact GEMM here is 5-40x faster than it (see ``benchmarks/README.md``). CPUs with
 VNNI or AMX keep ``torch._int_mm``: oneDNN's VNNI kernels are reported 3-5x faster than
 fp32 there, and these kernels have not been measured on such a CPU.
 
