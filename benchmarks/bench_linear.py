@@ -21,7 +21,6 @@ is installed) to ``--out``.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import platform
 import statistics
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 
 import int8fx  # noqa: F401  (registers torch.ops.int8fx)
 from int8fx import reference
+from report_table import format_cell, print_markdown_table, write_csv
 
 GPU_SHAPES = ["4096x4096", "4096x14336", "14336x4096"]  # Llama-3-8B: q/o, gate/up, down
 GPU_M = [1, 16, 64, 256, 1024, 4096]
@@ -224,20 +224,12 @@ def add_ratios(group: list[dict]) -> None:
 
 def print_table(rows: list[dict]) -> None:
     header = ["shape (KxN)", "M", "provider", "ms", "TOPS", "GB/s", "x vs bf16", "x vs bnb t=6", "x vs _int_mm"]
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    fmt = lambda v, spec: "" if v == "" else format(v, spec)
-    for r in rows:
-        cells = [r["shape"], str(r["M"]), r["provider"], fmt(r["ms"], ".3f"), fmt(r["TOPS"], ".3f"), fmt(r["GB/s"], ".1f"),
-                 fmt(r["x_vs_bf16"], ".2f"), fmt(r["x_vs_bnb_t6"], ".2f"), fmt(r["x_vs_int_mm"], ".2f")]
-        print("| " + " | ".join(cells) + " |")
-
-
-def write_csv(rows: list[dict], path: str) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    print_markdown_table(header, [
+        [r["shape"], str(r["M"]), r["provider"], format_cell(r["ms"], ".3f"), format_cell(r["TOPS"], ".3f"),
+         format_cell(r["GB/s"], ".1f"), format_cell(r["x_vs_bf16"], ".2f"), format_cell(r["x_vs_bnb_t6"], ".2f"),
+         format_cell(r["x_vs_int_mm"], ".2f")]
+        for r in rows
+    ])
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -297,7 +289,7 @@ def main() -> None:
     print_table(rows)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"bench_linear_{args.device}")
-    write_csv(rows, stem + ".csv")
+    write_csv(rows, stem + ".csv", CSV_COLUMNS)
     print(f"wrote {stem}.csv")
     plot(rows, stem + ".png")
 

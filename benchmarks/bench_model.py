@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import gc
 import logging
 import os
@@ -39,6 +38,7 @@ from int8fx.demo.data import bbc_token_chunks
 from int8fx.demo.measure import DECODE_WARMUP_STEPS, greedy_generate
 from int8fx.demo.models import MissingPackages, keep_first_decoder_layers, load_causal_lm, load_smollm2
 from int8fx.passes import matches_skip
+from report_table import format_cell, print_markdown_table, write_csv
 
 BASELINE = "fp32 inductor"
 CSV_COLUMNS = ["provider", "prompt_tokens", "decode_tokens", "prefill_ms", "decode_tokens_per_s",
@@ -130,21 +130,12 @@ def add_ratios(rows: list[dict]) -> None:
 
 def print_table(rows: list[dict]) -> None:
     header = ["provider", "prefill ms", "decode tokens/s", "prefill x vs fp32 inductor", "decode x vs fp32 inductor", "total s"]
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    fmt = lambda value, spec: "" if value == "" else format(value, spec)
-    for r in rows:
-        cells = [r["provider"], fmt(r["prefill_ms"], ".1f"), fmt(r["decode_tokens_per_s"], ".2f"),
-                 fmt(r["prefill_x_vs_fp32_inductor"], ".2f"), fmt(r["decode_x_vs_fp32_inductor"], ".2f"), fmt(r["seconds"], ".0f")]
-        print("| " + " | ".join(cells) + " |")
-
-
-def write_csv(rows: list[dict], path: str) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {path}")
+    print_markdown_table(header, [
+        [r["provider"], format_cell(r["prefill_ms"], ".1f"), format_cell(r["decode_tokens_per_s"], ".2f"),
+         format_cell(r["prefill_x_vs_fp32_inductor"], ".2f"), format_cell(r["decode_x_vs_fp32_inductor"], ".2f"),
+         format_cell(r["seconds"], ".0f")]
+        for r in rows
+    ])
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -221,7 +212,9 @@ def main() -> None:
     print()
     print_table(rows)
     os.makedirs(args.out, exist_ok=True)
-    write_csv(rows, os.path.join(args.out, "bench_model.csv"))
+    path = os.path.join(args.out, "bench_model.csv")
+    write_csv(rows, path, CSV_COLUMNS)
+    print(f"wrote {path}")
     plot(rows, os.path.join(args.out, "bench_model.png"))
 
 

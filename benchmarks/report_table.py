@@ -1,0 +1,25 @@
+"""Output shared by the benchmark scripts: a markdown table on stdout and a CSV file."""
+
+from __future__ import annotations
+
+import csv
+from typing import Any, Sequence
+
+
+def format_cell(value: Any, spec: str = "") -> str:
+    """``format(value, spec)``, with "" for a missing value (a ratio whose baseline did not run)."""
+    return "" if value == "" else format(value, spec)
+
+
+def print_markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for cells in rows:
+        print("| " + " | ".join(cells) + " |")
+
+
+def write_csv(rows: Sequence[dict], path: str, columns: Sequence[str]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns))
+        writer.writeheader()
+        writer.writerows(rows)
