@@ -38,7 +38,7 @@ def fresh_caches():
 @needs_kernel
 @pytest.mark.parametrize("K", [1, 7, 31, 33, 100, 300, 2081])
 def test_matches_reference_on_odd_shapes(K):
-    # K around the 32-byte vector step; M and N around the 2 x 4 and 1 x 8 tiles. At
+    # K around the 32-byte vector step; M and N around the 2 x 6 and 1 x 8 tiles. At
     # K = 2081, N = 129 spans two L2 blocks of B rows, so two threads share the work.
     for M in (0, 1, 3, 17, 64):
         for N in (1, 5, 64, 129):
