@@ -35,7 +35,8 @@ int8fx::FpWeight fp_weight_view(const std::optional<at::Tensor>& weight, at::Ten
 // Wide outlier sets go to BLAS: the kernel's column-by-column loop re-reads the output
 // once per column, which a matmul does not (SmolLM2's last down_proj layers see hundreds
 // of outlier columns over a 512-token prompt). A handful of columns, or one row (decode),
-// stay in the loop: no gathers, no extra allocations.
+// stay in the loop: no gathers, no extra allocations. (The two limits are a judgment, not
+// tuned: the next thing to measure if outlier-heavy prefill matters.)
 bool outliers_by_blas(int64_t M, int64_t count) { return M >= 16 && count >= 8; }
 
 // out [M, N] = X[:, columns] @ W_cols^T by an fp32 matmul, W_cols from the fp weight or,
