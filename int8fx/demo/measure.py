@@ -6,6 +6,7 @@ code measures the fp reference, the fp model under inductor and the int8lt model
 
 from __future__ import annotations
 
+import inspect
 import math
 import statistics
 import time
@@ -100,6 +101,11 @@ class GenerationResult:
 DECODE_WARMUP_STEPS = 2
 
 
+def accepts_logits_to_keep(model: Model) -> bool:
+    forward = getattr(model, "_orig_mod", model).forward  # through torch.compile's wrapper
+    return "logits_to_keep" in inspect.signature(forward).parameters
+
+
 def greedy_generate(model: Model, prompt: torch.Tensor, new_tokens: int, prefill_repeats: int, description: str) -> GenerationResult:
     """Times prefill of ``prompt [1, T]`` and greedy decoding of ``new_tokens`` tokens with a KV cache."""
     from transformers import DynamicCache
@@ -107,9 +113,13 @@ def greedy_generate(model: Model, prompt: torch.Tensor, new_tokens: int, prefill
     if new_tokens <= DECODE_WARMUP_STEPS + 1:
         raise ValueError(f"new_tokens must be > {DECODE_WARMUP_STEPS + 1} to time any decode step, got {new_tokens}")
 
+    # Only the last position's logits are needed to pick the next token: ask for just those,
+    # as transformers' generate() does (logits_to_keep=1), where the model supports it.
+    last_logits_only = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+
     def prefill():
         cache = DynamicCache()
-        return model(input_ids=prompt, past_key_values=cache, use_cache=True).logits, cache
+        return model(input_ids=prompt, past_key_values=cache, use_cache=True, **last_logits_only).logits, cache
 
     prefill_times = []
     with torch.no_grad():
