@@ -142,6 +142,27 @@ def test_greedy_generate_prefill_asks_only_for_the_last_logits(accepts):
     assert result.new_token_ids == [0, 0, 0, 0]
 
 
+def test_generation_timing_takes_turns_and_reports_medians(monkeypatch):
+    from int8fx.demo import evaluate
+
+    order = []
+    speeds = iter([10.0, 30.0, 20.0, 50.0, 15.0, 40.0])  # decode tokens/s: fp, int8lt, fp, int8lt, ...
+
+    def fake_generate(model, prompt, new_tokens, prefill_repeats, description):
+        order.append(description.split(",")[0])
+        speed = next(speeds)
+        return measure.GenerationResult(prefill_ms=1000.0 / speed, decode_tokens_per_s=speed, new_token_ids=[0])
+
+    monkeypatch.setattr(measure, "greedy_generate", fake_generate)
+    tokenizer = SimpleNamespace(decode=lambda ids: "text")
+    settings = evaluate.EvalSettings(inner="eager", timing_rounds=3)
+    result = evaluate._generation(nn.Linear(4, 4), tokenizer, torch.zeros(1, 3, dtype=torch.long), settings)
+    assert order == ["generation fp_eager", "generation int8lt"] * 3  # in turns, not one after the other
+    assert result["timing_rounds"] == 3
+    assert result["decode_tokens_per_s_fp"] == 15.0 and result["decode_tokens_per_s_int8lt"] == 40.0  # medians
+    assert result["prefill_ms_fp"] == pytest.approx(1000.0 / 15.0)
+
+
 def test_accepts_logits_to_keep_sees_through_torch_compile():
     assert measure.accepts_logits_to_keep(torch.compile(_RecordingLM()))
     assert not measure.accepts_logits_to_keep(torch.compile(_OlderRecordingLM()))
