@@ -123,7 +123,7 @@ def greedy_generate(model: Model, prompt: torch.Tensor, new_tokens: int, prefill
 
     prefill_times = []
     with torch.no_grad():
-        for i in track(range(prefill_repeats + 1), f"{description}: prefill (first call compiles)", prefill_repeats + 1):
+        for i in track(range(prefill_repeats + 1), f"{description}: prefill (a warm-up call, then {prefill_repeats} timed)", prefill_repeats + 1):
             start = time.perf_counter()
             logits, cache = prefill()
             if i:
