@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 import int8fx  # noqa: F401  (registers torch.ops.int8fx)
 from int8fx import reference
-from report_table import format_cell, print_markdown_table, write_csv
+from report_table import format_cell, print_markdown_table, pyplot_or_none, write_csv
 
 GPU_SHAPES = ["4096x4096", "4096x14336", "14336x4096"]  # Llama-3-8B: q/o, gate/up, down
 GPU_M = [1, 16, 64, 256, 1024, 4096]
@@ -233,13 +233,8 @@ def print_table(rows: list[dict]) -> None:
 
 
 def plot(rows: list[dict], path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
+    plt = pyplot_or_none()
+    if plt is None:
         return
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     figure, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)

@@ -29,7 +29,6 @@ import logging
 import os
 import statistics
 import sys
-import time
 from typing import Callable
 
 import torch
@@ -39,10 +38,10 @@ import int8fx  # registers the "int8lt" backend
 from bench_accuracy import SKIP, bitsandbytes_swap  # the same bitsandbytes setup as the accuracy benchmark
 from bench_linear import describe
 from int8fx.demo.data import bbc_token_chunks
-from int8fx.demo.measure import DECODE_WARMUP_STEPS, greedy_generate
+from int8fx.demo.measure import DECODE_WARMUP_STEPS, generate_in_turns
 from int8fx.demo.models import MissingPackages, keep_first_decoder_layers, load_causal_lm, load_smollm2
 from int8fx.passes import matches_skip
-from report_table import format_cell, print_markdown_table, write_csv
+from report_table import format_cell, print_markdown_table, pyplot_or_none, write_csv
 
 BASELINE = "fp32 inductor"
 CSV_COLUMNS = ["provider", "prompt_tokens", "decode_tokens", "prefill_ms", "decode_tokens_per_s",
@@ -106,11 +105,6 @@ PROVIDERS: dict[str, tuple[str, Callable[[nn.Module], Callable]]] = {
 
 # ---------------------------------------------------------------- measuring
 
-# Every compiled provider compiles the same forward code three times (prefill, decode, decode
-# with a dynamic cache length), and dynamo keeps one cache per code object: room for all of them.
-RECOMPILE_LIMIT = 64
-
-
 def build_all(model: nn.Module, providers: list[str]) -> dict[str, Callable]:
     built = {}
     for key in providers:
@@ -118,43 +112,29 @@ def build_all(model: nn.Module, providers: list[str]) -> dict[str, Callable]:
         try:
             built[name] = build(model)
         except Exception as error:  # one provider failing must not lose the others' numbers
-            print(f"{name}: skipped ({type(error).__name__}: {error})")
+            report_skipped(name, error)
     return built
 
 
+def report_skipped(name: str, error: Exception) -> None:
+    print(f"{name}: skipped ({type(error).__name__}: {error})")
+
+
 def run(model: nn.Module, prompt: torch.Tensor, providers: list[str], new_tokens: int, rounds: int) -> list[dict]:
-    """Measures the providers in interleaved rounds: one prefill and one greedy decode each per
-    round, in a rotated order. On a shared machine the speed drifts over minutes; interleaving
-    spreads the drift over every provider, and per-round ratios cancel most of what remains."""
+    """Measures the providers taking turns, one prefill and one greedy decode each per round
+    (``generate_in_turns``); per-round ratios cancel most of the drift that remains."""
     torch._dynamo.reset()
-    built = build_all(model, providers)
-    results: dict[str, list] = {name: [] for name in built}
-    seconds = dict.fromkeys(built, 0.0)
-    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-        for round_index in range(rounds):
-            names = list(built)
-            shift = round_index % len(names) if names else 0
-            for name in names[shift:] + names[:shift]:
-                if name not in results:
-                    continue  # failed in an earlier round
-                start = time.perf_counter()
-                try:
-                    # the first round's untimed warm-up calls compile (see greedy_generate)
-                    results[name].append(greedy_generate(built[name], prompt, new_tokens, 1, f"{name}, round {round_index + 1}/{rounds}"))
-                except Exception as error:
-                    print(f"{name}: skipped ({type(error).__name__}: {error})")
-                    del results[name]
-                seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
-    rows = [summarize(name, runs, prompt.shape[1], new_tokens, seconds[name]) for name, runs in results.items()]
+    results = generate_in_turns(build_all(model, providers), prompt, new_tokens, 1, rounds, on_error=report_skipped)
+    rows = [summarize(name, runs, prompt.shape[1], new_tokens) for name, runs in results.items()]
     add_ratios(rows, results)
     return rows
 
 
-def summarize(name: str, runs: list, prompt_tokens: int, new_tokens: int, seconds: float) -> dict:
+def summarize(name: str, runs: list, prompt_tokens: int, new_tokens: int) -> dict:
     return {"provider": name, "prompt_tokens": prompt_tokens, "decode_tokens": new_tokens - 1 - DECODE_WARMUP_STEPS,
             "prefill_ms": round(statistics.median(r.prefill_ms for r in runs), 3),
             "decode_tokens_per_s": round(statistics.median(r.decode_tokens_per_s for r in runs), 3),
-            "seconds": round(seconds, 1)}
+            "seconds": round(sum(r.seconds for r in runs), 1)}
 
 
 def add_ratios(rows: list[dict], results: dict[str, list]) -> None:
@@ -184,13 +164,9 @@ def print_table(rows: list[dict]) -> None:
 
 
 def plot(rows: list[dict], path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return  # the plot is optional
+    plt = pyplot_or_none()
+    if plt is None:
+        return
     names = [r["provider"] for r in rows]
     figure, (prefill, decode) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     prefill.invert_yaxis()  # providers top to bottom, as in the table

@@ -142,24 +142,46 @@ def test_greedy_generate_prefill_asks_only_for_the_last_logits(accepts):
     assert result.new_token_ids == [0, 0, 0, 0]
 
 
+def fake_generations(monkeypatch, speeds, failing=()):
+    """Replaces greedy_generate: each call takes the next decode speed; returns the call order."""
+    order = []
+    speeds = iter(speeds)
+
+    def fake_generate(model, prompt, new_tokens, prefill_repeats, description):
+        name = description.split(",")[0]
+        order.append(name)
+        if name in failing:
+            raise RuntimeError(f"{name} broke")
+        speed = next(speeds)
+        return measure.GenerationResult(prefill_ms=1000.0 / speed, decode_tokens_per_s=speed, new_token_ids=[0], seconds=1.0)
+
+    monkeypatch.setattr(measure, "greedy_generate", fake_generate)
+    return order
+
+
+def test_generate_in_turns_rotates_and_drops_a_failing_model(monkeypatch):
+    order = fake_generations(monkeypatch, range(1, 100), failing={"b"})
+    dropped = []
+    results = measure.generate_in_turns(dict.fromkeys("abc"), None, 5, 1, rounds=3, on_error=lambda name, error: dropped.append(name))
+    # round 1: a b c (b fails and is dropped); round 2: c a; round 3: a c
+    assert order == ["a", "b", "c", "c", "a", "a", "c"]
+    assert dropped == ["b"] and set(results) == {"a", "c"}
+    assert [r.decode_tokens_per_s for r in results["a"]] == [1, 4, 5]
+    with pytest.raises(RuntimeError, match="b broke"):  # without on_error, nothing is hidden
+        measure.generate_in_turns(dict.fromkeys("ab"), None, 5, 1, rounds=1)
+
+
 def test_generation_timing_takes_turns_and_reports_medians(monkeypatch):
     from int8fx.demo import evaluate
 
-    order = []
-    speeds = iter([10.0, 30.0, 20.0, 50.0, 15.0, 40.0])  # decode tokens/s: fp, int8lt, fp, int8lt, ...
-
-    def fake_generate(model, prompt, new_tokens, prefill_repeats, description):
-        order.append(description.split(",")[0])
-        speed = next(speeds)
-        return measure.GenerationResult(prefill_ms=1000.0 / speed, decode_tokens_per_s=speed, new_token_ids=[0])
-
-    monkeypatch.setattr(measure, "greedy_generate", fake_generate)
+    # decode tokens/s in call order; rounds: (fp, int8lt), (int8lt, fp), (fp, int8lt)
+    order = fake_generations(monkeypatch, [10.0, 30.0, 20.0, 50.0, 15.0, 40.0])
     tokenizer = SimpleNamespace(decode=lambda ids: "text")
     settings = evaluate.EvalSettings(inner="eager", timing_rounds=3)
     result = evaluate._generation(nn.Linear(4, 4), tokenizer, torch.zeros(1, 3, dtype=torch.long), settings)
-    assert order == ["generation fp_eager", "generation int8lt"] * 3  # in turns, not one after the other
+    assert order == ["fp_eager", "int8lt", "int8lt", "fp_eager", "fp_eager", "int8lt"]  # in turns
     assert result["timing_rounds"] == 3
-    assert result["decode_tokens_per_s_fp"] == 15.0 and result["decode_tokens_per_s_int8lt"] == 40.0  # medians
+    assert result["decode_tokens_per_s_fp"] == 15.0 and result["decode_tokens_per_s_int8lt"] == 30.0  # medians
     assert result["prefill_ms_fp"] == pytest.approx(1000.0 / 15.0)
 
 

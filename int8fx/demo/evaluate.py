@@ -127,14 +127,7 @@ def evaluate_causal_lm(name: str, model: torch.nn.Module, tokenizer: Any, settin
     return result
 
 
-# Both timed models compile the same forward code (prefill, decode, decode with a dynamic
-# cache length each) and stay alive together: room for all their dynamo cache entries.
-_TIMING_RECOMPILE_LIMIT = 16
-
-
 def _generation(model: torch.nn.Module, tokenizer: Any, prompt: torch.Tensor, settings: EvalSettings) -> dict[str, Any]:
-    # fp and int8lt take turns, round after round: a shared machine's speed drifts over
-    # minutes, and timing one model after the other would put that drift into the ratio.
     torch._dynamo.reset()
     fp_label = "fp_inductor" if settings.inner == "inductor" else "fp_eager"
     backend = int8fx.int8lt(threshold=settings.threshold, skip=settings.skip, inner=settings.inner)
@@ -143,12 +136,7 @@ def _generation(model: torch.nn.Module, tokenizer: Any, prompt: torch.Tensor, se
         fp_label: torch.compile(model) if settings.inner == "inductor" else model,
         "int8lt": torch.compile(model, backend=backend),
     }
-    runs: dict[str, list[measure.GenerationResult]] = {name: [] for name in models}
-    with torch._dynamo.config.patch(recompile_limit=_TIMING_RECOMPILE_LIMIT):
-        for round_index in range(settings.timing_rounds):
-            for name, timed in models.items():
-                description = f"generation {name}, round {round_index + 1}/{settings.timing_rounds}"
-                runs[name].append(measure.greedy_generate(timed, prompt, settings.new_tokens, settings.prefill_repeats, description))
+    runs = measure.generate_in_turns(models, prompt, settings.new_tokens, settings.prefill_repeats, settings.timing_rounds)
     fp, q = runs[fp_label], runs["int8lt"]
     return {
         "prompt_tokens": prompt.shape[1],

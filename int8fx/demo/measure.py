@@ -11,7 +11,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +94,7 @@ class GenerationResult:
     prefill_ms: float  # median over the timed prefills (after one warm-up call that compiles)
     decode_tokens_per_s: float  # over the decode steps after the warm-up steps
     new_token_ids: list[int]
+    seconds: float = 0.0  # wall time of the whole call, warm-ups and compiles included
 
 
 # Decode steps run before timing: the first compiles the one-token graph, the second
@@ -121,6 +122,7 @@ def greedy_generate(model: Model, prompt: torch.Tensor, new_tokens: int, prefill
         cache = DynamicCache()
         return model(input_ids=prompt, past_key_values=cache, use_cache=True, **last_logits_only).logits, cache
 
+    call_start = time.perf_counter()
     prefill_times = []
     with torch.no_grad():
         for i in track(range(prefill_repeats + 1), f"{description}: prefill (a warm-up call, then {prefill_repeats} timed)", prefill_repeats + 1):
@@ -139,4 +141,35 @@ def greedy_generate(model: Model, prompt: torch.Tensor, new_tokens: int, prefill
             generated.append(int(token))
         timed_steps = new_tokens - 1 - DECODE_WARMUP_STEPS
         decode_tokens_per_s = timed_steps / (time.perf_counter() - decode_start)
-    return GenerationResult(statistics.median(prefill_times) * 1e3, decode_tokens_per_s, generated)
+    return GenerationResult(statistics.median(prefill_times) * 1e3, decode_tokens_per_s, generated, time.perf_counter() - call_start)
+
+
+# Models timed in turns stay compiled together, and each compiles the same forward code
+# (prefill, decode, decode with a dynamic cache length): room for all their dynamo cache entries.
+_RECOMPILE_LIMIT_IN_TURNS = 64
+
+
+def generate_in_turns(models: dict[str, Model], prompt: torch.Tensor, new_tokens: int, prefill_repeats: int, rounds: int,
+                      on_error: Optional[Callable[[str, Exception], None]] = None) -> dict[str, list[GenerationResult]]:
+    """``greedy_generate`` for every model, ``rounds`` times, the models taking turns in an order
+    rotated from round to round: a shared machine's speed drifts over minutes, and timing one model
+    after the other would put that drift into their ratios. Each round's untimed warm-up calls
+    compile (first round) or re-warm the caches the other models evicted. A model that raises is
+    dropped and reported to ``on_error`` when given; without it the error propagates."""
+    results: dict[str, list[GenerationResult]] = {name: [] for name in models}
+    with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT_IN_TURNS):
+        for round_index in range(rounds):
+            names = list(results)
+            if not names:
+                break
+            shift = round_index % len(names)
+            for name in names[shift:] + names[:shift]:
+                description = f"{name}, round {round_index + 1}/{rounds}"
+                try:
+                    results[name].append(greedy_generate(models[name], prompt, new_tokens, prefill_repeats, description))
+                except Exception as error:
+                    if on_error is None:
+                        raise
+                    on_error(name, error)
+                    del results[name]
+    return results
