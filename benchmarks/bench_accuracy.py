@@ -3,7 +3,9 @@
 Every provider reads the same token chunks (BOS + 511 tokens each, consecutive text), so
 the differences are the methods', not the text's. Perplexity differences between int8
 methods at a few thousand tokens are small; use ``--chunks 16`` or more to see them above
-the noise. Prints a markdown table and writes ``bench_accuracy.csv``.
+the noise. The table's s.e. column is the standard error of each change, from how much
+the per-chunk differences to fp32 vary: changes within about two of it are noise. Prints
+a markdown table and writes ``bench_accuracy.csv``.
 
     python benchmarks/bench_accuracy.py [--chunks 16] [--providers TEXT ...] [--out DIR] [--smoke]
 """
@@ -12,19 +14,19 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import os
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 import int8fx
 from int8fx.demo.data import bbc_token_chunks
-from int8fx.demo.measure import perplexity
+from int8fx.demo.measure import chunk_nlls, perplexity_change, perplexity_from_nlls
 from int8fx.demo.models import keep_first_decoder_layers, load_smollm2
 from int8fx.passes import matches_skip
+from report_table import format_cell, print_markdown_table, write_csv
 
 SKIP = ("lm_head",)  # as Hugging Face's load_in_8bit does
 
@@ -77,41 +79,67 @@ def providers(model: nn.Module) -> dict[str, Callable[[], Callable]]:
     return table
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--chunks", type=int, default=16)
     parser.add_argument("--chunk-tokens", type=int, default=512)
     parser.add_argument("--out", default=".")
     parser.add_argument("--providers", nargs="*", metavar="TEXT",
                         help="only the providers whose name contains one of these (fp32 eager always runs)")
-    parser.add_argument("--smoke", action="store_true", help="2 decoder layers, 1 chunk of 32 tokens")
+    parser.add_argument("--smoke", action="store_true", help="2 decoder layers, 2 chunks of 32 tokens")
     args = parser.parse_args()
+    if args.smoke:
+        args.chunks, args.chunk_tokens = 2, 32
+    return args
+
+
+def load_model_and_chunks(args: argparse.Namespace) -> tuple[nn.Module, list[torch.Tensor]]:
+    """SmolLM2 in fp32 eval mode (its first 2 blocks for --smoke) and the BBC chunks every provider reads."""
     model, tokenizer = load_smollm2()
     model.eval().requires_grad_(False)
     if args.smoke:
         keep_first_decoder_layers(model, 2)
-        args.chunks, args.chunk_tokens = 1, 32
-    chunks = bbc_token_chunks(tokenizer, args.chunks, args.chunk_tokens)
+    return model, bbc_token_chunks(tokenizer, args.chunks, args.chunk_tokens)
+
+
+def measure_providers(table: dict[str, Callable[[], Callable]], chunks: list[torch.Tensor], only: Optional[list[str]]) -> list[dict]:
+    """Perplexity of every provider (the first is the baseline) on the same chunks; one row each."""
     rows = []
     baseline = None
-    for name, make in providers(model).items():
-        if args.providers and name != "fp32 eager" and not any(text in name for text in args.providers):
+    for name, make in table.items():
+        if only and baseline is not None and not any(text in name for text in only):
             continue
         start = time.perf_counter()
-        ppl = perplexity(make(), chunks, name)
-        baseline = baseline or ppl
-        rows.append({"provider": name, "perplexity": round(ppl, 4), "vs_fp32_pct": round((ppl / baseline - 1) * 100, 2),
+        nlls = chunk_nlls(make(), chunks, name)
+        baseline = baseline or nlls
+        change = perplexity_change(nlls, baseline)
+        error = change.standard_error_pct
+        rows.append({"provider": name, "perplexity": round(perplexity_from_nlls(nlls, chunks), 4),
+                     "vs_fp32_pct": round(change.pct, 2), "standard_error_pct": None if error is None else round(error, 2),
                      "seconds": round(time.perf_counter() - start, 1)})
+    return rows
+
+
+def report(rows: list[dict], title: str, out_dir: str, csv_name: str) -> None:
+    print(f"\n{title}")
+    print("s.e.: standard error of the change, from the spread of the per-chunk NLL differences to fp32\n")
+    print_markdown_table(
+        ["provider", "perplexity", "vs fp32 (%)", "s.e. (pt)", "seconds"],
+        [[row["provider"], f"{row['perplexity']:.4f}", f"{row['vs_fp32_pct']:+.2f}",
+          format_cell("" if row["standard_error_pct"] is None else row["standard_error_pct"], ".2f"),
+          f"{row['seconds']:.0f}"] for row in rows],
+    )
+    os.makedirs(out_dir, exist_ok=True)
+    write_csv(rows, os.path.join(out_dir, csv_name), list(rows[0]))
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0])
+    model, chunks = load_model_and_chunks(args)
+    rows = measure_providers(providers(model), chunks, args.providers)
     tokens = args.chunks * (args.chunk_tokens - 1)
-    print(f"\nSmolLM2-135M, BBC News, {args.chunks} chunks x {args.chunk_tokens} tokens ({tokens} predicted tokens)\n")
-    print("| provider | perplexity | vs fp32 (%) | seconds |\n|---|---|---|---|")
-    for row in rows:
-        print(f"| {row['provider']} | {row['perplexity']:.4f} | {row['vs_fp32_pct']:+.2f} | {row['seconds']:.0f} |")
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench_accuracy.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    report(rows, f"SmolLM2-135M, BBC News, {args.chunks} chunks x {args.chunk_tokens} tokens ({tokens} predicted tokens)",
+           args.out, "bench_accuracy.csv")
 
 
 if __name__ == "__main__":

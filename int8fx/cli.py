@@ -121,16 +121,25 @@ def _value(number: float, digits: int = 2) -> str:
     return f"{number:.{digits}f}"
 
 
+def _perplexity_cell(result: dict[str, Any], key: str) -> str:
+    """``29.00 (+1.74% ± 0.55 s.e.)``: the change over fp and its standard error over the chunks."""
+    change = f"{result[key + '_delta_pct']:+.2f}%"
+    error = result.get(key + "_delta_se_pct")
+    if error is not None:
+        change += f" ± {error:.2f} s.e."
+    return f"{_value(result[key])} ({change})"
+
+
 def format_demo_table(result: dict[str, Any]) -> str:
     """The demo's one table: measurement | value, from ``evaluate_causal_lm``'s result."""
     fp = result["dtype"]
     t = f"{result['threshold']:g}"
     rows = [
         (f"perplexity {fp} (eager, the reference)", _value(result["ppl_fp"])),
-        (f"perplexity int8lt threshold {t}", f"{_value(result['ppl_int8lt'])} ({result['ppl_int8lt_delta_pct']:+.2f}%)"),
+        (f"perplexity int8lt threshold {t}", _perplexity_cell(result, "ppl_int8lt")),
     ]
     if "ppl_int8lt_t0" in result:
-        rows.append(("perplexity int8lt threshold 0 (naive int8)", f"{_value(result['ppl_int8lt_t0'])} ({result['ppl_int8lt_t0_delta_pct']:+.2f}%)"))
+        rows.append(("perplexity int8lt threshold 0 (naive int8)", _perplexity_cell(result, "ppl_int8lt_t0")))
     rows += [
         (
             "linear weights fp32 / fp16 / int8 + row scales (MiB)",

@@ -112,6 +112,35 @@ RELEASE_HINT = (
 )
 
 
+# What may touch a released weight outside compiled code: metadata, which never reads the
+# data. torch 2.11's dynamo reads a parameter's properties (is_nested, ...) while it wraps
+# it and calls numel() and nbytes while it builds guards, outside ``is_compiling()``.
+_METADATA_METHODS = frozenset({"numel", "size", "dim", "stride", "element_size", "is_contiguous", "storage_offset"})
+_DATA_PROPERTIES = frozenset({"data", "T", "mT", "H", "mH", "real", "imag"})  # views of the data
+
+
+def _dynamo_is_tracing() -> bool:
+    # is_compiling() covers the traced code; dynamo's own inspection of the parameter while
+    # it wraps it (untyped_storage, ...) runs inside its tracing context only.
+    return torch.compiler.is_compiling() or torch._guards.TracingContext.try_get() is not None
+
+
+def _function_name(func) -> str:
+    name = getattr(func, "__name__", str(func))
+    if name == "__get__":  # a property: its getset descriptor carries the name
+        return getattr(getattr(func, "__self__", None), "__name__", name)
+    return name
+
+
+def _touches_data(func) -> bool:
+    name = _function_name(func)
+    if getattr(func, "__name__", "") == "__get__":
+        return name in _DATA_PROPERTIES
+    if name.startswith("_") and not name.startswith("__"):  # _is_view, _version...: introspection
+        return False
+    return name not in _METADATA_METHODS
+
+
 class ReleasedWeightError(RuntimeError):
     """Eager use of a parameter whose fp storage ``release_weights`` freed."""
 
@@ -119,14 +148,15 @@ class ReleasedWeightError(RuntimeError):
 class ReleasedParameter(torch.nn.Parameter):
     """A parameter whose storage was freed: same shape, one NaN element, every eager use raises.
 
-    Dynamo traces through the override (``is_compiling``), so recompiles for new shapes
-    keep working; the rewritten graphs never read the data.
+    Dynamo traces through the override (``is_compiling``) and metadata reads (shape, dtype,
+    numel...) are allowed, so recompiles for new shapes keep working; the rewritten graphs
+    never read the data.
     """
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        if not torch.compiler.is_compiling():
-            raise ReleasedWeightError(f"{getattr(func, '__name__', func)} on a released weight: {RELEASE_HINT}")
+        if not _dynamo_is_tracing() and _touches_data(func):
+            raise ReleasedWeightError(f"{_function_name(func)} on a released weight: {RELEASE_HINT}")
         return super().__torch_function__(func, types, args, kwargs or {})
 
     def __repr__(self) -> str:

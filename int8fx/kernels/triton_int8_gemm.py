@@ -173,7 +173,7 @@ def _int8_gemm_kernel(
         k_ok = rk < K - k0
         a = tl.load(a_ptrs, mask=k_ok[None, :], other=0)
         b = tl.load(b_ptrs, mask=k_ok[:, None], other=0)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)  # triton 3.6 needs it named for an int32 acc
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 

@@ -99,7 +99,7 @@ def _int8_gemv_kernel(
                 w_tile = outlier_weight_tile(b_ptr, w_ptr, scb_step, rn, k0 + rk, is_column[:, None] & col_ok[None, :],
                                              stride_bn, stride_bk, stride_wn, stride_wk, OUTLIER_W_FROM_CB)
                 acc_outliers = outlier_dot(x_outliers, w_tile, acc_outliers)
-        acc = tl.dot(q, b, acc)
+        acc = tl.dot(q, b, acc, out_dtype=tl.int32)
 
     out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on
     out_mask = row_ok[:, None] & col_ok[None, :]
