@@ -113,8 +113,8 @@ RELEASE_HINT = (
 
 
 # What may touch a released weight outside compiled code: metadata, which never reads the
-# data. torch 2.11's dynamo reads a parameter's properties (is_nested, ...) while it wraps
-# it and calls numel() and nbytes while it builds guards, outside ``is_compiling()``.
+# data. torch 2.11's dynamo reads a parameter's dtype, shape, numel(), nbytes... while it
+# builds guards, outside both ``is_compiling()`` and its tracing context.
 _METADATA_METHODS = frozenset({"numel", "size", "dim", "stride", "element_size", "is_contiguous", "storage_offset"})
 _DATA_PROPERTIES = frozenset({"data", "T", "mT", "H", "mH", "real", "imag"})  # views of the data
 
@@ -136,8 +136,6 @@ def _touches_data(func) -> bool:
     name = _function_name(func)
     if getattr(func, "__name__", "") == "__get__":
         return name in _DATA_PROPERTIES
-    if name.startswith("_") and not name.startswith("__"):  # _is_view, _version...: introspection
-        return False
     return name not in _METADATA_METHODS
 
 

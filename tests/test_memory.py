@@ -69,6 +69,10 @@ def test_eager_use_of_released_weights_raises_a_clear_error():
         with pytest.raises(ReleasedWeightError, match="release_weights"):
             touch()
     assert "released by int8fx" in repr(weight)
+    # Metadata never reads the data (and torch 2.11's dynamo reads it while building guards).
+    assert weight.shape == (512, 256) and weight.dtype == torch.float32 and weight.numel() == 512 * 256
+    with pytest.raises(ReleasedWeightError, match="T on a released weight"):
+        weight.T  # a view of the data is not metadata
 
 
 def test_weights_read_elsewhere_are_kept():
