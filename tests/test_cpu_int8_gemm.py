@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -168,6 +171,31 @@ def test_failed_build_falls_back(monkeypatch, fresh_caches, caplog):
         out = cpu_int8_linear.int8_linear(x, CB, SCB, None, 6.0, None)
     assert "could not build" in caplog.text
     assert torch.equal(out, reference.int8_linear(x, CB, SCB, None, 6.0))
+
+
+@needs_kernel
+def test_a_lock_left_by_a_killed_build_does_not_hang(tmp_path):
+    # torch waits forever on a lock file a killed build left behind; int8fx removes it.
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    script = "from int8fx.kernels import cpu_int8_gemm as k; d = k._build_directory('int8fx_cpu_int8_gemm'); open(d + '/lock', 'w').close()"
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=120)
+    (stale,) = tmp_path.glob("*/int8fx_cpu_int8_gemm/lock")
+    build = "from int8fx.kernels import cpu_int8_gemm as k; assert k._build() is not None"
+    subprocess.run([sys.executable, "-c", build], env=env, check=True, timeout=300)  # hangs without the fix
+    assert not stale.exists()
+
+
+def test_a_build_running_elsewhere_is_waited_for_then_given_up(tmp_path):
+    fcntl = pytest.importorskip("fcntl")
+    (tmp_path / "lock").touch()
+    with open(tmp_path / "int8fx.lock", "w") as other_builder:
+        fcntl.flock(other_builder, fcntl.LOCK_EX)
+        with pytest.raises(TimeoutError, match="another process"):
+            with cpu_int8_gemm._exclusive_build(str(tmp_path), wait_s=0.2):
+                pass
+        assert (tmp_path / "lock").exists()  # torch's lock belongs to the live build: kept
+    with cpu_int8_gemm._exclusive_build(str(tmp_path), wait_s=0.2):
+        assert not (tmp_path / "lock").exists()  # no builder alive: it was stale
 
 
 # ---------------------------------------------------------------- fused quantization and epilogue

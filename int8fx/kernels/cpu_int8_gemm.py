@@ -7,7 +7,7 @@ VNNI or AMX keep ``torch._int_mm``: oneDNN's VNNI kernels are reported 3-5x fast
 fp32 there, and these kernels have not been measured on such a CPU.
 
 Two libraries, compiled once with ``torch.utils.cpp_extension`` (cached in torch's
-extension directory, so later processes only load them):
+extension directory, one folder per torch version, so later processes only load them):
 
 * the kernels alone, for ``ctypes`` (``int8_gemm``, ``quantize_rows``: tests and
   benchmarks); the source includes only ``ATen/Parallel.h``, a ~3 s compile;
@@ -15,16 +15,21 @@ extension directory, so later processes only load them):
   the CPU kernel of ``int8fx::int8_linear`` (~15 s: torch's headers). It is loaded only
   by ``is_available()``, i.e. only where it should replace the ``torch._int_mm`` path.
 
+A build killed midway (Ctrl-C, a machine restart) leaves torch's lock file behind, and
+torch would wait on it forever; ``_exclusive_build`` removes it (see there).
+
 No compiler, no AVX2, or a failed build: one log line on the ``int8fx`` logger and
 ``is_available()`` is False, so ``int8_linear`` stays on ``torch._int_mm``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
 import os
+import time
 from typing import Optional
 
 import torch
@@ -37,6 +42,7 @@ _KERNELS = os.path.join(_HERE, "cpu_int8_gemm.cpp")
 _OP = os.path.join(_HERE, "cpu_int8_linear_op.cpp")
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 _VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})  # /proc/cpuinfo names
+_BUILD_WAIT_S = 600.0  # how long to wait for another process's build before giving up on it
 
 
 def _cpu_flags() -> frozenset[str]:
@@ -51,6 +57,51 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def _build_directory(name: str) -> str:
+    """Where ``name`` is built: torch's extension root, one folder per torch version.
+
+    The op library links against libtorch, so a build for another torch must not be reused.
+    """
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
+    directory = os.path.join(root, "int8fx-torch-" + torch.__version__.replace("+", "-"), name)
+    os.makedirs(directory, exist_ok=True)
+    return directory
+
+
+@contextlib.contextmanager
+def _exclusive_build(directory: str, wait_s: float = _BUILD_WAIT_S):
+    """Holds an OS file lock over a build in ``directory``; raises TimeoutError after ``wait_s``.
+
+    torch's own lock is a file that exists while a build runs (``FileBaton``): a process
+    killed mid-build leaves it, and every later ``load`` waits on it forever. An ``flock``
+    is released by the kernel when its holder dies, so under ours a torch lock file left
+    in the directory is stale: it is removed. Without ``fcntl`` (Windows) there is no lock.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(os.path.join(directory, "int8fx.lock"), "w") as handle:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"another process has been building in {directory} for over {wait_s:.0f} s") from None
+                time.sleep(0.5)
+        stale = os.path.join(directory, "lock")  # the name torch's FileBaton uses
+        if os.path.exists(stale):
+            log.info("int8fx: removing a lock file left by an interrupted build: %s", stale)
+            os.remove(stale)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _compile(name: str, sources: list[str]) -> Optional[str]:
     """Path of the built shared library; None (logged) without AVX2 or when the build fails."""
     if "avx2" not in _cpu_flags():
@@ -59,8 +110,13 @@ def _compile(name: str, sources: list[str]) -> Optional[str]:
     try:
         from torch.utils import cpp_extension
 
-        return cpp_extension.load(name=name, sources=sources, extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
-    except Exception as error:  # no compiler, failed build: fall back, never fail
+        directory = _build_directory(name)
+        with _exclusive_build(directory):
+            return cpp_extension.load(
+                name=name, sources=sources, extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
+                build_directory=directory, is_python_module=False,
+            )
+    except Exception as error:  # no compiler, failed build, a build that never ends: fall back, never fail
         log.warning("int8fx: could not build the AVX2 int8 kernels (%s: %s); using torch._int_mm", type(error).__name__, error)
         return None
 
