@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.fx.traceback as fx_traceback
 from torch import fx
+from torch._dispatch.python import enable_python_dispatcher
 from torch._dynamo.utils import counters
 from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -91,7 +92,9 @@ def _trace_to_aten(gm: fx.GraphModule) -> tuple[fx.GraphModule, Any]:
     """ATen-level copy of dynamo's graph (dynamo's own graph is left untouched)."""
     fakes = [node.meta["example_value"] for node in gm.graph.nodes if node.op == "placeholder"]
     fake_mode = next(f.fake_mode for f in fakes if isinstance(f, torch._subclasses.FakeTensor))
-    with fx_traceback.preserve_node_meta(), fake_mode:
+    # The Python dispatcher makes C++ composites such as aten.linear on a 3-D input read
+    # symbolic sizes: without it torch 2.11 turns each dynamic size into an equality guard.
+    with fx_traceback.preserve_node_meta(), fake_mode, enable_python_dispatcher():
         aten_gm = make_fx(fx.Interpreter(gm).run)(*fakes)
     _name_inputs_after_sources(aten_gm, gm)
     return aten_gm, fake_mode
