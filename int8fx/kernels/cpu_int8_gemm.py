@@ -96,10 +96,7 @@ def _exclusive_build(directory: str, wait_s: float = _BUILD_WAIT_S):
         if os.path.exists(stale):
             log.info("int8fx: removing a lock file left by an interrupted build: %s", stale)
             os.remove(stale)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield  # closing the file releases the lock
 
 
 def _compile(name: str, sources: list[str]) -> Optional[str]:
