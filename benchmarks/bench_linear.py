@@ -5,9 +5,11 @@ bitsandbytes ``Linear8bitLt`` threshold 0 / 6, torchao int8 dynamic (when instal
 int8fx threshold 0 / 6 (``torch.ops.int8fx.int8_linear``: the Triton kernels), on the
 Llama-3-8B linear shapes; medians from ``triton.testing.do_bench``.
 
-On a CPU: fp32 and bf16 eager, bare ``torch._int_mm``, int8fx's bare AVX2 int8 GEMM
-(where it is used), int8fx threshold 0 / 6 and bitsandbytes / torchao where importable;
-medians of ``time.perf_counter``.
+On a CPU: fp32 and bf16 eager, bf16 inductor (on CPUs with AMX-BF16 or AVX-512 BF16 the fp
+baseline a user would pick), bare ``torch._int_mm``, int8fx's bare int8 GEMM kernels (each
+one this CPU runs), int8fx threshold 0 / 6 without the fp weight (``Linear8bitLt``) and
+threshold 6 with it (what the compiled backend passes), and bitsandbytes / torchao where
+importable; medians of ``time.perf_counter``.
 
 Inputs have 0.1% outlier columns (|x| in [8, 20]; the rest is clipped normal, |x| <= 4).
 Shapes are written ``KxN`` (in_features x out_features). Prints a markdown table and
@@ -21,6 +23,7 @@ is installed) to ``--out``.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -86,21 +89,33 @@ def int_mm(x: torch.Tensor, weight: torch.Tensor, dequant: bool) -> tuple[Option
     return (lambda: (torch._int_mm(CA, CBt) * scale).to(x.dtype)), CB.nbytes + CA.nbytes + scale.nbytes
 
 
-def int8fx_gemm(x: torch.Tensor, weight: torch.Tensor) -> tuple[Optional[Provider], int]:
-    """int8fx's AVX2 int8 GEMM, bare, on pre-quantized activations (like ``_int_mm``)."""
-    from int8fx.kernels import cpu_int8_gemm
+def int8fx_gemm(x: torch.Tensor, weight: torch.Tensor, kernel: str) -> tuple[Optional[Provider], int]:
+    """One of int8fx's CPU int8 GEMM kernels, bare, on pre-quantized activations (like ``_int_mm``)."""
+    from int8fx.kernels import cpu
 
-    if not cpu_int8_gemm.is_available():
-        print("int8fx's AVX2 int8 GEMM is not used on this CPU: skipping it")
-        return None, 0
+    if kernel not in cpu.kernels():
+        return None, 0  # not on this CPU (describe() lists the kernels that are)
     (CA, _), _ = reference.quantize_activation(x, 0.0)
     CB, _ = reference.quantize_weight(weight)
-    return (lambda: cpu_int8_gemm.int8_gemm(CA, CB)), CB.nbytes + CA.nbytes
+    return (lambda: cpu.int8_gemm(CA, CB, kernel)), CB.nbytes + CA.nbytes
 
 
-def int8fx_linear(x: torch.Tensor, weight: torch.Tensor, threshold: float) -> tuple[Provider, int]:
+def int8fx_linear(x: torch.Tensor, weight: torch.Tensor, threshold: float, fp_weight: bool = False) -> tuple[Provider, int]:
+    """``int8fx::int8_linear``; with ``fp_weight`` the outlier columns come from the fp weight, as
+    the compiled backend passes it, else from CB (``Linear8bitLt``, ``release_weights=True``)."""
     CB, SCB = torch.ops.int8fx.quantize_weight(weight.to(x.device))
-    return (lambda: torch.ops.int8fx.int8_linear(x, CB, SCB, None, threshold, None)), CB.nbytes + SCB.nbytes + x.nbytes
+    W = weight.to(device=x.device, dtype=x.dtype) if fp_weight else None
+    return (lambda: torch.ops.int8fx.int8_linear(x, CB, SCB, None, threshold, W)), CB.nbytes + SCB.nbytes + x.nbytes
+
+
+def fp_inductor(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> tuple[Provider, int]:
+    """``torch.compile`` of an ``nn.Linear`` in ``dtype`` (inductor's CPU GEMM choice)."""
+    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=x.device, dtype=dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    layer.requires_grad_(False)
+    compiled, x = torch.compile(layer), x.to(dtype)
+    return (lambda: compiled(x)), layer.weight.nbytes + x.nbytes
 
 
 def bnb_linear(x: torch.Tensor, weight: torch.Tensor, threshold: float) -> tuple[Provider, int]:
@@ -142,13 +157,15 @@ def providers(device: str) -> dict[str, Callable]:
         found = {
             "fp32 eager": lambda x, w: fp_linear(x, w, torch.float32),
             "bf16 eager": lambda x, w: fp_linear(x, w, torch.bfloat16),
+            "bf16 inductor": lambda x, w: fp_inductor(x, w, torch.bfloat16),
             "_int_mm": lambda x, w: int_mm(x, w, dequant=False),
-            "int8fx gemm": int8fx_gemm,
+            **{f"int8fx gemm {kernel}": functools.partial(int8fx_gemm, kernel=kernel) for kernel in ("avx2", "avx512_vnni", "amx")},
             "bnb t=0": lambda x, w: bnb_linear(x, w, 0.0),
             "bnb t=6": lambda x, w: bnb_linear(x, w, 6.0),
             "torchao int8 dyn": lambda x, w: torchao_linear(x, w),
             "int8fx t=0": lambda x, w: int8fx_linear(x, w, 0.0),
             "int8fx t=6": lambda x, w: int8fx_linear(x, w, 6.0),
+            "int8fx t=6 +fp W": lambda x, w: int8fx_linear(x, w, 6.0, fp_weight=True),
         }
     for name, module in (("bnb", "bitsandbytes"), ("torchao", "torchao")):
         if not _importable(module):
@@ -215,7 +232,7 @@ def run(device: str, shapes: list[str], ms: list[int], reps: int, budget_s: floa
 def add_ratios(group: list[dict]) -> None:
     """Speed-ups within one (shape, M): ``x_vs_P = ms(P) / ms(row)``, > 1 means faster than P."""
     by_name = {row["provider"]: row["ms"] for row in group}
-    baselines = {"x_vs_bf16": ("torch bf16", "bf16 eager"), "x_vs_bnb_t6": ("bnb t=6",), "x_vs_int_mm": ("_int_mm", "_int_mm+dequant")}
+    baselines = {"x_vs_bf16": ("torch bf16", "bf16 inductor", "bf16 eager"), "x_vs_bnb_t6": ("bnb t=6",), "x_vs_int_mm": ("_int_mm", "_int_mm+dequant")}
     for row in group:
         for column, names in baselines.items():
             base = next((by_name[n] for n in names if n in by_name), None)
@@ -252,14 +269,21 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def describe(device: str) -> str:
+    """The device, its model, what matters of its instruction set, threads and torch version."""
     if device == "cuda":
-        name = torch.cuda.get_device_name()
-    else:
-        name = platform.machine()
-        if os.path.exists("/proc/cpuinfo"):
-            with open("/proc/cpuinfo") as cpuinfo:
-                name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), name)
-    return f"{device}: {name}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+        return f"cuda: {torch.cuda.get_device_name()}, torch {torch.__version__}"
+    from int8fx.kernels import cpu
+
+    name, flags = platform.machine(), cpu._cpu_flags()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as cpuinfo:
+            name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), name)
+    isa = " ".join(flag for flag in ISA_FLAGS if flag in flags) or "unknown ISA"
+    kernels = ", ".join(cpu.kernels()) or "none (torch._int_mm)"
+    return f"cpu: {name} [{isa}], {torch.get_num_threads()} threads, torch {torch.__version__}, int8fx CPU kernels: {kernels}"
+
+
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
 def main() -> None:

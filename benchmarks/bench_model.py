@@ -2,7 +2,9 @@
 
 Providers (each gets its own copy of the model, so none affects another or the caller's):
 
-* ``fp32 eager`` and ``fp32 inductor`` (``torch.compile(model)``): the floating-point baselines;
+* ``fp32 eager``, ``fp32 inductor`` (``torch.compile(model)``) and ``bf16 inductor`` (the model
+  cast to bf16, compiled: what a user of a CPU with AMX-BF16 or AVX-512 BF16 would run): the
+  floating-point baselines;
 * ``bitsandbytes t=6``: ``Linear8bitLt`` module swap as ``load_in_8bit`` does (lm_head in fp, eval mode);
 * ``torchao int8 dyn``: torchao ``Int8DynamicActivationInt8WeightConfig``, compiled (when torchao imports);
 * ``int8lt t=6``: ``torch.compile(model, backend="int8lt")`` (threshold 6, lm_head in fp);
@@ -14,7 +16,7 @@ provider: prefill latency of one prompt of BBC News text (after an untimed warm-
 which compiles in the first round) and greedy decode speed with a KV cache (after the warm-up
 steps that compile the one-token graph; see ``int8fx.demo.measure.greedy_generate``). The
 table gives medians over the rounds; ``x vs fp32 inductor`` is the median of the rounds'
-ratios to fp32 inductor, above 1 meaning faster. Prints a markdown table and writes
+ratios to fp32 inductor (and to bf16 inductor), above 1 meaning faster. Prints a markdown table and writes
 ``bench_model.csv`` (and ``bench_model.png`` when matplotlib is installed) to ``--out``.
 
     python benchmarks/bench_model.py [--prompt-tokens 512] [--new-tokens 32] [--repeats 5] [--threads N]
@@ -44,8 +46,11 @@ from int8fx.passes import matches_skip
 from report_table import format_cell, print_markdown_table, pyplot_or_none, write_csv
 
 BASELINE = "fp32 inductor"
+BF16_BASELINE = "bf16 inductor"
+RATIOS = {"fp32_inductor": BASELINE, "bf16_inductor": BF16_BASELINE}  # column suffix -> baseline provider
 CSV_COLUMNS = ["provider", "prompt_tokens", "decode_tokens", "prefill_ms", "decode_tokens_per_s",
-               "prefill_x_vs_fp32_inductor", "decode_x_vs_fp32_inductor", "seconds"]
+               "prefill_x_vs_fp32_inductor", "decode_x_vs_fp32_inductor",
+               "prefill_x_vs_bf16_inductor", "decode_x_vs_bf16_inductor", "seconds"]
 SMOKE = {"layers": 2, "prompt_tokens": 16, "new_tokens": DECODE_WARMUP_STEPS + 3, "repeats": 2}
 
 
@@ -63,6 +68,10 @@ def fp32_eager(model: nn.Module) -> nn.Module:
 
 def fp32_inductor(model: nn.Module) -> Callable:
     return torch.compile(copy.deepcopy(model))
+
+
+def bf16_inductor(model: nn.Module) -> Callable:
+    return torch.compile(copy.deepcopy(model).to(torch.bfloat16))
 
 
 def bitsandbytes_t6(model: nn.Module) -> nn.Module:
@@ -96,6 +105,7 @@ def int8lt_t6_lm_head(model: nn.Module) -> Callable:
 PROVIDERS: dict[str, tuple[str, Callable[[nn.Module], Callable]]] = {
     "fp32-eager": ("fp32 eager", fp32_eager),
     "fp32-inductor": (BASELINE, fp32_inductor),
+    "bf16-inductor": (BF16_BASELINE, bf16_inductor),
     "bnb-t6": ("bitsandbytes t=6", bitsandbytes_t6),
     "torchao-int8": ("torchao int8 dyn", torchao_int8_dynamic),
     "int8lt-t6": ("int8lt t=6", int8lt_t6),
@@ -138,26 +148,29 @@ def summarize(name: str, runs: list, prompt_tokens: int, new_tokens: int) -> dic
 
 
 def add_ratios(rows: list[dict], results: dict[str, list]) -> None:
-    """Speed-ups over fp32 inductor, both oriented so that above 1 means faster: the median over
-    the rounds of each round's ratio (the two measurements of a round are minutes apart at most)."""
-    base = results.get(BASELINE)
-    for row in rows:
-        runs = results[row["provider"]]
-        if not base:
-            row["prefill_x_vs_fp32_inductor"] = row["decode_x_vs_fp32_inductor"] = ""
-            continue
-        row["prefill_x_vs_fp32_inductor"] = round(statistics.median(b.prefill_ms / r.prefill_ms for b, r in zip(base, runs)), 3)
-        row["decode_x_vs_fp32_inductor"] = round(
-            statistics.median(r.decode_tokens_per_s / b.decode_tokens_per_s for b, r in zip(base, runs)), 3)
+    """Speed-ups over each baseline (fp32 and bf16 inductor), both oriented so that above 1 means
+    faster: the median over the rounds of each round's ratio (the two measurements of a round are
+    minutes apart at most)."""
+    for suffix, baseline in RATIOS.items():
+        base = results.get(baseline)
+        for row in rows:
+            runs = results[row["provider"]]
+            if not base:
+                row[f"prefill_x_vs_{suffix}"] = row[f"decode_x_vs_{suffix}"] = ""
+                continue
+            row[f"prefill_x_vs_{suffix}"] = round(statistics.median(b.prefill_ms / r.prefill_ms for b, r in zip(base, runs)), 3)
+            row[f"decode_x_vs_{suffix}"] = round(
+                statistics.median(r.decode_tokens_per_s / b.decode_tokens_per_s for b, r in zip(base, runs)), 3)
 
 
 # ---------------------------------------------------------------- output
 
 def print_table(rows: list[dict]) -> None:
-    header = ["provider", "prefill ms", "decode tokens/s", "prefill x vs fp32 inductor", "decode x vs fp32 inductor", "total s"]
+    header = ["provider", "prefill ms", "decode tokens/s", "prefill x vs fp32 inductor", "decode x vs fp32 inductor",
+              "prefill x vs bf16 inductor", "decode x vs bf16 inductor", "total s"]
     print_markdown_table(header, [
         [r["provider"], format_cell(r["prefill_ms"], ".1f"), format_cell(r["decode_tokens_per_s"], ".2f"),
-         format_cell(r["prefill_x_vs_fp32_inductor"], ".2f"), format_cell(r["decode_x_vs_fp32_inductor"], ".2f"),
+         *(format_cell(r[f"{phase}_x_vs_{suffix}"], ".2f") for suffix in RATIOS for phase in ("prefill", "decode")),
          format_cell(r["seconds"], ".0f")]
         for r in rows
     ])

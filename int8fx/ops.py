@@ -5,12 +5,17 @@
   mixed-precision linear. ``weight`` is the optional fp weight ``[N, K]`` used for the
   outlier columns (more accurate than the dequantized int8 columns bitsandbytes uses).
 
-The default implementation of each op is the pure-torch reference (any device). For
-``int8_linear``, CPU gets ``kernels.cpu_int8_linear`` (a C++ kernel that registers itself
-at the CPU key on first use where the AVX2 kernels apply, else torch ops around
-``torch._int_mm``) and CUDA the Triton kernels. The outlier count is data
-dependent but never reaches an output shape, so the fake implementations are exact
-and the ops trace under ``fullgraph=True`` and dynamic shapes.
+This module holds the contracts: schemas, argument checks, fake kernels, autograd and
+the pure-torch default (``reference``, any device). The device kernels live in
+``kernels/<device>/``:
+
+* CUDA: ``kernels.cuda.int8_linear`` (Triton), registered below;
+* CPU: a C++ library that registers itself at the CPU key when ``kernels.cpu.load()``
+  loads it. The default kernel's first CPU call triggers that load and hands the call
+  over; where the library cannot be built, ``kernels.cpu.torch_path`` serves CPU calls.
+
+The outlier count is data dependent but never reaches an output shape, so the fake
+implementations are exact and the ops trace under ``fullgraph=True`` and dynamic shapes.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import torch
 from torch import Tensor
 
 from int8fx import reference
-from int8fx.kernels import cpu_int8_linear
+from int8fx.kernels import cpu as cpu_kernels
+from int8fx.kernels import cuda as cuda_kernels
 
 
 def _raise_unless(condition: bool, message: Callable[[], str]) -> None:
@@ -84,24 +90,22 @@ optional fp weight ``[N, K]`` for the outlier columns.
 
 
 def _int8_linear_default(x, CB, SCB, bias, threshold, weight=None):
-    """CPU (until the C++ kernel registers itself, or where it cannot) and any device
-    without a kernel of its own (the pure-torch reference)."""
+    """Devices without a kernel of their own: the pure-torch path. On CPU, the first call
+    loads the C++ library (which takes over the CPU key) and hands the call to it."""
     _check_int8_linear_args(x, CB, SCB, bias, weight, check=_raise_unless)
     if x.device.type == "cpu":
-        return cpu_int8_linear.int8_linear(x, CB, SCB, bias, threshold, weight)
+        if cpu_kernels.load():
+            return int8_linear.redispatch(_CPU_KEYSET, x, CB, SCB, bias, threshold, weight)
+        return cpu_kernels.torch_path.int8_linear(x, CB, SCB, bias, threshold, weight)
     return reference.int8_linear(x, CB, SCB, bias, threshold, weight)
 
 
 def _int8_linear_cuda(x, CB, SCB, bias, threshold, weight=None):
-    # Imported on first use: Triton is only needed when a CUDA tensor arrives.
-    from int8fx.kernels import triton_int8_linear
-
     _check_int8_linear_args(x, CB, SCB, bias, weight, check=_raise_unless)
-    return triton_int8_linear.int8_linear(x, CB, SCB, bias, threshold, weight)
+    return cuda_kernels.int8_linear(x, CB, SCB, bias, threshold, weight)
 
 
-# The C++ CPU kernel (kernels/cpu_int8_linear_op.cpp) is registered at the CPU key by
-# cpu_int8_gemm.is_available() on first use, where the AVX2 kernels apply.
+_CPU_KEYSET = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
 _LIBRARY.impl("int8_linear", _int8_linear_default, "CompositeExplicitAutograd")
 _LIBRARY.impl("int8_linear", _int8_linear_cuda, "CUDA")
 

@@ -89,12 +89,21 @@ def dequantize_output(C32: Tensor, SCA: Tensor, SCB: Tensor) -> Tensor:
     return C32.float() * (SCA[:, None] * SCB[None, :]) / (INT8_MAX * INT8_MAX)
 
 
-def outlier_part(x2d: Tensor, weight_columns_source: Tensor, columns: Tensor) -> Tensor:
-    """``X[:, O] @ W[:, O].T`` in the input's dtype; ``weight_columns_source`` is ``[N, K]``."""
+def outlier_weight_columns(weight: Optional[Tensor], CB: Tensor, SCB: Tensor, columns: Tensor) -> Tensor:
+    """``W[:, O]`` ``[N, |O|]``: the outlier columns of the fp ``weight`` when it is given, else
+    those of ``CB`` dequantized (as bitsandbytes does). Only those columns are read: O is a
+    handful of the K columns, and dequantizing all of ``CB`` per call would cost a full
+    pass over the weight."""
     index = columns.nonzero().flatten()
-    x_o = x2d.index_select(1, index)
-    w_o = weight_columns_source.index_select(1, index).to(x2d.dtype)
-    return x_o @ w_o.t()
+    if weight is not None:
+        return weight.index_select(1, index)
+    return dequantize_rows(CB.index_select(1, index), SCB)
+
+
+def outlier_part(x2d: Tensor, weight_columns: Tensor, columns: Tensor) -> Tensor:
+    """``X[:, O] @ W[:, O].T`` in the input's dtype, ``weight_columns`` being ``W[:, O]``."""
+    x_o = x2d.index_select(1, columns.nonzero().flatten())
+    return x_o @ weight_columns.to(x2d.dtype).t()
 
 
 def int8_linear(
@@ -115,8 +124,7 @@ def int8_linear(
     (CA, SCA), columns = quantize_activation(x2d, threshold)
     out = dequantize_output(int8_matmul(CA, CB), SCA, SCB)
     if bool(columns.any()):
-        source = weight if weight is not None else dequantize_rows(CB, SCB)
-        out = out + outlier_part(x2d, source, columns).float()
+        out = out + outlier_part(x2d, outlier_weight_columns(weight, CB, SCB, columns), columns).float()
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype).reshape(*x.shape[:-1], N)

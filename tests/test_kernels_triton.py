@@ -24,8 +24,8 @@ import torch
 import triton
 
 from int8fx import reference
-from int8fx.kernels import triton_int8_gemm, triton_int8_gemv, triton_int8_linear, triton_quantize_activation
-from int8fx.kernels.triton_int8_gemm import INTERPRETING
+from int8fx.kernels.cuda import int8_gemm as cuda_gemm, int8_gemv as cuda_gemv, linear as cuda_linear, quantize_activation as cuda_quantize
+from int8fx.kernels.cuda.int8_gemm import INTERPRETING
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 THRESHOLD = 6.0
@@ -146,20 +146,20 @@ def assert_quantization_matches(x2d, threshold, CA, SCA, outliers) -> None:
 @pytest.mark.parametrize("M, K", [(1, 8), (70, 300)])
 def test_quantize_activation_bit_exact(M, K, dtype, threshold):
     x = make_activation(M, K, dtype)
-    assert_quantization_matches(x, threshold, *triton_quantize_activation.quantize_activation(x, threshold))
+    assert_quantization_matches(x, threshold, *cuda_quantize.quantize_activation(x, threshold))
 
 
 @pytest.mark.parametrize("case", ["no outliers", "all-outlier row"])
 def test_quantize_activation_outlier_extremes(case):
     x = make_activation(37, 300, torch.bfloat16, outliers=False, all_outlier_row=case == "all-outlier row")
-    result = triton_quantize_activation.quantize_activation(x, THRESHOLD)
+    result = cuda_quantize.quantize_activation(x, THRESHOLD)
     assert_quantization_matches(x, THRESHOLD, *result)
     assert int(result.outliers.count) == (300 if case == "all-outlier row" else 0)
 
 
 def test_quantize_activation_strided_input():
     x = make_activation(40, 600, torch.float16)[:, ::2]
-    assert_quantization_matches(x, THRESHOLD, *triton_quantize_activation.quantize_activation(x, THRESHOLD))
+    assert_quantization_matches(x, THRESHOLD, *cuda_quantize.quantize_activation(x, THRESHOLD))
 
 
 def tie_activation() -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,7 +173,7 @@ def tie_activation() -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_quantize_activation_rounds_half_to_even():
     x, expected = tie_activation()
-    CA, _, _ = triton_quantize_activation.quantize_activation(x, 0.0)
+    CA, _, _ = cuda_quantize.quantize_activation(x, 0.0)
     assert torch.equal(CA, expected)
 
 
@@ -181,7 +181,7 @@ def test_gemv_rounds_half_to_even():
     # With CB = identity the int32 result is CA itself.
     x, expected = tie_activation()
     identity = torch.eye(x.shape[1], dtype=torch.int8)
-    C32 = triton_int8_gemv.int8_linear_small_m(x, identity, torch.ones(x.shape[1]), None, 0.0, None, epilogue=False)
+    C32 = cuda_gemv.int8_linear_small_m(x, identity, torch.ones(x.shape[1]), None, 0.0, None, epilogue=False)
     assert torch.equal(C32, expected.int())
 
 
@@ -207,14 +207,14 @@ def test_int8_matmul_exact(M, K, N):
     generator = torch.Generator().manual_seed(3)
     CA = torch.randint(-127, 128, (M, K), generator=generator, dtype=torch.int8)
     CB = torch.randint(-127, 128, (N, K), generator=generator, dtype=torch.int8)
-    assert torch.equal(triton_int8_gemm.int8_matmul(CA, CB), reference.int8_matmul(CA, CB))
+    assert torch.equal(cuda_gemm.int8_matmul(CA, CB), reference.int8_matmul(CA, CB))
 
 
 def test_int8_matmul_exact_beyond_fp32():
     CA, CB = fp32_inexact_operands()
     expected = reference.int8_matmul(CA, CB)
     assert (expected.abs() > 2**24).all() and (expected % 2 == 1).all()
-    assert torch.equal(triton_int8_gemm.int8_matmul(CA, CB), expected)
+    assert torch.equal(cuda_gemm.int8_matmul(CA, CB), expected)
 
 
 @pytest.mark.parametrize("threshold", [0.0, THRESHOLD])
@@ -223,14 +223,14 @@ def test_gemv_int32_exact(M, threshold):
     x = make_activation(M, 300, torch.bfloat16)
     _, CB, SCB = make_weight(200, 300, torch.bfloat16)
     (CA, _), _ = reference.quantize_activation(x, threshold)
-    C32 = triton_int8_gemv.int8_linear_small_m(x, CB, SCB, None, threshold, None, epilogue=False)
+    C32 = cuda_gemv.int8_linear_small_m(x, CB, SCB, None, threshold, None, epilogue=False)
     assert torch.equal(C32, reference.int8_matmul(CA, CB))
 
 
 def test_gemv_int32_exact_beyond_fp32():
     # Rows of CA with absmax 127 quantize to themselves (the scale is exactly 1).
     CA, CB = fp32_inexact_operands()
-    C32 = triton_int8_gemv.int8_linear_small_m(CA.float(), CB, torch.ones(CB.shape[0]), None, 0.0, None, epilogue=False)
+    C32 = cuda_gemv.int8_linear_small_m(CA.float(), CB, torch.ones(CB.shape[0]), None, 0.0, None, epilogue=False)
     assert torch.equal(C32, reference.int8_matmul(CA, CB))
 
 
@@ -259,8 +259,8 @@ def linear_inputs(M, K, N, dtype, with_bias, outlier_weight, **activation_option
 @pytest.mark.parametrize("dtype, threshold, with_bias, outlier_weight", EPILOGUE_CASES)
 def test_gemm_epilogue(dtype, threshold, with_bias, outlier_weight):
     x, CB, SCB, bias, weight = linear_inputs(70, 300, 200, dtype, with_bias, outlier_weight)
-    CA, SCA, outliers = triton_quantize_activation.quantize_activation(x, threshold)
-    y = triton_int8_gemm.int8_gemm(CA, SCA, CB, SCB, bias, x, outliers, weight)
+    CA, SCA, outliers = cuda_quantize.quantize_activation(x, threshold)
+    y = cuda_gemm.int8_gemm(CA, SCA, CB, SCB, bias, x, outliers, weight)
     assert_within_bound(y, x, CB, SCB, bias, threshold, weight)
 
 
@@ -268,7 +268,7 @@ def test_gemm_epilogue(dtype, threshold, with_bias, outlier_weight):
 @pytest.mark.parametrize("M", [1, 13])
 def test_gemv_epilogue(M, dtype, threshold, with_bias, outlier_weight):
     x, CB, SCB, bias, weight = linear_inputs(M, 300, 200, dtype, with_bias, outlier_weight)
-    y = triton_int8_gemv.int8_linear_small_m(x, CB, SCB, bias, threshold, weight)
+    y = cuda_gemv.int8_linear_small_m(x, CB, SCB, bias, threshold, weight)
     assert_within_bound(y, x, CB, SCB, bias, threshold, weight)
 
 
@@ -278,23 +278,23 @@ def test_epilogue_exact_without_outliers(dtype):
     # reference's order (dequantize, add the bias, round once), so the output is bit-exact.
     x, CB, SCB, bias, _ = linear_inputs(70, 300, 200, dtype, True, "int8")
     expected = reference.int8_linear(x, CB, SCB, bias, 0.0)
-    CA, SCA, _ = triton_quantize_activation.quantize_activation(x, 0.0)
-    assert torch.equal(triton_int8_gemm.int8_gemm(CA, SCA, CB, SCB, bias, x, None, None), expected)
-    assert torch.equal(triton_int8_gemv.int8_linear_small_m(x[:5], CB, SCB, bias, 0.0, None), expected[:5])
+    CA, SCA, _ = cuda_quantize.quantize_activation(x, 0.0)
+    assert torch.equal(cuda_gemm.int8_gemm(CA, SCA, CB, SCB, bias, x, None, None), expected)
+    assert torch.equal(cuda_gemv.int8_linear_small_m(x[:5], CB, SCB, bias, 0.0, None), expected[:5])
 
 
 @pytest.mark.parametrize("M", [3, 40])
 def test_all_outlier_row(M):
     # Every column is an outlier column: the int8 part is all zero, the fp part is everything.
     x, CB, SCB, bias, weight = linear_inputs(M, 200, 100, torch.float16, True, "fp", all_outlier_row=True)
-    y = triton_int8_linear.int8_linear(x, CB, SCB, bias, THRESHOLD, weight)
+    y = cuda_linear.linear(x, CB, SCB, bias, THRESHOLD, weight)
     assert_within_bound(y, x, CB, SCB, bias, THRESHOLD, weight)
 
 
 def test_gemv_rejects_large_m():
-    x = torch.zeros(triton_int8_gemv.MAX_M + 1, 8)
+    x = torch.zeros(cuda_gemv.MAX_M + 1, 8)
     with pytest.raises(ValueError, match="at most"):
-        triton_int8_gemv.int8_linear_small_m(x, torch.zeros(4, 8, dtype=torch.int8), torch.ones(4), None, 0.0, None)
+        cuda_gemv.int8_linear_small_m(x, torch.zeros(4, 8, dtype=torch.int8), torch.ones(4), None, 0.0, None)
 
 
 # ---------------------------------------------------------------- host entry
@@ -303,7 +303,7 @@ def test_gemv_rejects_large_m():
 def test_int8_linear_dispatch(leading):
     K, N = 96, 72
     x2d, CB, SCB, bias, weight = linear_inputs(int(torch.tensor(leading).prod()), K, N, torch.bfloat16, True, "fp")
-    y = triton_int8_linear.int8_linear(x2d.reshape(*leading, K), CB, SCB, bias, THRESHOLD, weight)
+    y = cuda_linear.linear(x2d.reshape(*leading, K), CB, SCB, bias, THRESHOLD, weight)
     assert y.shape == (*leading, N)
     assert_within_bound(y.reshape(-1, N), x2d, CB, SCB, bias, THRESHOLD, weight)
 
@@ -311,7 +311,7 @@ def test_int8_linear_dispatch(leading):
 def test_int8_linear_empty_batch():
     _, CB, SCB = make_weight(8, 16, torch.float16)
     for threshold in (0.0, THRESHOLD):
-        y = triton_int8_linear.int8_linear(torch.zeros(0, 16, dtype=torch.float16), CB, SCB, None, threshold, None)
+        y = cuda_linear.linear(torch.zeros(0, 16, dtype=torch.float16), CB, SCB, None, threshold, None)
         assert y.shape == (0, 8) and y.dtype == torch.float16
 
 
@@ -341,16 +341,16 @@ def test_gpu_matches_reference(M, dtype):
     weight, CB, SCB = make_weight(N, K, dtype)
     bias = make_bias(N, dtype)
     x_cuda, CB_cuda, SCB_cuda, bias_cuda, weight_cuda = (t.cuda() for t in (x, CB, SCB, bias, weight))
-    if M > triton_int8_gemv.MAX_M:
-        CA, SCA, outliers = triton_quantize_activation.quantize_activation(x_cuda, THRESHOLD)
-        outliers = triton_quantize_activation.OutlierColumns(outliers.index.cpu(), outliers.count.cpu())
+    if M > cuda_gemv.MAX_M:
+        CA, SCA, outliers = cuda_quantize.quantize_activation(x_cuda, THRESHOLD)
+        outliers = cuda_quantize.OutlierColumns(outliers.index.cpu(), outliers.count.cpu())
         assert_quantization_matches(x, THRESHOLD, CA.cpu(), SCA.cpu(), outliers)
     else:  # the small-M kernel quantizes internally: its exact int32 result checks CA
-        C32 = triton_int8_gemv.int8_linear_small_m(x_cuda, CB_cuda, SCB_cuda, None, THRESHOLD, None, epilogue=False)
+        C32 = cuda_gemv.int8_linear_small_m(x_cuda, CB_cuda, SCB_cuda, None, THRESHOLD, None, epilogue=False)
         (CA, _), _ = reference.quantize_activation(x, THRESHOLD)
         assert torch.equal(C32.cpu(), reference.int8_matmul(CA, CB))
     for threshold, use_weight in ((0.0, False), (THRESHOLD, False), (THRESHOLD, True)):
-        y = triton_int8_linear.int8_linear(x_cuda, CB_cuda, SCB_cuda, bias_cuda, threshold, weight_cuda if use_weight else None)
+        y = cuda_linear.linear(x_cuda, CB_cuda, SCB_cuda, bias_cuda, threshold, weight_cuda if use_weight else None)
         assert_within_bound(y.cpu(), x, CB, SCB, bias, threshold, weight if use_weight else None)
 
 
@@ -361,7 +361,7 @@ def test_gpu_int8_matmul_exact(M):
     K, N = 4096, 14336
     CA = torch.randint(-127, 128, (M, K), dtype=torch.int8, device="cuda")
     CB = torch.randint(-127, 128, (N, K), dtype=torch.int8, device="cuda")
-    assert torch.equal(triton_int8_gemm.int8_matmul(CA, CB), torch._int_mm(CA, CB.t()))
+    assert torch.equal(cuda_gemm.int8_matmul(CA, CB), torch._int_mm(CA, CB.t()))
 
 
 # ---------------------------------------------------------------- GPU compilation, without a GPU
@@ -383,18 +383,18 @@ def _gpu_compile_cases() -> dict:
     int32 = lambda *names: {name: "i32" for name in names}
     return {
         "row_stats": (
-            triton_quantize_activation._row_stats_kernel,
+            cuda_quantize._row_stats_kernel,
             {"x_ptr": "*bf16", "absmax_ptr": "*fp32", "column_flag_ptr": "*i32", **int32("M", "K", "stride_xm", "stride_xk"), "threshold": "fp32"},
             {"HAS_THRESHOLD": True, "BLOCK_M": 8, "BLOCK_K": 256},
         ),
         "quantize": (
-            triton_quantize_activation._quantize_kernel,
+            cuda_quantize._quantize_kernel,
             {"x_ptr": "*bf16", "absmax_ptr": "*fp32", "column_flag_ptr": "*i32", "ca_ptr": "*i8", "outlier_index_ptr": "*i32",
              "outlier_count_ptr": "*i32", **int32("M", "K", "stride_xm", "stride_xk", "stride_cam")},
             {"HAS_THRESHOLD": True, "BLOCK_M": 8, "BLOCK_K": 256},
         ),
         "gemm": (
-            triton_int8_gemm._int8_gemm_kernel,
+            cuda_gemm._int8_gemm_kernel,
             {"a_ptr": "*i8", "b_ptr": "*i8", "out_ptr": "*bf16", "sca_ptr": "*fp32", "scb_ptr": "*fp32", "bias_ptr": "*bf16",
              "x_ptr": "*bf16", "w_ptr": "*bf16", "outlier_index_ptr": "*i32", "outlier_count_ptr": "*i32",
              **int32("M", "N", "K", "M_BUCKET", "stride_am", "stride_ak", "stride_bn", "stride_bk", "stride_om", "stride_on",
@@ -403,7 +403,7 @@ def _gpu_compile_cases() -> dict:
              "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8},
         ),
         "gemv": (
-            triton_int8_gemv._int8_gemv_kernel,
+            cuda_gemv._int8_gemv_kernel,
             {"x_ptr": "*bf16", "b_ptr": "*i8", "out_ptr": "*bf16", "scb_ptr": "*fp32", "bias_ptr": "*bf16", "w_ptr": "*bf16",
              **int32("M", "N", "K", "stride_xm", "stride_xk", "stride_bn", "stride_bk", "stride_om", "stride_on", "stride_wn", "stride_wk"),
              "threshold": "fp32"},

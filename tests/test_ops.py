@@ -5,7 +5,8 @@ import torch
 
 import int8fx.ops  # noqa: F401
 from int8fx import reference
-from int8fx.kernels import cpu_int8_linear
+from int8fx.kernels import cpu
+from int8fx.kernels.cpu import torch_path
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -22,12 +23,12 @@ def weights(N, K, seed=1):
     return torch.randn(N, K, generator=torch.Generator().manual_seed(seed)) / K**0.5
 
 
-def test_cpu_int8_gemm_is_exact():
+def test_torch_path_int8_mm_is_exact():
     # Extreme values everywhere: any fp accumulation of 127*127*K would lose low bits.
     g = torch.Generator().manual_seed(0)
     CA = torch.randint(-127, 128, (5, 3000), dtype=torch.int8, generator=g)
     CB = torch.randint(-127, 128, (9, 3000), dtype=torch.int8, generator=g)
-    assert torch.equal(torch._int_mm(CA, CB.t()), reference.int8_matmul(CA, CB))
+    assert torch.equal(torch_path.int8_mm(CA, CB), reference.int8_matmul(CA, CB))
 
 
 def _rounding_bound(y_ref: torch.Tensor, x: torch.Tensor, w: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
@@ -138,11 +139,7 @@ def test_clear_errors_on_bad_arguments():
 
 @pytest.mark.parametrize("threshold", [0.0, 6.0])
 def test_torch_fallback_path_matches_reference(monkeypatch, threshold):
-    # The pure-torch CPU path runs where the AVX2 library does not (VNNI CPUs, no compiler):
-    # test it on every machine.
-    from int8fx.kernels import cpu_int8_gemm
-
-    monkeypatch.setattr(cpu_int8_gemm, "is_available", lambda: False)
+    # The pure-torch CPU path runs where the C++ library cannot be built: test it on every machine.
     int_mm_calls = []
     int_mm = torch._int_mm
     monkeypatch.setattr(torch, "_int_mm", lambda a, b: int_mm_calls.append(1) or int_mm(a, b))
@@ -152,7 +149,21 @@ def test_torch_fallback_path_matches_reference(monkeypatch, threshold):
     W = weights(12, 40)
     CB, SCB = torch.ops.int8fx.quantize_weight(W)
     bias = torch.randn(12)
-    y = cpu_int8_linear.int8_linear(x, CB, SCB, bias, threshold, W)
+    y = torch_path.int8_linear(x, CB, SCB, bias, threshold, W)
     y_ref = reference.int8_linear(x, CB, SCB, bias, threshold, W)
     assert int_mm_calls == [1]
     assert ((y - y_ref).abs() <= _rounding_bound(y_ref, x, W, columns)).all()
+
+
+def test_op_runs_the_torch_path_where_the_library_cannot_load(monkeypatch):
+    monkeypatch.setattr(cpu, "load", lambda: False)
+    calls = []
+    run = torch_path.int8_linear
+    monkeypatch.setattr(torch_path, "int8_linear", lambda *args: calls.append(1) or run(*args))
+    x = activations(3, 16, torch.float32, outlier_columns=(2,))
+    CB, SCB = torch.ops.int8fx.quantize_weight(weights(4, 16))
+    # Only the Python default kernel consults load(): call it below the C++ CPU kernel.
+    y = torch.ops.int8fx.int8_linear.default.redispatch(
+        torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd), x, CB, SCB, None, 6.0, None)
+    assert calls == [1]
+    assert torch.equal(y, run(x, CB, SCB, None, 6.0, None))

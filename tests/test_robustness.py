@@ -12,12 +12,11 @@ from torch._dynamo.utils import counters
 
 import int8fx
 from int8fx import reference
-from int8fx.kernels import cpu_int8_gemm
+from int8fx.kernels import cpu
 from tests.models import MLP, reference_int8
 
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
-needs_cpu_kernel = pytest.mark.skipif(not cpu_int8_gemm.is_available(), reason="needs the AVX2 CPU kernels")
 
 
 def run_compiled(model, *inputs, **options):
@@ -73,16 +72,6 @@ def test_every_column_an_outlier_is_the_fp_product():
     W = torch.randn(8, 16)
     x = torch.randn(4, 16).sign() * 10
     torch.testing.assert_close(op(x, W), x @ W.t())
-
-
-@needs_cpu_kernel
-def test_value_exactly_at_threshold_is_an_outlier():
-    x = torch.zeros(2, 4)
-    x[0, 1] = 6.0
-    _, _, index = cpu_int8_gemm.quantize_rows(x, 6.0)
-    assert index.tolist() == [1]
-    x[0, 1] = torch.nextafter(torch.tensor(6.0), torch.tensor(0.0))  # the fp32 just below
-    assert cpu_int8_gemm.quantize_rows(x, 6.0)[2] is None
 
 
 def test_fp16_near_its_maximum():
@@ -260,10 +249,11 @@ def test_property_op_matches_reference(problem):
     x, W, bias, threshold = problem
     CB, SCB = torch.ops.int8fx.quantize_weight(W)
     (CA_ref, SCA_ref), columns = reference.quantize_activation(x, threshold)
-    if cpu_int8_gemm.is_available():  # the quantizer and GEMM behind the op on this machine
-        CA, SCA, _ = cpu_int8_gemm.quantize_rows(x, threshold)
+    if cpu.load():  # the quantizer and GEMMs behind the op on this machine
+        CA, SCA, _ = cpu.quantize_activation(x, threshold)
         assert torch.equal(CA, CA_ref) and torch.equal(SCA, SCA_ref)
-        assert torch.equal(cpu_int8_gemm.int8_gemm(CA, CB), reference.int8_matmul(CA, CB))
+        for kernel in cpu.kernels() + ("onednn", "auto"):
+            assert torch.equal(cpu.int8_gemm(CA, CB, kernel), reference.int8_matmul(CA, CB))
     y = torch.ops.int8fx.int8_linear(x, CB, SCB, bias, threshold, W)
     y_ref = reference.int8_linear(x, CB, SCB, bias, threshold, W)
     # Only the fp outlier matmul's summation order and the final rounding may differ.

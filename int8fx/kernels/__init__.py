@@ -1,6 +1,7 @@
-"""Compute kernels behind the ``int8fx`` ops: one file per kernel.
+"""Compute kernels behind the ``int8fx`` ops, one folder per device.
 
-``cpu_int8_linear`` is the CPU path (its int8 GEMM: ``cpu_int8_gemm``, an AVX2 C++
-kernel built on first use, or ``torch._int_mm``); the Triton kernels for CUDA live
-beside it.
+* ``cpu/``: a C++ library (activation quantization, exact int8 GEMMs for AVX2, AVX-512
+  VNNI and AMX, the fused epilogue) that registers itself as the ops' CPU kernel, and
+  ``torch_path`` where it cannot be built;
+* ``cuda/``: Triton kernels.
 """

@@ -1,9 +1,9 @@
 """CUDA LLM.int8() linear: the host side that picks the Triton kernels.
 
-* ``M <= 16`` (decode): ``triton_int8_gemv``, one launch that quantizes, multiplies and
+* ``M <= 16`` (decode): ``int8_gemv``, one launch that quantizes, multiplies and
   finishes the output while streaming the int8 weight once.
-* larger ``M``: ``triton_quantize_activation`` (row stats + quantize, outlier columns
-  compacted on device) then ``triton_int8_gemm`` (int8 MMA with the dequant, outlier and
+* larger ``M``: ``quantize_activation`` (row stats + quantize, outlier columns
+  compacted on device) then ``int8_gemm`` (int8 MMA with the dequant, outlier and
   bias epilogue fused).
 
 Nothing syncs with the host, so the path is safe under CUDA graphs. Called by the "cuda"
@@ -16,10 +16,10 @@ from typing import Optional
 
 from torch import Tensor
 
-from int8fx.kernels import triton_int8_gemm, triton_int8_gemv, triton_quantize_activation
+from int8fx.kernels.cuda import int8_gemm, int8_gemv, quantize_activation
 
 
-def int8_linear(
+def linear(
     x: Tensor,
     CB: Tensor,
     SCB: Tensor,
@@ -30,9 +30,9 @@ def int8_linear(
     """``x [..., K]`` times ``CB [N, K]`` int8 with row scales ``SCB [N]``; see ``reference.int8_linear``."""
     N, K = CB.shape
     x2d = x.reshape(-1, K)
-    if x2d.shape[0] <= triton_int8_gemv.MAX_M:
-        out = triton_int8_gemv.int8_linear_small_m(x2d, CB, SCB, bias, threshold, weight)
+    if x2d.shape[0] <= int8_gemv.MAX_M:
+        out = int8_gemv.int8_linear_small_m(x2d, CB, SCB, bias, threshold, weight)
     else:
-        CA, SCA, outliers = triton_quantize_activation.quantize_activation(x2d, threshold)
-        out = triton_int8_gemm.int8_gemm(CA, SCA, CB, SCB, bias, x2d, outliers, weight)
+        CA, SCA, outliers = quantize_activation.quantize_activation(x2d, threshold)
+        out = int8_gemm.int8_gemm(CA, SCA, CB, SCB, bias, x2d, outliers, weight)
     return out.reshape(*x.shape[:-1], N)

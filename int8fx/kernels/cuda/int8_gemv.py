@@ -12,7 +12,7 @@ large-M path (flag memset, row stats, quantize) and keeps ``CA`` out of global m
 The price is re-reading ``X`` from L2 in every program: ``2 * N / BLOCK_N * |X|`` bytes,
 small next to the weight at M = 1 but comparable to it at M = 16 with a narrow
 ``BLOCK_N`` (the autotuner weighs this when it picks ``BLOCK_N``). Quantization uses the same jit helpers as
-``triton_quantize_activation``, so ``CA`` and ``SCA`` are bit-identical to the reference.
+``quantize_activation``, so ``CA`` and ``SCA`` are bit-identical to the reference.
 
 Not done: split-K. When ``N / BLOCK_N`` is below the GPU's SM count (small models) part of
 the GPU idles; split-K would fix that at the cost of a reduction (workspace or atomics).
@@ -27,8 +27,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from int8fx.kernels.triton_int8_gemm import INTERPRETING, dequantize_accumulator, outlier_dot, outlier_weight_tile, round_to
-from int8fx.kernels.triton_quantize_activation import quantize_values, row_inverse_scale
+from int8fx.kernels.cuda.int8_gemm import INTERPRETING, dequantize_accumulator, outlier_dot, outlier_weight_tile, round_to
+from int8fx.kernels.cuda.quantize_activation import quantize_values, row_inverse_scale
 
 # Largest M this kernel takes: the rows of one tl.dot tile (16 is the MMA minimum).
 MAX_M = 16

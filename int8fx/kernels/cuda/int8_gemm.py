@@ -3,7 +3,7 @@
 ``Y = CA @ CB.T * SCA[:, None] * SCB[None, :] / 127**2 + X[:, O] @ W[:, O].T + bias``
 in one kernel: the int8 tiles go through ``tl.dot`` with exact int32 accumulation, then
 the same program dequantizes, adds the outlier columns' fp product (gathered through the
-compact column list of ``triton_quantize_activation``), adds the bias and writes the
+compact column list of ``quantize_activation``), adds the bias and writes the
 output once in the input's dtype. No int32 or fp32 intermediate reaches global memory and
 there is no separate fp GEMM launch for the outliers.
 
@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from int8fx.kernels.triton_quantize_activation import OutlierColumns
+from int8fx.kernels.cuda.quantize_activation import OutlierColumns
 
 # Kernels are traced by the CPU interpreter in the tests (tests/conftest.py); there,
 # autotuning would only multiply the (slow) runs, so a single large-tile config is used.

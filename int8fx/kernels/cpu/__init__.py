@@ -1,0 +1,126 @@
+"""CPU kernels of the int8fx ops: one C++ library, the int8 GEMM chosen per CPU.
+
+The library (this folder's ``.cpp`` files, built by ``build.py`` on first use) holds
+the fused LLM.int8() linear: activation quantization with outlier columns, the fp outlier
+part, and an exact int8 GEMM whose tiles dequantize, add the outlier part and the bias as
+they finish. Loading it registers that linear as ``int8fx::int8_linear``'s CPU kernel,
+so a compiled graph's call goes from the dispatcher straight to C++.
+
+The GEMM kernel is chosen once per process from CPUID (``isa.cpp``), per call by M:
+
+==============  ==========================================  ===============================
+kernel          needs                                       used for
+==============  ==========================================  ===============================
+``amx``         AMX-INT8 (Sapphire Rapids and later)        M >= 32, if its self-check passed
+``avx512_vnni`` AVX-512 F/BW/VL + VNNI (Zen 4, Ice Lake+)   every other M
+``avx2``        AVX2 (Zen 3, Haswell+)                      every M, where nothing better is
+==============  ==========================================  ===============================
+
+Every kernel is exact int32 arithmetic, bit-identical with ``reference.int8_matmul``;
+``onednn`` (``torch._int_mm``) can be asked for by name, for comparisons.
+
+Where the library cannot be built or loaded (no compiler, no AVX2), ``load()`` logs why
+and returns False, and the op runs ``torch_path`` (the reference's steps around
+``torch._int_mm``).
+
+The functions below are for tests and benchmarks: they call a named kernel directly.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from int8fx.kernels.cpu import build, torch_path  # noqa: F401  (torch_path: the fallback ops.py runs)
+
+log = logging.getLogger("int8fx")
+
+KERNELS = ("amx", "avx512_vnni", "avx2")  # best first
+
+
+def _cpu_flags() -> frozenset[str]:
+    """The CPU feature flags from ``/proc/cpuinfo``; empty where there is none (not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@functools.cache
+def load() -> bool:
+    """Builds (first time) and loads the library once per process; False, logged, where it cannot.
+
+    Loading registers the C++ kernel at ``int8fx::int8_linear``'s CPU key.
+    """
+    # The library's baseline is AVX2: on a CPU without it, even loading could fault.
+    if "avx2" not in _cpu_flags():
+        log.info("int8fx: no AVX2 on this CPU; the CPU int8 GEMM is torch._int_mm")
+        return False
+    try:
+        path = build.compile_library()
+        torch.ops.load_library(path)
+    except Exception as error:  # no compiler, failed build, a build that never ends: fall back, never fail
+        log.warning("int8fx: could not build the CPU int8 kernels (%s: %s); using torch._int_mm", type(error).__name__, error)
+        return False
+    names = _loaded_kernels()
+    log.info("int8fx: CPU int8 kernels loaded: %s", ", ".join(names))
+    if torch.ops.int8fx._cpu_amx_self_check() == "failed":
+        log.warning("int8fx: int8fx's AMX kernel failed its self-check on this CPU: it is not used (AVX-512 VNNI "
+                    "and oneDNN are); please report it")
+    return True
+
+
+def kernels() -> tuple[str, ...]:
+    """The GEMM kernels this CPU runs, best first; empty where the library is not loaded."""
+    return _loaded_kernels() if load() else ()
+
+
+def _loaded_kernels() -> tuple[str, ...]:
+    return tuple(name for name in torch.ops.int8fx._cpu_kernels().split(",") if name)
+
+
+def chosen_kernel(M: int, K: int) -> str:
+    """The GEMM the op picks on this CPU for ``M`` rows of activations and ``K`` in_features."""
+    _require_library()
+    return torch.ops.int8fx._cpu_chosen_kernel(M, K)
+
+
+def amx_self_check() -> str:
+    """``"no AMX"`` (CPU or OS), ``"passed"`` or ``"failed"``: the AMX kernel is used only if passed."""
+    _require_library()
+    return torch.ops.int8fx._cpu_amx_self_check()
+
+
+def int8_gemm(CA: Tensor, CB: Tensor, kernel: str = "auto") -> Tensor:
+    """Exact ``CA [M, K] @ CB [N, K].T`` as int32 ``[M, N]`` by ``kernel`` (a name of
+    ``KERNELS``, ``"onednn"`` or ``"auto"``). ``CB`` must not hold -128; inputs need not be
+    contiguous."""
+    _require_library()
+    return torch.ops.int8fx._cpu_int8_gemm(CA, CB, kernel)
+
+
+def quantize_activation(x2d: Tensor, threshold: float) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``reference.quantize_activation`` by the library, bit-exact: ``CA`` int8 ``[M, K]``,
+    ``SCA`` fp32 ``[M]`` and the outlier column indices (int64, ascending), or None."""
+    _require_library()
+    CA, SCA, columns = torch.ops.int8fx._cpu_quantize_activation(x2d, threshold)
+    return CA, SCA, columns if columns.numel() else None
+
+
+def int8_linear(x: Tensor, CB: Tensor, SCB: Tensor, bias: Optional[Tensor], threshold: float,
+                weight: Optional[Tensor], kernel: str = "auto") -> Tensor:
+    """The op's CPU kernel with its GEMM chosen by name (``"auto"``: as the op chooses)."""
+    _require_library()
+    return torch.ops.int8fx._cpu_int8_linear(x, CB, SCB, bias, threshold, weight, kernel)
+
+
+def _require_library() -> None:
+    torch._check(load(), lambda: "the int8fx CPU kernels are not available on this machine (see the int8fx log)")

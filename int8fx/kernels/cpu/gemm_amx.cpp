@@ -1,0 +1,203 @@
+// Exact int8 GEMM on AMX-INT8 tiles: C[M, N] = A[M, K] @ B[N, K]^T in int32.
+//
+// An AMX multiply (TDPBSSD, signed x signed, exact int32 accumulation) takes a 16 x 64-byte
+// tile of its first operand in plain row-major order, but its second operand packed in
+// groups of four bytes: row k4 holds 16 columns x 4 consecutive k. CB's rows are the
+// plain layout, so the roles are swapped: the *weight* is the first operand, loaded
+// straight from CB (no repacking of the weight, ever), and the *activation*, M x K bytes,
+// is packed once per call. Each tile product is then C^T, [16 rows of B] x [16 rows of A],
+// turned back row by row in the epilogue.
+//
+// Blocking: 2 x 2 result tiles (tmm0-3), two weight tiles (tmm4-5) and two activation tiles
+// (tmm6-7): 32 rows of B x 32 rows of A per pass over K. The activation is zero-padded to
+// whole tiles, so the last k-step of a weight row may read bytes past K: they belong to
+// the next row of CB and meet zeros. Only a group of B rows that holds CB's last row (or
+// fewer than 16 rows) is copied into a zero-padded buffer, so nothing reads past CB's end.
+//
+// Not yet run on AMX hardware when written (the machines at hand had none; Intel SDE is not
+// available). What could be checked without it: built with -DINT8FX_EMULATE_AMX, the tile
+// instructions become the scalar stand-ins of amx_emulation.h, and the tests compare that
+// build with the reference on every machine. On AMX hardware, isa.cpp runs
+// amx_self_check() before the dispatch may use this kernel, and the tests compare it with
+// the reference there too.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+
+#include "kernels.h"
+
+#ifdef INT8FX_EMULATE_AMX
+#include "amx_emulation.h"
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,amx-tile,amx-int8")
+#endif
+
+namespace int8fx {
+namespace {
+
+constexpr int64_t kTileRows = 16;
+constexpr int64_t kTileBytes = 64;                     // bytes of K per tile row
+constexpr int64_t kTileSize = kTileRows * kTileBytes;  // 1 KiB
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t bytes_per_row[16];
+  uint8_t rows[16];
+};
+
+// All eight tiles 16 rows x 64 bytes (the int32 results: 16 x 16).
+void configure_tiles() {
+  TileConfig config;
+  std::memset(&config, 0, sizeof config);
+  config.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    config.bytes_per_row[t] = kTileBytes;
+    config.rows[t] = kTileRows;
+  }
+  _tile_loadconfig(&config);
+}
+
+// NG groups of 16 B rows x MG groups of 16 A rows over all k-steps; results to `tiles`
+// (NG * MG tiles of 16 x 16 int32, group (g, h) at (g * 2 + h) * 256).
+template <int NG, int MG>
+void multiply_tiles(const int8_t* const* weight, const int64_t* weight_stride, const int8_t* const* activation,
+                    int64_t k_steps, int32_t* tiles) {
+  _tile_zero(0);
+  if (MG > 1) _tile_zero(1);
+  if (NG > 1) _tile_zero(2);
+  if (NG > 1 && MG > 1) _tile_zero(3);
+  for (int64_t s = 0; s < k_steps; ++s) {
+    _tile_loadd(4, weight[0] + s * kTileBytes, weight_stride[0]);
+    if (NG > 1) _tile_loadd(5, weight[1] + s * kTileBytes, weight_stride[1]);
+    _tile_loadd(6, activation[0] + s * kTileSize, kTileBytes);
+    if (MG > 1) _tile_loadd(7, activation[1] + s * kTileSize, kTileBytes);
+    _tile_dpbssd(0, 4, 6);
+    if (MG > 1) _tile_dpbssd(1, 4, 7);
+    if (NG > 1) _tile_dpbssd(2, 5, 6);
+    if (NG > 1 && MG > 1) _tile_dpbssd(3, 5, 7);
+  }
+  _tile_stored(0, tiles, kTileBytes);
+  if (MG > 1) _tile_stored(1, tiles + 256, kTileBytes);
+  if (NG > 1) _tile_stored(2, tiles + 512, kTileBytes);
+  if (NG > 1 && MG > 1) _tile_stored(3, tiles + 768, kTileBytes);
+}
+
+// Hands tile (g, h) to `out` row by row of A: tile[r][c] is C[m + c, n + r].
+void emit_tile(const int32_t* tile, int64_t m, int64_t a_rows, int64_t n, int64_t b_rows, const GemmOutput& out) {
+  int32_t values[kTileRows];
+  for (int64_t c = 0; c < a_rows; ++c) {
+    for (int64_t r = 0; r < b_rows; ++r) values[r] = tile[r * kTileRows + c];
+    out(m + c, n, values, int(b_rows));
+  }
+}
+
+}  // namespace
+
+int64_t amx_packed_bytes(int64_t M, int64_t K) {
+  return (M + kTileRows - 1) / kTileRows * ((K + kTileBytes - 1) / kTileBytes) * kTileSize;
+}
+
+// Activation tile (row group g, k-step s) at (g * k_steps + s) KiB: row k4 holds, for each
+// of its 16 rows of A, the 4 bytes A[16 g + c, 64 s + 4 k4 ...]; zeros past M and K.
+void pack_activation_amx(const int8_t* A, int64_t M, int64_t K, int8_t* packed) {
+  const int64_t k_steps = (K + kTileBytes - 1) / kTileBytes;
+  std::memset(packed, 0, size_t(amx_packed_bytes(M, K)));
+  for (int64_t m = 0; m < M; ++m) {
+    int8_t* group = packed + (m / kTileRows) * k_steps * kTileSize + (m % kTileRows) * 4;
+    for (int64_t k = 0; k < K; ++k) group[(k / kTileBytes) * kTileSize + (k % kTileBytes) / 4 * kTileBytes + k % 4] = A[m * K + k];
+  }
+}
+
+void sweep_amx(const GemmProblem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, const GemmOutput& out) {
+  const int64_t K = p.K, k_steps = (K + kTileBytes - 1) / kTileBytes, padded_k = k_steps * kTileBytes;
+  configure_tiles();
+  std::unique_ptr<int8_t[]> padded(new int8_t[2 * kTileRows * padded_k]);
+  alignas(64) int32_t tiles[4 * 256];
+  for (int64_t n = n0; n < n1; n += 2 * kTileRows) {
+    const int NG = n1 - n > kTileRows ? 2 : 1;
+    const int8_t* weight[2];
+    int64_t weight_stride[2], b_rows[2];
+    for (int g = 0; g < NG; ++g) {
+      const int64_t first = n + g * kTileRows;
+      b_rows[g] = std::min(kTileRows, n1 - first);
+      if (b_rows[g] == kTileRows && (first + kTileRows < p.N || K % kTileBytes == 0)) {
+        weight[g] = p.B + first * K;
+        weight_stride[g] = K;
+      } else {  // ragged group, or the one holding CB's last row: zero-padded copy
+        int8_t* copy = padded.get() + g * kTileRows * padded_k;
+        std::memset(copy, 0, size_t(kTileRows * padded_k));
+        for (int64_t r = 0; r < b_rows[g]; ++r) std::memcpy(copy + r * padded_k, p.B + (first + r) * K, size_t(K));
+        weight[g] = copy;
+        weight_stride[g] = padded_k;
+      }
+    }
+    for (int64_t m = m0; m < m1; m += 2 * kTileRows) {
+      const int MG = m1 - m > kTileRows ? 2 : 1;
+      const int8_t* activation[2] = {p.a_packed + (m / kTileRows) * k_steps * kTileSize, nullptr};
+      if (MG == 2) activation[1] = activation[0] + k_steps * kTileSize;
+      if (NG == 2 && MG == 2) multiply_tiles<2, 2>(weight, weight_stride, activation, k_steps, tiles);
+      else if (NG == 2) multiply_tiles<2, 1>(weight, weight_stride, activation, k_steps, tiles);
+      else if (MG == 2) multiply_tiles<1, 2>(weight, weight_stride, activation, k_steps, tiles);
+      else multiply_tiles<1, 1>(weight, weight_stride, activation, k_steps, tiles);
+      for (int g = 0; g < NG; ++g)
+        for (int h = 0; h < MG; ++h) {
+          const int64_t first_m = m + h * kTileRows;
+          emit_tile(tiles + (g * 2 + h) * 256, first_m, std::min(kTileRows, m1 - first_m), n + g * kTileRows, b_rows[g], out);
+        }
+    }
+  }
+  _tile_release();
+}
+
+// Runs the kernel on shapes with a ragged edge in every dimension and compares it with
+// plain int32 arithmetic; the dispatch uses AMX only if this returns true.
+bool amx_self_check() {
+  const int64_t M = 35, N = 37, K = 130;
+  std::unique_ptr<int8_t[]> A(new int8_t[M * K]), B(new int8_t[N * K]);
+  uint32_t state = 12345;
+  auto next = [&state]() { state = state * 1664525u + 1013904223u; return int8_t(int(state >> 24) % 255 - 127); };
+  for (int64_t i = 0; i < M * K; ++i) A[i] = next();
+  for (int64_t i = 0; i < N * K; ++i) B[i] = next();
+  A[0] = -128;  // the activation may hold -128
+  std::unique_ptr<int8_t[]> packed(new int8_t[amx_packed_bytes(M, K)]);
+  pack_activation_amx(A.get(), M, K, packed.get());
+  std::unique_ptr<int32_t[]> C(new int32_t[M * N]);
+  GemmOutput store;
+  store.c32 = C.get();
+  store.ldc = N;
+  sweep_amx(GemmProblem{A.get(), B.get(), M, N, K, nullptr, packed.get()}, 0, M, 0, N, store);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      int32_t expected = 0;
+      for (int64_t k = 0; k < K; ++k) expected += int32_t(A[m * K + k]) * int32_t(B[n * K + k]);
+      if (C[m * N + n] != expected) return false;
+    }
+  return true;
+}
+
+}  // namespace int8fx
+
+#ifdef INT8FX_EMULATE_AMX
+// C [M, N] int32 = A [M, K] @ B [N, K]^T through the emulated tiles, one thread (for tests),
+// in tasks of m_chunk rows of A (a multiple of 16) x n_block rows of B, as gemm.cpp splits.
+extern "C" void int8fx_emulated_amx_gemm(const int8_t* A, const int8_t* B, int32_t* C, int64_t M, int64_t N, int64_t K,
+                                         int64_t m_chunk, int64_t n_block) {
+  std::unique_ptr<int8_t[]> packed(new int8_t[int8fx::amx_packed_bytes(M, K)]);
+  int8fx::pack_activation_amx(A, M, K, packed.get());
+  int8fx::GemmOutput store;
+  store.c32 = C;
+  store.ldc = N;
+  const int8fx::GemmProblem problem{A, B, M, N, K, nullptr, packed.get()};
+  for (int64_t m = 0; m < M; m += m_chunk)
+    for (int64_t n = 0; n < N; n += n_block) int8fx::sweep_amx(problem, m, std::min(M, m + m_chunk), n, std::min(N, n + n_block), store);
+}
+
+extern "C" int int8fx_emulated_amx_self_check() { return int8fx::amx_self_check(); }
+#else
+#pragma GCC pop_options
+#endif

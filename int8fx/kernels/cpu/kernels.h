@@ -1,0 +1,132 @@
+// What the C++ files of int8fx's CPU kernels share. Kept free of torch's headers so that
+// only linear_op.cpp pays for them at build time.
+//
+// The library is compiled for AVX2 (-mavx2 -mfma -mf16c, every x86 machine the project
+// runs on has it); the files with wider instruction sets switch them on for their own
+// functions only (#pragma GCC target), and nothing calls those functions unless isa.cpp
+// found the instructions on this CPU.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace int8fx {
+
+// ---------------------------------------------------------------- instruction sets
+
+// The int8 GEMM kernels, in the order of preference where the CPU has them.
+enum class Kernel : int {
+  kAvx2 = 0,        // vpmaddubsw + vpmaddwd with the sign trick (gemm_avx2.cpp)
+  kAvx512Vnni = 1,  // vpdpbusd with an offset weight (gemm_avx512.cpp)
+  kAmx = 2,         // AMX-INT8 tiles, large M only (gemm_amx.cpp)
+};
+constexpr int kKernelCount = 3;
+const char* kernel_name(Kernel kernel);
+
+// Which kernels this CPU (and its OS) can run, read from CPUID and XGETBV once.
+struct CpuFeatures {
+  bool avx2 = false;
+  bool avx512_vnni = false;   // with AVX-512 F/BW/VL, and the OS saving ZMM state
+  bool amx_hardware = false;  // AMX-INT8, with the OS granting this process the tile state
+  bool amx_int8 = false;      // amx_hardware, and the AMX kernel passed its self-check
+};
+const CpuFeatures& cpu_features();
+bool can_run(Kernel kernel);
+
+// ---------------------------------------------------------------- GEMM output
+
+// Where a tile's finished int32 dot products go: `count` consecutive outputs of row m,
+// from column n. Either stored as int32 (the bare GEMM), or dequantized in the same step
+// (no int32 [M, N] round trip through memory):
+//   out[m, n] = (float(c) * (SCA[m] * SCB[n])) / 127^2 (+ out[m, n]) (+ bias[n])
+// with one fp32 rounding per step in the order of reference.dequantize_output (torch divides
+// by the scalar, it does not multiply by its reciprocal). When add_outliers, out already
+// holds the outlier part Y16 and the sum is Y8 + Y16; the bias is added last.
+struct GemmOutput {
+  int32_t* c32 = nullptr;  // set: store int32, ignore the rest
+  float* out = nullptr;
+  int64_t ldc = 0;
+  const float* SCA = nullptr;
+  const float* SCB = nullptr;
+  const float* bias = nullptr;  // may be null
+  bool add_outliers = false;
+
+  void operator()(int64_t m, int64_t n, const int32_t* values, int count) const {
+    if (c32) {
+      for (int j = 0; j < count; ++j) c32[m * ldc + n + j] = values[j];
+      return;
+    }
+    float* o = out + m * ldc + n;
+    const float* scb = SCB + n;
+    const float* b = bias ? bias + n : nullptr;
+    const __m128 sa = _mm_set1_ps(SCA[m]), divisor = _mm_set1_ps(16129.0f);
+    int j = 0;
+    for (; j + 4 <= count; j += 4) {  // each lane rounds exactly as the scalar tail
+      const __m128 value = _mm_cvtepi32_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(values + j)));
+      __m128 y = _mm_div_ps(_mm_mul_ps(value, _mm_mul_ps(sa, _mm_loadu_ps(scb + j))), divisor);
+      if (add_outliers) y = _mm_add_ps(y, _mm_loadu_ps(o + j));
+      if (b) y = _mm_add_ps(y, _mm_loadu_ps(b + j));
+      _mm_storeu_ps(o + j, y);
+    }
+    for (; j < count; ++j) {
+      float y = float(values[j]) * (SCA[m] * scb[j]) / 16129.0f;
+      if (add_outliers) y = y + o[j];
+      if (b) y = y + b[j];
+      o[j] = y;
+    }
+  }
+};
+
+// C = A [M, K] @ B [N, K]^T, both int8, row-major with K contiguous (CA's and CB's
+// layouts), B with no -128. int8_gemm prepares what a kernel needs besides: the row sums
+// of A for AVX-512 VNNI, A packed into tiles for AMX.
+struct GemmProblem {
+  const int8_t* A;
+  const int8_t* B;
+  int64_t M, N, K;
+  const int32_t* a_row_sums;
+  const int8_t* a_packed;
+};
+
+// Rows [m0, m1) of A against rows [n0, n1) of B, each kernel's own tiles (one thread).
+void sweep_avx2(const GemmProblem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, const GemmOutput& out);
+void sweep_avx512_vnni(const GemmProblem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, const GemmOutput& out);
+void sweep_amx(const GemmProblem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, const GemmOutput& out);
+void row_sums_avx512_vnni(const int8_t* A, int64_t M, int64_t K, int32_t* sums);
+int64_t amx_packed_bytes(int64_t M, int64_t K);
+void pack_activation_amx(const int8_t* A, int64_t M, int64_t K, int8_t* packed);
+bool amx_self_check();  // the AMX kernel against plain int32 arithmetic (needs AMX)
+
+// The whole GEMM with `kernel`, shared by torch's threads (gemm.cpp).
+void int8_gemm(Kernel kernel, const int8_t* A, const int8_t* B, int64_t M, int64_t N, int64_t K, const GemmOutput& out);
+
+// ---------------------------------------------------------------- quantization and outliers
+
+// CA int8 [M, K] and SCA fp32 [M] of X fp32 [M, K] (contiguous), bit-exact with
+// reference.quantize_activation; returns the outlier columns in ascending order.
+// use_threshold is the caller's `threshold > 0` (decided in double). (quantize.cpp)
+std::vector<int64_t> quantize_activation(const float* X, int64_t M, int64_t K, bool use_threshold, float threshold,
+                                         int8_t* CA, float* SCA);
+
+// Raw 16-bit patterns of the fp weight when it is not fp32.
+struct BFloat16Bits { uint16_t bits; };
+struct HalfBits { uint16_t bits; };
+
+// The fp weight [N, K] whose outlier columns are used, read in place with any strides;
+// data == nullptr means "dequantize the outlier columns of CB instead".
+struct FpWeight {
+  enum Type { kFloat32, kBFloat16, kFloat16 };
+  const void* data;
+  Type type;
+  int64_t row_stride;
+  int64_t column_stride;
+};
+
+// out [M, N] = X[:, columns] @ W[:, columns]^T accumulated in fp32, column by column (meant
+// for a handful of columns); only those columns of W (or of CB) are read. (outliers.cpp)
+void outlier_part(const float* X, int64_t M, int64_t K, const std::vector<int64_t>& columns, const FpWeight& W,
+                  const int8_t* CB, const float* SCB, int64_t N, float* out);
+
+}  // namespace int8fx

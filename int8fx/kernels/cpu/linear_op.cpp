@@ -1,0 +1,270 @@
+// The CPU kernel of int8fx::int8_linear (schema in int8fx/ops.py), registered with the
+// dispatcher when int8fx/kernels/cpu/library.py loads this library: a compiled graph's call
+// then goes from the dispatcher straight here, with no Python in between (per-call overhead
+// is most of the cost of a small layer at decode). Argument errors match the messages of
+// ops._check_int8_linear_args.
+//
+// reference.int8_linear in three steps for an fp32 copy of X: quantize the rows, write the
+// fp outlier part into the output, then the int8 GEMM whose tiles dequantize and add the
+// outlier part and the bias as they finish.
+//
+// Also defined here, for tests and benchmarks (no schema in ops.py: they exist only where
+// this library loads):
+//   int8fx::_cpu_int8_linear(..., str kernel)   the same linear with a chosen GEMM kernel
+//   int8fx::_cpu_int8_gemm(A, B, str kernel)    the bare int32 GEMM
+//   int8fx::_cpu_quantize_activation(x, threshold) -> (CA, SCA, outlier columns)
+//   int8fx::_cpu_kernels() -> str                which kernels this CPU runs, best first
+//   int8fx::_cpu_chosen_kernel(M, K) -> str      the GEMM the op picks for that shape here
+//   int8fx::_cpu_amx_self_check() -> str         "no AMX", "passed" or "failed"
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/_int_mm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "kernels.h"
+
+namespace int8fx {
+namespace {
+
+// ---------------------------------------------------------------- which GEMM
+
+// The int8 GEMMs a call can use: the kernels of gemm*.cpp, or oneDNN's through at::_int_mm.
+enum class Gemm { kAuto, kAvx2, kAvx512Vnni, kAmx, kOneDnn };
+
+Gemm parse_gemm(const std::string& name) {
+  if (name == "auto") return Gemm::kAuto;
+  if (name == "avx2") return Gemm::kAvx2;
+  if (name == "avx512_vnni") return Gemm::kAvx512Vnni;
+  if (name == "amx") return Gemm::kAmx;
+  if (name == "onednn") return Gemm::kOneDnn;
+  TORCH_CHECK(false, "unknown CPU int8 kernel '", name, "'; expected auto, avx2, avx512_vnni, amx or onednn");
+}
+
+// The choice for an [M, K] x [K, N] product on this CPU, from measurements
+// (benchmarks/README.md, AMD EPYC Zen 4, 2 threads):
+// * oneDNN's GEMM (at::_int_mm) repacks the whole weight on every call (about 3 ms for
+//   4096 x 4096), then runs near the VNNI peak; int8fx's AVX-512 kernel reads CB as it is,
+//   at about half that peak. Its kernel wins below M = 16, and below about M = K / 100 for
+//   large K (4096 x 4096: 3.3 ms against 4.3 ms at M = 32, even at M = 48);
+// * the AMX tiles need rows enough to fill them (16 per tile, two tiles per pass).
+// Without VNNI, oneDNN's int8 GEMM is a slow generic loop: AVX2 machines keep int8fx's.
+Gemm choose_gemm(int64_t M, int64_t K) {
+  constexpr int64_t kAmxMinRows = 32;
+  const CpuFeatures& cpu = cpu_features();
+  if (cpu.amx_int8 && M >= kAmxMinRows) return Gemm::kAmx;
+  if (cpu.avx512_vnni) return M < 16 || M * 100 < K ? Gemm::kAvx512Vnni : Gemm::kOneDnn;
+  return Gemm::kAvx2;
+}
+
+Kernel kernel_of(Gemm gemm) {
+  switch (gemm) {
+    case Gemm::kAvx512Vnni: return Kernel::kAvx512Vnni;
+    case Gemm::kAmx: return Kernel::kAmx;
+    default: return Kernel::kAvx2;
+  }
+}
+
+Gemm resolve(Gemm gemm, int64_t M, int64_t K) {
+  if (gemm == Gemm::kAuto) return choose_gemm(M, K);
+  if (gemm != Gemm::kOneDnn) {
+    const Kernel kernel = kernel_of(gemm);
+    TORCH_CHECK(can_run(kernel), "the ", kernel_name(kernel), " int8 kernel needs an instruction set this CPU (or its OS) lacks");
+  }
+  return gemm;
+}
+
+// C = A @ B^T handed to `out` row by row, by the chosen GEMM.
+void run_gemm(Gemm gemm, const at::Tensor& A, const at::Tensor& B, const GemmOutput& out) {
+  const int64_t M = A.size(0), N = B.size(0), K = A.size(1);
+  // torch._int_mm on CPU returns wrong values for K = 1 (torch 2.13, seen on AVX-512 VNNI
+  // and AMX machines): that case, trivial anyway, never goes to oneDNN.
+  if (gemm == Gemm::kOneDnn && K >= 2 && M > 0 && N > 0) {
+    const at::Tensor C32 = at::_int_mm(A, B.t());
+    const int32_t* c = C32.data_ptr<int32_t>();
+    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / N), [&](int64_t first, int64_t last) {
+      for (int64_t m = first; m < last; ++m) out(m, 0, c + m * N, int(N));
+    });
+    return;
+  }
+  const Kernel kernel = gemm == Gemm::kOneDnn ? (can_run(Kernel::kAvx512Vnni) ? Kernel::kAvx512Vnni : Kernel::kAvx2) : kernel_of(gemm);
+  int8_gemm(kernel, A.data_ptr<int8_t>(), B.data_ptr<int8_t>(), M, N, K, out);
+}
+
+// ---------------------------------------------------------------- the outlier part
+
+FpWeight fp_weight_view(const std::optional<at::Tensor>& weight, at::Tensor& keep_alive) {
+  if (!weight.has_value()) return {nullptr, FpWeight::kFloat32, 0, 0};
+  keep_alive = *weight;
+  FpWeight::Type type;
+  switch (keep_alive.scalar_type()) {
+    case at::kFloat: type = FpWeight::kFloat32; break;
+    case at::kBFloat16: type = FpWeight::kBFloat16; break;
+    case at::kHalf: type = FpWeight::kFloat16; break;
+    default:  // e.g. float64: rare enough for a copy
+      keep_alive = keep_alive.to(at::kFloat);
+      type = FpWeight::kFloat32;
+  }
+  return {keep_alive.data_ptr(), type, keep_alive.stride(0), keep_alive.stride(1)};
+}
+
+// Wide outlier sets go to BLAS: the kernel's column-by-column loop re-reads the output
+// once per column, which a matmul does not (SmolLM2's last down_proj layers see hundreds
+// of outlier columns over a 512-token prompt). A handful of columns, or one row (decode),
+// stay in the loop: no gathers, no extra allocations. (The two limits are a judgment, not
+// tuned: the next thing to measure if outlier-heavy prefill matters.)
+bool outliers_by_blas(int64_t M, int64_t count) { return M >= 16 && count >= 8; }
+
+// out [M, N] = X[:, columns] @ W_cols^T by an fp32 matmul, W_cols from the fp weight or,
+// without one, the dequantized CB columns (CB * (SCB / 127), as reference.dequantize_rows).
+void outlier_part_blas(const at::Tensor& x32, std::vector<int64_t>& columns, const std::optional<at::Tensor>& weight,
+                       const at::Tensor& CB, const at::Tensor& SCB, at::Tensor& out) {
+  const at::Tensor index = at::from_blob(columns.data(), {int64_t(columns.size())}, at::kLong);
+  at::Tensor w_columns;
+  if (weight.has_value()) {
+    w_columns = weight->index_select(1, index).to(at::kFloat);
+  } else {
+    w_columns = CB.index_select(1, index).to(at::kFloat).mul(SCB.div(127.0).unsqueeze(1));
+  }
+  at::mm_out(out, x32.index_select(1, index), w_columns.t());
+}
+
+// ---------------------------------------------------------------- the ops
+
+void check_linear_args(const at::Tensor& x, const at::Tensor& CB, const at::Tensor& SCB, const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& weight) {
+  TORCH_CHECK(CB.dim() == 2 && CB.scalar_type() == at::kChar, "CB must be a 2-D int8 tensor, got ", CB.scalar_type(), " ", CB.sizes());
+  const int64_t N = CB.size(0), K = CB.size(1);
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "int8_linear expects a floating-point input, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "input's last dimension ", x.sizes(), " does not match CB's in_features ", K);
+  TORCH_CHECK(SCB.dim() == 1 && SCB.size(0) == N && SCB.scalar_type() == at::kFloat, "SCB must be fp32 [", N, "], got ", SCB.scalar_type(), " ", SCB.sizes());
+  if (bias.has_value()) TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias must be [", N, "], got ", bias->sizes());
+  if (weight.has_value()) TORCH_CHECK(weight->dim() == 2 && weight->size(0) == N && weight->size(1) == K, "weight must be [", N, ", ", K, "], got ", weight->sizes());
+  for (const at::Tensor* t : {&x, &CB, &SCB}) TORCH_CHECK(t->device().is_cpu(), "int8_linear's CPU kernel got a tensor on ", t->device());
+}
+
+at::Tensor linear_with(Gemm gemm, const at::Tensor& x, const at::Tensor& CB, const at::Tensor& SCB,
+                       const std::optional<at::Tensor>& bias, double threshold, const std::optional<at::Tensor>& weight) {
+  check_linear_args(x, CB, SCB, bias, weight);
+  const int64_t N = CB.size(0), K = CB.size(1);
+  // fp32 conversion is exact for fp16/bf16 inputs, as the reference's .float().
+  const at::Tensor x32 = x.reshape({-1, K}).to(at::kFloat).contiguous();
+  const at::Tensor CB_c = CB.contiguous(), SCB_c = SCB.contiguous();
+  at::Tensor bias32;
+  if (bias.has_value()) bias32 = bias->to(at::kFloat).contiguous();
+  const int64_t M = x32.size(0);
+  gemm = resolve(gemm, M, K);
+  at::Tensor out = at::empty({M, N}, x32.options());
+  at::Tensor CA = at::empty({M, K}, x32.options().dtype(at::kChar));
+  at::Tensor SCA = at::empty({M}, x32.options());
+  std::vector<int64_t> columns =
+      quantize_activation(x32.data_ptr<float>(), M, K, threshold > 0, float(threshold), CA.data_ptr<int8_t>(), SCA.data_ptr<float>());
+  if (!columns.empty() && outliers_by_blas(M, int64_t(columns.size()))) {
+    outlier_part_blas(x32, columns, weight, CB_c, SCB_c, out);
+  } else if (!columns.empty()) {
+    at::Tensor weight_alive;
+    const FpWeight fp_weight = fp_weight_view(weight, weight_alive);
+    outlier_part(x32.data_ptr<float>(), M, K, columns, fp_weight, CB_c.data_ptr<int8_t>(), SCB_c.data_ptr<float>(), N,
+                 out.data_ptr<float>());
+  }
+  GemmOutput dequantize;
+  dequantize.out = out.data_ptr<float>();
+  dequantize.ldc = N;
+  dequantize.SCA = SCA.data_ptr<float>();
+  dequantize.SCB = SCB_c.data_ptr<float>();
+  dequantize.bias = bias.has_value() ? bias32.data_ptr<float>() : nullptr;
+  dequantize.add_outliers = !columns.empty();
+  run_gemm(gemm, CA, CB_c, dequantize);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return out.to(x.scalar_type()).reshape(shape);
+}
+
+at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& CB, const at::Tensor& SCB, const std::optional<at::Tensor>& bias,
+                           double threshold, const std::optional<at::Tensor>& weight) {
+  return linear_with(Gemm::kAuto, x, CB, SCB, bias, threshold, weight);
+}
+
+at::Tensor int8_linear_with_kernel(const at::Tensor& x, const at::Tensor& CB, const at::Tensor& SCB,
+                                   const std::optional<at::Tensor>& bias, double threshold,
+                                   const std::optional<at::Tensor>& weight, std::string kernel) {
+  return linear_with(parse_gemm(kernel), x, CB, SCB, bias, threshold, weight);
+}
+
+at::Tensor int8_gemm_op(const at::Tensor& A, const at::Tensor& B, std::string kernel) {
+  TORCH_CHECK(A.scalar_type() == at::kChar && B.scalar_type() == at::kChar, "int8 inputs expected, got ", A.scalar_type(), " and ", B.scalar_type());
+  TORCH_CHECK(A.dim() == 2 && B.dim() == 2 && A.size(1) == B.size(1), "shapes ", A.sizes(), " and ", B.sizes(), " do not chain");
+  TORCH_CHECK(A.device().is_cpu() && B.device().is_cpu(), "CPU tensors expected");
+  const at::Tensor A_c = A.contiguous(), B_c = B.contiguous();
+  at::Tensor C = at::empty({A.size(0), B.size(0)}, A.options().dtype(at::kInt));
+  GemmOutput store;
+  store.c32 = C.data_ptr<int32_t>();
+  store.ldc = B.size(0);
+  run_gemm(resolve(parse_gemm(kernel), A.size(0), A.size(1)), A_c, B_c, store);
+  return C;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_activation_op(const at::Tensor& x, double threshold) {
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "a 2-D CPU tensor expected, got ", x.sizes(), " on ", x.device());
+  const at::Tensor x32 = x.to(at::kFloat).contiguous();
+  const int64_t M = x32.size(0), K = x32.size(1);
+  at::Tensor CA = at::empty({M, K}, x32.options().dtype(at::kChar));
+  at::Tensor SCA = at::empty({M}, x32.options());
+  std::vector<int64_t> columns =
+      quantize_activation(x32.data_ptr<float>(), M, K, threshold > 0, float(threshold), CA.data_ptr<int8_t>(), SCA.data_ptr<float>());
+  at::Tensor index = at::empty({int64_t(columns.size())}, x32.options().dtype(at::kLong));
+  std::copy(columns.begin(), columns.end(), index.data_ptr<int64_t>());
+  return {CA, SCA, index};
+}
+
+std::string chosen_kernel_op(int64_t M, int64_t K) {
+  switch (choose_gemm(M, K)) {
+    case Gemm::kOneDnn: return "onednn";
+    case Gemm::kAuto: return "auto";
+    default: return kernel_name(kernel_of(choose_gemm(M, K)));
+  }
+}
+
+std::string amx_self_check_op() {
+  const CpuFeatures& cpu = cpu_features();
+  if (!cpu.amx_hardware) return "no AMX";
+  return cpu.amx_int8 ? "passed" : "failed";
+}
+
+std::string kernels_op() {
+  std::string names;
+  for (Kernel kernel : {Kernel::kAmx, Kernel::kAvx512Vnni, Kernel::kAvx2}) {
+    if (!can_run(kernel)) continue;
+    if (!names.empty()) names += ",";
+    names += kernel_name(kernel);
+  }
+  return names;
+}
+
+}  // namespace
+}  // namespace int8fx
+
+TORCH_LIBRARY_FRAGMENT(int8fx, m) {
+  m.def("_cpu_int8_linear(Tensor x, Tensor CB, Tensor SCB, Tensor? bias, float threshold, Tensor? weight, str kernel) -> Tensor");
+  m.def("_cpu_int8_gemm(Tensor A, Tensor B, str kernel='auto') -> Tensor");
+  m.def("_cpu_quantize_activation(Tensor x, float threshold) -> (Tensor, Tensor, Tensor)");
+  // No tensor argument: one kernel for every dispatch key.
+  m.def("_cpu_kernels() -> str", &int8fx::kernels_op);
+  m.def("_cpu_chosen_kernel(int M, int K) -> str", &int8fx::chosen_kernel_op);
+  m.def("_cpu_amx_self_check() -> str", &int8fx::amx_self_check_op);
+}
+
+TORCH_LIBRARY_IMPL(int8fx, CPU, m) {
+  m.impl("int8_linear", &int8fx::int8_linear_cpu);
+  m.impl("_cpu_int8_linear", &int8fx::int8_linear_with_kernel);
+  m.impl("_cpu_int8_gemm", &int8fx::int8_gemm_op);
+  m.impl("_cpu_quantize_activation", &int8fx::quantize_activation_op);
+}

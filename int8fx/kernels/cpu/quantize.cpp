@@ -1,0 +1,124 @@
+// Row-wise LLM.int8() quantization of the activation X [M, K] fp32 in one call (instead
+// of ~15 torch ops and a host sync), bit-exact with reference.quantize_activation:
+//   * outliers are |x| >= threshold compared in fp32 (NaN never is one);
+//   * the row scale is the max |x| over the row's non-outlier elements, NaN when the row
+//     holds a NaN (torch.amax propagates it);
+//   * the inverse scale is torch's `127 / absmax`, which is `absmax.reciprocal() * 127`
+//     (two fp32 roundings, not one division), and 0 unless absmax > 0 (so NaN -> 0);
+//   * round half to even (the default MXCSR mode, as torch.round), clamp to [-127, 127];
+//     a NaN product (NaN * 0, or 0 * inf for a subnormal absmax) becomes 0, which is what
+//     torch's float -> int8 conversion gives for NaN.
+// Two passes over X: scales and outlier columns, then the quantized values. AVX2 is enough
+// here: the passes are bound by memory, not by the vector width.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include <ATen/Parallel.h>
+
+#include "kernels.h"
+
+namespace int8fx {
+
+namespace {
+
+// Max |x| over the non-outlier elements of a row of K floats; marks its outlier columns.
+float row_absmax(const float* x, int64_t K, float threshold, bool use_threshold, uint8_t* outlier) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 thr = _mm256_set1_ps(threshold);
+  __m256 acc = _mm256_setzero_ps();
+  __m256 nan = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k));
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+    if (use_threshold) {
+      const __m256 is_outlier = _mm256_cmp_ps(a, thr, _CMP_GE_OQ);
+      int bits = _mm256_movemask_ps(is_outlier);
+      if (bits) {
+        // Relaxed atomic stores: rows run on several threads and may mark the same column.
+        for (int lane = 0; lane < 8; ++lane)
+          if (bits >> lane & 1) __atomic_store_n(outlier + k + lane, uint8_t(1), __ATOMIC_RELAXED);
+        a = _mm256_andnot_ps(is_outlier, a);
+      }
+    }
+    acc = _mm256_max_ps(acc, a);  // a NaN lane is lost here; `nan` keeps it
+  }
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  float absmax = _mm_cvtss_f32(m);
+  bool has_nan = _mm256_movemask_ps(nan) != 0;
+  for (; k < K; ++k) {
+    const float a = std::fabs(x[k]);
+    if (a != a) {
+      has_nan = true;
+    } else if (use_threshold && a >= threshold) {
+      __atomic_store_n(outlier + k, uint8_t(1), __ATOMIC_RELAXED);
+    } else {
+      absmax = std::max(absmax, a);
+    }
+  }
+  return has_nan ? std::numeric_limits<float>::quiet_NaN() : absmax;
+}
+
+inline float quantize_one(float x, float inverse_scale) {
+  const float q = std::nearbyint(x * inverse_scale);
+  return q != q ? 0.0f : std::min(127.0f, std::max(-127.0f, q));
+}
+
+void quantize_row(const float* x, int64_t K, float absmax, int8_t* out) {
+  const float inverse_scale = absmax > 0 ? (1.0f / absmax) * 127.0f : 0.0f;
+  const __m256 scale = _mm256_set1_ps(inverse_scale);
+  const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m256i q[4];
+    for (int i = 0; i < 4; ++i) {
+      __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + k + 8 * i), scale),
+                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      v = _mm256_and_ps(v, _mm256_cmp_ps(v, v, _CMP_ORD_Q));  // NaN -> 0
+      q[i] = _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, v)));
+    }
+    // The packs interleave 128-bit lanes; the permute restores element order.
+    const __m256i words = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    const __m256i ordered = _mm256_permutevar8x32_epi32(words, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k), ordered);
+  }
+  for (; k < K; ++k) out[k] = int8_t(quantize_one(x[k], inverse_scale));
+}
+
+// X: fp32 [M, K] contiguous. Writes CA int8 [M, K], SCA fp32 [M] and outlier [K] (1 for
+// an outlier column, which must come in zeroed); returns the outlier columns, ascending.
+// use_threshold is the caller's `threshold > 0`, decided in double: a tiny threshold may
+// round to 0 in fp32 and must still mark every element.
+std::vector<int64_t> quantize_rows(const float* X, int64_t M, int64_t K, bool use_threshold, float threshold,
+                                   int8_t* CA, float* SCA, uint8_t* outlier) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));
+  at::parallel_for(0, M, grain, [&](int64_t first, int64_t last) {
+    for (int64_t m = first; m < last; ++m) SCA[m] = row_absmax(X + m * K, K, threshold, use_threshold, outlier);
+  });
+  std::vector<int64_t> columns;
+  for (int64_t k = 0; k < K; ++k)
+    if (outlier[k]) columns.push_back(k);
+  at::parallel_for(0, M, grain, [&](int64_t first, int64_t last) {
+    for (int64_t m = first; m < last; ++m) {
+      quantize_row(X + m * K, K, SCA[m], CA + m * K);
+      for (int64_t k : columns) CA[m * K + k] = 0;
+    }
+  });
+  return columns;
+}
+
+}  // namespace
+
+std::vector<int64_t> quantize_activation(const float* X, int64_t M, int64_t K, bool use_threshold, float threshold,
+                                         int8_t* CA, float* SCA) {
+  std::vector<uint8_t> outlier(K, 0);
+  return quantize_rows(X, M, K, use_threshold, threshold, CA, SCA, outlier.data());
+}
+
+}  // namespace int8fx

@@ -1,0 +1,508 @@
+"""int8fx's CPU kernels (``int8fx/kernels/cpu``): every GEMM kernel this CPU can run, the
+dispatch choice for this CPU, the fused linear, and the fallbacks.
+
+Every GEMM result must equal ``reference.int8_matmul`` exactly: it is integer arithmetic.
+The fused linear is bit-exact with the reference where no outlier part is involved.
+Kernel tests run for each kernel whose instructions this CPU has, whichever the dispatch
+picks; the others skip with the instruction set they need. The first test in a fresh
+cache builds the library (about 30 s).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from int8fx import reference
+from int8fx.kernels import cpu
+from int8fx.kernels.cpu import build, torch_path
+
+needs_library = pytest.mark.skipif(not cpu.load(), reason="needs a C++ compiler and AVX2")
+
+# What each kernel needs, as /proc/cpuinfo names it (the library itself asks CPUID).
+KERNEL_FLAGS = {
+    "avx2": {"avx2"},
+    "avx512_vnni": {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"},
+    "amx": {"amx_tile", "amx_int8"},
+}
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "unknown CPU")
+    except OSError:
+        return "unknown CPU"
+
+
+def kernel_param(name: str):
+    """A test parameter that skips, saying what it needs, where this CPU cannot run ``name``."""
+    if name == "onednn":
+        return pytest.param(name, marks=needs_library)
+    available = cpu.load() and name in cpu.kernels()
+    reason = f"the {name} kernel needs {'/'.join(sorted(KERNEL_FLAGS[name]))}; this CPU ({cpu_model()}) lacks it"
+    if name == "amx" and cpu.load() and cpu.amx_self_check() == "failed":
+        reason = "this CPU has AMX, but int8fx's AMX kernel failed its self-check, so it is disabled: fix gemm_amx.cpp here"
+    return pytest.param(name, marks=pytest.mark.skipif(not available, reason=reason))
+
+
+ALL_GEMMS = [kernel_param(name) for name in ("avx2", "avx512_vnni", "amx", "onednn")]
+
+
+def random_int8(*shape: int, seed: int, low: int = -127) -> torch.Tensor:
+    return torch.randint(low, 128, shape, generator=torch.Generator().manual_seed(seed), dtype=torch.int8)
+
+
+@contextlib.contextmanager
+def thread_count(threads: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- GEMM exactness, per kernel
+
+@pytest.mark.parametrize("kernel", ALL_GEMMS)
+@pytest.mark.parametrize("K", [1, 7, 33, 64, 65, 300, 2081])
+def test_gemm_matches_reference_on_odd_shapes(kernel, K):
+    # K around the 32- and 64-byte vector steps; M and N around every kernel's tiles
+    # (2 x 6 and 1 x 8 for AVX2, 4 x 6 and 1 x 8 for VNNI, 32 x 32 for AMX). At K = 2081,
+    # N = 129 spans two L2 blocks of B rows, so two threads share the work.
+    for M in (0, 1, 3, 5, 17, 33, 64):
+        for N in (1, 5, 17, 64, 129):
+            CA, CB = random_int8(M, K, seed=M * K + N, low=-128), random_int8(N, K, seed=N)
+            assert torch.equal(cpu.int8_gemm(CA, CB, kernel), reference.int8_matmul(CA, CB)), (M, K, N)
+
+
+@pytest.mark.parametrize("kernel", ALL_GEMMS)
+@pytest.mark.parametrize("M", [1, 5, 130])
+def test_gemm_many_blocks(kernel, M):
+    # M < 16: the weight split evenly between the threads (blocks of at least 16 rows,
+    # 64 KiB / K); M = 130: tasks of 64 rows of A (64, 64, 2) times 5 L2 blocks of B rows,
+    # shared unevenly by 1-3 threads.
+    CA, CB = random_int8(M, 4096, seed=0), random_int8(300, 4096, seed=1)
+    for threads in (1, 2, 3):
+        with thread_count(threads):
+            assert torch.equal(cpu.int8_gemm(CA, CB, kernel), reference.int8_matmul(CA, CB))
+
+
+@pytest.mark.parametrize("kernel", ALL_GEMMS)
+@pytest.mark.parametrize("a, b", [(127, 127), (-127, 127), (-128, 127), (-128, -127), (127, -127)])
+def test_gemm_extreme_values(kernel, a, b):
+    # 2081 * 128 * 127 > 2**24: an fp32 accumulation would round; AVX2's int16 pair sums
+    # are at their largest (2 * 128 * 127), just below saturation; VNNI's offset weight
+    # (b + 128) is at its largest too.
+    M, K, N = 3, 2081, 9
+    CA, CB = torch.full((M, K), a, dtype=torch.int8), torch.full((N, K), b, dtype=torch.int8)
+    expected = torch.full((M, N), a * b * K, dtype=torch.int32)
+    assert abs(a * b * K) > 2**24
+    assert torch.equal(cpu.int8_gemm(CA, CB, kernel), expected)
+
+
+@pytest.mark.parametrize("kernel", ALL_GEMMS)
+def test_gemm_wraps_correctly_past_the_offset_range(kernel):
+    # K = 70,000: the VNNI offset product sum((b + 128) * a) exceeds int32 before the
+    # correction; modular arithmetic must still give the exact (in-range) result.
+    K = 70_000
+    CA = torch.full((1, K), -128, dtype=torch.int8)
+    CB = torch.full((2, K), 127, dtype=torch.int8)
+    assert 255 * 128 * K > 2**31 and 128 * 127 * K < 2**31
+    assert torch.equal(cpu.int8_gemm(CA, CB, kernel), reference.int8_matmul(CA, CB))
+
+
+@pytest.mark.parametrize("kernel", ALL_GEMMS)
+def test_gemm_alternating_signs(kernel):
+    # Signs that flip within each pair of products exercise AVX2's sign trick.
+    K = 300
+    pattern = torch.tensor([127, -127, -128, 1, 0, -1], dtype=torch.int8).repeat(K // 6)
+    CA = torch.stack([pattern, pattern.roll(1), -pattern.clamp(min=-127)])
+    CB = torch.stack([pattern.clamp(min=-127), pattern.roll(3).clamp(min=-127)])
+    assert torch.equal(cpu.int8_gemm(CA, CB, kernel), reference.int8_matmul(CA, CB))
+
+
+@needs_library
+def test_gemm_non_contiguous_inputs():
+    CA = random_int8(100, 17, seed=0).t()  # [17, 100], column-major
+    CB = random_int8(64, 200, seed=1)[:, ::2]  # [64, 100], row stride 200
+    assert not CA.is_contiguous() and not CB.is_contiguous()
+    assert torch.equal(cpu.int8_gemm(CA, CB), reference.int8_matmul(CA, CB))
+
+
+@needs_library
+def test_gemm_rejects_bad_arguments():
+    with pytest.raises(RuntimeError, match="do not chain"):
+        cpu.int8_gemm(random_int8(2, 8, seed=0), random_int8(3, 9, seed=1))
+    with pytest.raises(RuntimeError, match="unknown CPU int8 kernel"):
+        cpu.int8_gemm(random_int8(2, 8, seed=0), random_int8(3, 8, seed=1), "sse2")
+
+
+# ---------------------------------------------------------------- torch._int_mm's K = 1 bug
+
+@pytest.mark.parametrize("K", range(1, 9))
+def test_int_mm_guard_is_exact_for_small_k(K):
+    # torch._int_mm on AVX-512 VNNI / AMX CPUs returns wrong values for K = 1, N > 1; the
+    # guarded paths (torch_path.int8_mm, and the library's "onednn" choice) never do.
+    for M in (1, 2, 5, 17):
+        for N in (1, 2, 7, 33):
+            CA, CB = random_int8(M, K, seed=M + N, low=-128), random_int8(N, K, seed=N)
+            expected = reference.int8_matmul(CA, CB)
+            assert torch.equal(torch_path.int8_mm(CA, CB), expected), (M, K, N)
+            if cpu.load():
+                assert torch.equal(cpu.int8_gemm(CA, CB, "onednn"), expected), (M, K, N)
+
+
+# ---------------------------------------------------------------- dispatch on this machine
+
+@needs_library
+def test_cpuid_agrees_with_the_os_flags():
+    flags = cpu._cpu_flags()
+    kernels = cpu.kernels()
+    assert "avx2" in kernels
+    assert ("avx512_vnni" in kernels) == KERNEL_FLAGS["avx512_vnni"].issubset(flags)
+    if KERNEL_FLAGS["amx"].issubset(flags):
+        assert cpu.amx_self_check() in ("passed", "failed")  # "no AMX" only if the OS refused the tile state
+    else:
+        assert cpu.amx_self_check() == "no AMX" and "amx" not in kernels
+
+
+@needs_library
+def test_dispatch_choice_for_this_machine():
+    kernels = cpu.kernels()
+    decode, prefill_small_k, prefill_large_k = cpu.chosen_kernel(1, 4096), cpu.chosen_kernel(512, 576), cpu.chosen_kernel(32, 4096)
+    if "amx" in kernels:  # Sapphire Rapids and later: tiles once there are rows to fill them
+        assert (decode, prefill_small_k, cpu.chosen_kernel(31, 4096)) == ("avx512_vnni", "amx", "avx512_vnni")
+    elif "avx512_vnni" in kernels:  # Zen 4, Ice Lake: own kernel at small M, oneDNN's at large M
+        assert (decode, cpu.chosen_kernel(15, 576), prefill_small_k) == ("avx512_vnni", "avx512_vnni", "onednn")
+        assert prefill_large_k == "avx512_vnni" and cpu.chosen_kernel(64, 4096) == "onednn"
+    else:  # AVX2 only (Zen 3): oneDNN's int8 GEMM is a slow generic loop there
+        assert {decode, prefill_small_k, prefill_large_k} == {"avx2"}
+
+
+@needs_library
+def test_op_calls_the_registered_cpp_kernel(monkeypatch):
+    # Once loaded, the op's CPU calls never reach the Python fallback.
+    monkeypatch.setattr(torch_path, "int8_linear", lambda *args: pytest.fail("the Python CPU path ran"))
+    x, weight, bias, CB, SCB = fused_case(3, 40, 8, (5,))
+    y = torch.ops.int8fx.int8_linear(x, CB, SCB, bias, 6.0, weight)
+    assert torch.equal(y, cpu.int8_linear(x, CB, SCB, bias, 6.0, weight))
+
+
+@needs_library
+def test_unavailable_kernel_is_a_clear_error():
+    missing = [name for name in cpu.KERNELS if name not in cpu.kernels()]
+    if not missing:
+        pytest.skip("this CPU runs every kernel")
+    with pytest.raises(RuntimeError, match=f"the {missing[0]} int8 kernel needs an instruction set"):
+        cpu.int8_gemm(random_int8(2, 8, seed=0), random_int8(3, 8, seed=1), missing[0])
+
+
+# ---------------------------------------------------------------- fallbacks and the build
+
+@pytest.fixture
+def fresh_load(monkeypatch):
+    """Re-run ``load()`` under the test's patches; restore its cached answer afterwards."""
+    cpu.load.cache_clear()
+    yield
+    cpu.load.cache_clear()
+
+
+def test_no_avx2_falls_back(monkeypatch, fresh_load, caplog):
+    monkeypatch.setattr(cpu, "_cpu_flags", lambda: frozenset())
+    with caplog.at_level(logging.INFO, logger="int8fx"):
+        assert not cpu.load()
+        assert not cpu.load()  # logged once
+    assert caplog.text.count("no AVX2") == 1
+
+
+def test_failed_build_falls_back_to_the_torch_path(monkeypatch, fresh_load, caplog):
+    def broken_build():
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(build, "compile_library", broken_build)
+    monkeypatch.setattr(cpu, "_cpu_flags", lambda: frozenset({"avx2"}))
+    with caplog.at_level(logging.WARNING, logger="int8fx"):
+        assert not cpu.load()
+    assert "could not build" in caplog.text
+
+
+def test_torch_path_reads_only_the_outlier_columns(monkeypatch):
+    # Without the fp weight, only CB's outlier columns are dequantized, never all of CB.
+    x, _, bias, CB, SCB = fused_case(6, 48, 20, (3, 30))
+    dequantized_shapes = []
+    dequantize = reference.dequantize_rows
+    monkeypatch.setattr(reference, "dequantize_rows", lambda data, absmax: dequantized_shapes.append(tuple(data.shape)) or dequantize(data, absmax))
+    y = torch_path.int8_linear(x, CB, SCB, bias, 6.0, None)
+    outliers = int(reference.outlier_columns(x, 6.0).sum())
+    assert outliers < 10 and dequantized_shapes == [(20, outliers)]
+    monkeypatch.undo()
+    assert torch.equal(y, reference.int8_linear(x, CB, SCB, bias, 6.0, None))
+
+
+@needs_library
+def test_a_lock_left_by_a_killed_build_does_not_hang(tmp_path):
+    # torch waits forever on a lock file a killed build left behind; int8fx removes it.
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    script = "from int8fx.kernels.cpu import build; open(build.build_directory() + '/lock', 'w').close()"
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=120)
+    (stale,) = tmp_path.glob(f"*/{build.LIBRARY_NAME}/lock")
+    load = "from int8fx.kernels import cpu; assert cpu.load()"
+    subprocess.run([sys.executable, "-c", load], env=env, check=True, timeout=600)  # hangs without the fix
+    assert not stale.exists()
+
+
+def test_a_build_running_elsewhere_is_waited_for_then_given_up(tmp_path):
+    fcntl = pytest.importorskip("fcntl")
+    (tmp_path / "lock").touch()
+    with open(tmp_path / "int8fx.lock", "w") as other_builder:
+        fcntl.flock(other_builder, fcntl.LOCK_EX)
+        with pytest.raises(TimeoutError, match="another process"):
+            with build.exclusive_build(str(tmp_path), wait_s=0.2):
+                pass
+        assert (tmp_path / "lock").exists()  # torch's lock belongs to the live build: kept
+    with build.exclusive_build(str(tmp_path), wait_s=0.2):
+        assert not (tmp_path / "lock").exists()  # no builder alive: it was stale
+
+
+# ---------------------------------------------------------------- activation quantization
+
+def assert_matches_reference_quantization(x: torch.Tensor, threshold: float) -> None:
+    CA, SCA, index = cpu.quantize_activation(x, threshold)
+    (ref_CA, ref_SCA), columns = reference.quantize_activation(x, threshold)
+    assert torch.equal(CA, ref_CA)
+    assert torch.equal(SCA, ref_SCA) or torch.allclose(SCA, ref_SCA, equal_nan=True, rtol=0, atol=0)
+    if columns.any():
+        assert torch.equal(index, columns.nonzero().flatten())
+    else:
+        assert index is None
+
+
+@needs_library
+@pytest.mark.parametrize("threshold", [0.0, 6.0, 1.5])
+@pytest.mark.parametrize("M, K", [(0, 16), (1, 576), (3, 0), (5, 37), (17, 1536), (64, 100)])
+def test_quantize_matches_reference(M, K, threshold):
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M * 1000 + K)) * 3
+    assert_matches_reference_quantization(x, threshold)
+
+
+@needs_library
+def test_quantize_ties_round_half_to_even():
+    # absmax 127 makes the inverse scale exactly 1: every x.5 is a tie, in the vector body
+    # (first 32) and the scalar tail.
+    halves = torch.arange(-126.5, 127.0, 1.0)
+    x = torch.cat([halves, torch.tensor([127.0])]).repeat(2, 1)[:, :37].contiguous()
+    x[:, 0] = 127.0
+    assert_matches_reference_quantization(x, 0.0)
+    CA, _, _ = cpu.quantize_activation(x, 0.0)
+    assert CA[0, 1:5].tolist() == [-126, -124, -124, -122]  # -125.5, -124.5, -123.5, -122.5
+
+
+@needs_library
+def test_quantize_threshold_compared_in_fp32():
+    # 6.1 in fp32 is below 6.1 in double: the element is an outlier in fp32, as in torch.
+    x = torch.ones(2, 40)
+    x[0, 3] = 6.1
+    x[1, 35] = 6.0
+    for threshold in (6.1, 6.0):
+        assert_matches_reference_quantization(x, threshold)
+    assert cpu.quantize_activation(x, 6.1)[2].tolist() == [3]
+    assert cpu.quantize_activation(x, 6.0)[2].tolist() == [3, 35]
+
+
+@needs_library
+def test_value_exactly_at_threshold_is_an_outlier():
+    x = torch.zeros(2, 4)
+    x[0, 1] = 6.0
+    assert cpu.quantize_activation(x, 6.0)[2].tolist() == [1]
+    x[0, 1] = torch.nextafter(torch.tensor(6.0), torch.tensor(0.0))  # the fp32 just below
+    assert cpu.quantize_activation(x, 6.0)[2] is None
+
+
+@needs_library
+def test_quantize_zero_rows_and_all_outlier_columns():
+    x = torch.zeros(4, 40)
+    x[1] = 7.0  # every column is an outlier column: every row scale is 0, all of CA is 0
+    assert_matches_reference_quantization(x, 6.0)
+    CA, SCA, index = cpu.quantize_activation(x, 6.0)
+    assert not CA.any() and not SCA.any() and index.tolist() == list(range(40))
+
+
+@needs_library
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+@pytest.mark.parametrize("column", [5, 36])  # vector body, scalar tail
+def test_quantize_nan_and_inf(threshold, column):
+    x = torch.randn(3, 40, generator=torch.Generator().manual_seed(0))
+    x[1, column] = float("nan")
+    x[2, column] = float("inf")
+    assert_matches_reference_quantization(x, threshold)
+    _, SCA, _ = cpu.quantize_activation(x, threshold)
+    assert torch.isnan(SCA[1]) and torch.isfinite(SCA[0])
+
+
+@needs_library
+def test_quantize_subnormal_scale_and_other_dtypes():
+    x = torch.zeros(2, 40)
+    x[0, 7] = 1e-45  # 1 / absmax is inf: zeros become NaN products, quantized to 0 like torch
+    assert_matches_reference_quantization(x, 6.0)
+    y = torch.randn(5, 33, dtype=torch.bfloat16) * 4
+    assert_matches_reference_quantization(y, 6.0)
+    assert_matches_reference_quantization(y.t(), 6.0)  # non-contiguous
+
+
+# ---------------------------------------------------------------- fused linear, per kernel
+
+def fused_case(M, K, N, outlier_columns=(), seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=generator) * 2
+    for column in outlier_columns:
+        x[:, column] = 20.0 * torch.sign(torch.randn(M, generator=generator))
+    weight = torch.randn(N, K, generator=generator) / K**0.5
+    bias = torch.randn(N, generator=generator)
+    CB, SCB = reference.quantize_weight(weight)
+    return x, weight, bias, CB, SCB
+
+
+@pytest.mark.parametrize("kernel", ALL_GEMMS)
+@pytest.mark.parametrize("M, K, N", [(0, 16, 8), (1, 576, 1536), (5, 37, 33), (16, 100, 576), (33, 64, 7), (40, 130, 50)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fused_linear_without_outliers_is_bit_exact(kernel, M, K, N, with_bias):
+    # Dequantization and bias in the GEMM's tiles follow the reference's fp32 rounding steps.
+    x, weight, bias, CB, SCB = fused_case(M, K, N)
+    bias = bias if with_bias else None
+    for threshold in (0.0, 1e6):
+        expected = reference.int8_linear(x, CB, SCB, bias, threshold, weight)
+        assert torch.equal(cpu.int8_linear(x, CB, SCB, bias, threshold, weight, kernel), expected)
+
+
+def outlier_bound(x, weight_columns, columns, y_ref):
+    """fp32 summation order of the outlier part (<= count * eps * sum |x_o w_o|) plus the final sum's rounding."""
+    eps = torch.finfo(torch.float32).eps
+    magnitude = x[:, columns].abs() @ weight_columns.abs().t()
+    return len(columns) * eps * magnitude + eps * y_ref.abs()
+
+
+@pytest.mark.parametrize("kernel", ALL_GEMMS)
+@pytest.mark.parametrize("fp_weight", [True, False])
+@pytest.mark.parametrize("columns", [(3,), (0, 17, 39), tuple(range(0, 40, 2))])
+@pytest.mark.parametrize("M", [9, 40])  # 40 rows and 20 columns: the outlier part goes to BLAS
+def test_fused_linear_outlier_part(kernel, fp_weight, columns, M):
+    x, weight, bias, CB, SCB = fused_case(M, 40, 24, columns)
+    w = weight if fp_weight else None
+    y = cpu.int8_linear(x, CB, SCB, bias, 6.0, w, kernel)
+    y_ref = reference.int8_linear(x, CB, SCB, bias, 6.0, w)
+    source = weight if fp_weight else reference.dequantize_rows(CB, SCB)
+    bound = outlier_bound(x, source[:, list(columns)], list(columns), y_ref)
+    assert ((y - y_ref).abs() <= bound).all()
+    # Dropping the outlier part, or taking the wrong weight columns, is far outside it.
+    assert (reference.int8_linear(x, CB, SCB, bias, 6.0, None if fp_weight else weight) - y_ref).abs().max() > bound.max()
+
+
+@needs_library
+@pytest.mark.parametrize("M, columns", [(6, (2, 40)), (20, tuple(range(1, 48, 5)))])  # loop, BLAS
+def test_fused_linear_reads_only_the_outlier_columns_of_the_weight(M, columns):
+    # Every other column of the fp weight is NaN: reading one would poison the output.
+    x, weight, bias, CB, SCB = fused_case(M, 48, 20, columns)
+    outliers = reference.outlier_columns(x, 6.0)
+    assert outliers.sum() < 48
+    poisoned = weight.masked_fill(~outliers, float("nan"))
+    y = cpu.int8_linear(x, CB, SCB, bias, 6.0, poisoned)
+    assert torch.equal(y, cpu.int8_linear(x, CB, SCB, bias, 6.0, weight))
+    assert torch.isfinite(torch_path.int8_linear(x, CB, SCB, bias, 6.0, poisoned)).all()
+
+
+@needs_library
+def test_fused_linear_strided_weight():
+    # A Conv1D-style weight is a transposed view: the kernel reads its strides in place.
+    x, weight, bias, CB, SCB = fused_case(6, 48, 20, (1, 5, 30))
+    weight_view = weight.t().contiguous().t()
+    assert not weight_view.is_contiguous()
+    y_ref = reference.int8_linear(x, CB, SCB, bias, 6.0, weight)
+    bound = outlier_bound(x, weight[:, [1, 5, 30]], [1, 5, 30], y_ref)
+    assert ((cpu.int8_linear(x, CB, SCB, bias, 6.0, weight_view) - y_ref).abs() <= bound).all()
+
+
+@needs_library
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("M, columns", [(6, (2, 40)), (16, tuple(range(1, 48, 5)))])  # loop, BLAS
+def test_fused_linear_reads_other_weight_dtypes(dtype, M, columns):
+    x, weight, bias, CB, SCB = fused_case(M, 48, 20, columns)
+    weight = weight.to(dtype)
+    y = cpu.int8_linear(x, CB, SCB, bias, 6.0, weight)
+    # The same columns as fp32 values: the kernel converts exactly, then works in fp32.
+    assert torch.equal(y, cpu.int8_linear(x, CB, SCB, bias, 6.0, weight.float()))
+    # ... and the weight's bits really are used (not the int8 columns).
+    assert not torch.equal(y, cpu.int8_linear(x, CB, SCB, bias, 6.0, None))
+
+
+@needs_library
+def test_fused_linear_every_column_an_outlier():
+    x, weight, bias, CB, SCB = fused_case(4, 40, 9)
+    x[0] = 7.0  # every column holds an outlier: the int8 part is all zero
+    y_ref = reference.int8_linear(x, CB, SCB, bias, 6.0, weight)
+    bound = outlier_bound(x, weight, list(range(40)), y_ref)
+    assert ((cpu.int8_linear(x, CB, SCB, bias, 6.0, weight) - y_ref).abs() <= bound).all()
+
+
+@needs_library
+def test_fused_linear_bf16_input():
+    x, weight, bias, CB, SCB = fused_case(5, 40, 12, (7,))
+    x = x.bfloat16()
+    y = cpu.int8_linear(x, CB, SCB, bias, 6.0, None)
+    y_ref = reference.int8_linear(x, CB, SCB, bias, 6.0, None)
+    assert y.dtype == torch.bfloat16
+    # The kernel keeps the outlier part in fp32, the reference rounds it to bf16 first;
+    # both round the sum to bf16 once.
+    eps = torch.finfo(torch.bfloat16).eps
+    source = reference.dequantize_rows(CB, SCB)
+    bound = eps * (x.float()[:, [7]].abs() @ source[:, [7]].abs().t()) + eps * y_ref.float().abs()
+    assert ((y.float() - y_ref.float()).abs() <= bound).all()
+
+
+# ---------------------------------------------------------------- the AMX kernel, emulated
+
+@pytest.fixture(scope="module")
+def emulated_amx():
+    """gemm_amx.cpp built with scalar stand-ins for the tile instructions (amx_emulation.h):
+    its packing, blocking and edges, checked on CPUs without AMX."""
+    import ctypes
+
+    from torch.utils import cpp_extension
+
+    if not {"avx2"} <= cpu._cpu_flags():
+        pytest.skip("needs AVX2")
+    source = os.path.join(os.path.dirname(build.__file__), "gemm_amx.cpp")
+    directory = build.build_directory("int8fx_amx_emulation")
+    try:
+        with build.exclusive_build(directory):
+            path = cpp_extension.load(name="int8fx_amx_emulation", sources=[source], extra_cflags=["-O2", "-mavx2", "-DINT8FX_EMULATE_AMX"],
+                                      build_directory=directory, is_python_module=False)
+    except Exception as error:
+        pytest.skip(f"needs a C++ compiler ({type(error).__name__}: {error})")
+    library = ctypes.CDLL(path)
+    library.int8fx_emulated_amx_gemm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5
+    return library
+
+
+def test_emulated_amx_self_check_passes(emulated_amx):
+    assert emulated_amx.int8fx_emulated_amx_self_check() == 1
+
+
+@pytest.mark.parametrize("m_chunk, n_block", [(64, 48), (16, 16), (1024, 1024)])
+def test_emulated_amx_matches_reference(emulated_amx, m_chunk, n_block):
+    # Ragged edges in every dimension: M and N around the 16-row tiles and 32-row passes,
+    # K around the 64-byte k-step (the last group of B rows is padded, the others read on).
+    for M in (1, 16, 17, 33, 70):
+        for K in (1, 63, 64, 65, 130):
+            for N in (1, 16, 17, 32, 33, 50):
+                CA, CB = random_int8(M, K, seed=M * K + N, low=-128), random_int8(N, K, seed=N)
+                C = torch.empty(M, N, dtype=torch.int32)
+                emulated_amx.int8fx_emulated_amx_gemm(CA.data_ptr(), CB.data_ptr(), C.data_ptr(), M, N, K, m_chunk, n_block)
+                assert torch.equal(C, reference.int8_matmul(CA, CB)), (M, K, N)
