@@ -6,18 +6,19 @@ part, and an exact int8 GEMM whose tiles dequantize, add the outlier part and th
 they finish. Loading it registers that linear as ``int8fx::int8_linear``'s CPU kernel,
 so a compiled graph's call goes from the dispatcher straight to C++.
 
-The GEMM kernel is chosen once per process from CPUID (``isa.cpp``), per call by M:
+The GEMM kernel is chosen once per process from CPUID (``isa.cpp``), per call by the shape
+(``linear_op.cpp``'s ``choose_gemm``, with the measurements behind it):
 
-==============  ==========================================  ===============================
-kernel          needs                                       used for
-==============  ==========================================  ===============================
-``amx``         AMX-INT8 (Sapphire Rapids and later)        M >= 32, if its self-check passed
-``avx512_vnni`` AVX-512 F/BW/VL + VNNI (Zen 4, Ice Lake+)   every other M
-``avx2``        AVX2 (Zen 3, Haswell+)                      every M, where nothing better is
-==============  ==========================================  ===============================
+===============  ==========================================  ==================================
+kernel           needs                                       used for
+===============  ==========================================  ==================================
+``amx``          AMX-INT8 (Sapphire Rapids and later)        M >= 32, if its self-check passed
+``avx512_vnni``  AVX-512 F/BW/VL + VNNI (Zen 4, Ice Lake+)   M < 16, and M <= 64 when K >= 64 M
+``onednn``       the same (``torch._int_mm``)                larger M on VNNI CPUs without AMX
+``avx2``         AVX2 (Zen 3, Haswell+)                      every M where there is no VNNI
+===============  ==========================================  ==================================
 
-Every kernel is exact int32 arithmetic, bit-identical with ``reference.int8_matmul``;
-``onednn`` (``torch._int_mm``) can be asked for by name, for comparisons.
+Every kernel is exact int32 arithmetic, bit-identical with ``reference.int8_matmul``.
 
 Where the library cannot be built or loaded (no compiler, no AVX2), ``load()`` logs why
 and returns False, and the op runs ``torch_path`` (the reference's steps around

@@ -26,7 +26,7 @@ SOURCES = [os.path.join(_HERE, name) for name in (
 LIBRARY_NAME = "int8fx_cpu_kernels"
 # The baseline every file is compiled for; wider instruction sets are switched on per file
 # (kernels.h) and only called where the CPU has them.
-_CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 _BUILD_WAIT_S = 600.0  # how long to wait for another process's build before giving up on it
 
 
@@ -76,6 +76,6 @@ def compile_library() -> str:
     directory = build_directory()
     with exclusive_build(directory):
         return cpp_extension.load(
-            name=LIBRARY_NAME, sources=SOURCES, extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
+            name=LIBRARY_NAME, sources=SOURCES, extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
             build_directory=directory, is_python_module=False,
         )

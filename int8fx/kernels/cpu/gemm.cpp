@@ -29,7 +29,11 @@ using Sweep = void (*)(const GemmProblem&, int64_t, int64_t, int64_t, int64_t, c
 // Blocks of B rows are a multiple of the kernel's tile width, so that only the last one
 // has a ragged edge.
 int64_t tile_columns(Kernel kernel, int64_t M) {
-  if (kernel == Kernel::kAmx) return 16;
+  switch (kernel) {
+    case Kernel::kAmx: return 16;
+    case Kernel::kAvx512Vnni: return M == 1 ? 8 : 4;
+    case Kernel::kAvx2: break;
+  }
   return M == 1 ? 8 : 6;
 }
 

@@ -32,7 +32,7 @@ inline __m512i load_tail(const int8_t* p, __mmask64 mask) { return _mm512_maskz_
 inline __mmask64 tail_mask(int64_t bytes) { return (__mmask64(1) << bytes) - 1; }  // bytes < 64
 
 // Rows m..m+MR of A against rows n..n+NR of B: MR * NR accumulators of 16 int32 lanes
-// (24 of the 32 zmm registers at 4 x 6, plus 4 rows of A, one of B and the offset).
+// (16 of the 32 zmm registers at 4 x 4, plus 4 rows of A, one of B and the offset).
 template <int MR, int NR>
 void tile(const GemmProblem& p, int64_t m, int64_t n, const GemmOutput& out) {
   const int64_t K = p.K;
@@ -103,11 +103,16 @@ void sweep(const GemmProblem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
 
 }  // namespace
 
+// Tiles measured on a 2-core EPYC (Zen 4), M = 2-48 on 4096 x 4096, 576 x 1536 and
+// 1536 x 576: 4 x 4 was up to 1.6x faster than 4 x 6 and 3 x 8, and as fast as 2 x 8.
+// Rows of A and B are K bytes apart: at K = 4096 every one of them maps to the same L1
+// set, and a tile reads MR + NR of them at once, so fewer rows in flight beat more reuse.
+// One row of A (decode) takes 1 x 8: the weight streams, prefetched.
 void sweep_avx512_vnni(const GemmProblem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, const GemmOutput& out) {
   if (p.M == 1) {
     sweep<1, 8>(p, m0, m1, n0, n1, out);
   } else {
-    sweep<4, 6>(p, m0, m1, n0, n1, out);
+    sweep<4, 4>(p, m0, m1, n0, n1, out);
   }
 }
 

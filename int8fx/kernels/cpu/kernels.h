@@ -10,9 +10,15 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace int8fx {
+
+// reference.INT8_MAX: quantized values lie in [-127, 127]; a row scale is its absmax, so a
+// value dequantizes as q * absmax / 127 and a product of two as c * SCA * SCB / 127^2.
+constexpr float kInt8Max = 127.0f;
+constexpr float kInt8MaxSquared = kInt8Max * kInt8Max;
 
 // ---------------------------------------------------------------- instruction sets
 
@@ -35,6 +41,83 @@ struct CpuFeatures {
 const CpuFeatures& cpu_features();
 bool can_run(Kernel kernel);
 
+// Raw 16-bit patterns of the fp weight when it is not fp32.
+struct BFloat16Bits { uint16_t bits; };
+struct HalfBits { uint16_t bits; };
+
+// The fp weight [N, K] whose outlier columns are used, read in place with any strides;
+// data == nullptr means "dequantize the outlier columns of CB instead".
+struct FpWeight {
+  enum Type { kFloat32, kBFloat16, kFloat16 };
+  const void* data;
+  Type type;
+  int64_t row_stride;
+  int64_t column_stride;
+};
+
+inline float to_float(float w) { return w; }
+inline float to_float(BFloat16Bits w) {  // bf16 is the top half of an fp32
+  const uint32_t bits = uint32_t(w.bits) << 16;
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+inline float to_float(HalfBits w) { return _cvtsh_ss(w.bits); }
+
+// The outlier part of row m, output n: sum over the outlier columns c (ascending) of
+// X[m, c] * W[n, c] in fp32, W being the fp weight or, without one, CB dequantized as
+// reference.dequantize_rows does (CB * (SCB / 127)). Used by GemmOutput at small M, where
+// the GEMM streams each row of CB once: the outlier columns of a row are read right after
+// the row itself, not in a pass of their own with a cache miss per row.
+struct OutlierColumns {
+  const float* X;  // fp32 [M, K]
+  int64_t K;
+  const int64_t* columns;
+  int64_t count;
+  FpWeight W;
+  const int8_t* CB;
+  const float* SCB;
+  int64_t N;
+
+  // W[n, k] for the fp weight, CB[n, k] (not yet scaled) without one.
+  float raw(int64_t n, int64_t k) const {
+    const int64_t at = n * W.row_stride + k * W.column_stride;
+    switch (W.data ? int(W.type) : -1) {
+      case FpWeight::kFloat32: return static_cast<const float*>(W.data)[at];
+      case FpWeight::kBFloat16: return to_float(static_cast<const BFloat16Bits*>(W.data)[at]);
+      case FpWeight::kFloat16: return to_float(static_cast<const HalfBits*>(W.data)[at]);
+      default: return float(CB[n * K + k]);
+    }
+  }
+  float sum(int64_t m, int64_t n) const {
+    const float scale = W.data ? 1.0f : SCB[n] / kInt8Max;
+    const float* x = X + m * K;
+    float y = x[columns[0]] * (raw(n, columns[0]) * scale);
+    for (int64_t o = 1; o < count; ++o) y = y + x[columns[o]] * (raw(n, columns[o]) * scale);
+    return y;
+  }
+  // sum() for outputs n..n+3, each lane rounding as sum() does.
+  __m128 sum4(int64_t m, int64_t n) const {
+    const __m128 scale = W.data ? _mm_set1_ps(1.0f) : _mm_div_ps(_mm_loadu_ps(SCB + n), _mm_set1_ps(kInt8Max));
+    const float* x = X + m * K;
+    __m128 y = _mm_setzero_ps();
+    for (int64_t o = 0; o < count; ++o) {
+      const int64_t c = columns[o];
+      const __m128 w = _mm_mul_ps(_mm_setr_ps(raw(n, c), raw(n + 1, c), raw(n + 2, c), raw(n + 3, c)), scale);
+      const __m128 product = _mm_mul_ps(_mm_set1_ps(x[c]), w);
+      y = o == 0 ? product : _mm_add_ps(y, product);
+    }
+    return y;
+  }
+  // The fp weight is not streamed like CB: fetch the outlier elements of rows to come.
+  void prefetch(int64_t n) const {
+    if (!W.data || n >= N) return;
+    const int64_t element = W.type == FpWeight::kFloat32 ? 4 : 2;
+    for (int64_t o = 0; o < count; ++o)
+      _mm_prefetch(static_cast<const char*>(W.data) + (n * W.row_stride + columns[o] * W.column_stride) * element, _MM_HINT_T0);
+  }
+};
+
 // ---------------------------------------------------------------- GEMM output
 
 // Where a tile's finished int32 dot products go: `count` consecutive outputs of row m,
@@ -42,8 +125,9 @@ bool can_run(Kernel kernel);
 // (no int32 [M, N] round trip through memory):
 //   out[m, n] = (float(c) * (SCA[m] * SCB[n])) / 127^2 (+ out[m, n]) (+ bias[n])
 // with one fp32 rounding per step in the order of reference.dequantize_output (torch divides
-// by the scalar, it does not multiply by its reciprocal). When add_outliers, out already
-// holds the outlier part Y16 and the sum is Y8 + Y16; the bias is added last.
+// by the scalar, it does not multiply by its reciprocal). The outlier part Y16 is either
+// already in out (add_outliers) or computed here (outliers); the sum is Y8 + Y16, and the
+// bias is added last.
 struct GemmOutput {
   int32_t* c32 = nullptr;  // set: store int32, ignore the rest
   float* out = nullptr;
@@ -52,6 +136,8 @@ struct GemmOutput {
   const float* SCB = nullptr;
   const float* bias = nullptr;  // may be null
   bool add_outliers = false;
+  const OutlierColumns* outliers = nullptr;  // may be null; never with add_outliers
+  int64_t prefetch_rows_ahead = 0;           // with outliers: fetch W's elements this far ahead
 
   void operator()(int64_t m, int64_t n, const int32_t* values, int count) const {
     if (c32) {
@@ -61,18 +147,32 @@ struct GemmOutput {
     float* o = out + m * ldc + n;
     const float* scb = SCB + n;
     const float* b = bias ? bias + n : nullptr;
-    const __m128 sa = _mm_set1_ps(SCA[m]), divisor = _mm_set1_ps(16129.0f);
+    if (outliers && m == 0) {
+      for (int j = 0; j < count; ++j) outliers->prefetch(n + prefetch_rows_ahead + j);
+    }
     int j = 0;
-    for (; j + 4 <= count; j += 4) {  // each lane rounds exactly as the scalar tail
+    const __m256 sa8 = _mm256_set1_ps(SCA[m]), divisor8 = _mm256_set1_ps(kInt8MaxSquared);
+    for (; j + 8 <= count; j += 8) {  // each lane rounds exactly as the scalar tail
+      const __m256 value = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(values + j)));
+      __m256 y = _mm256_div_ps(_mm256_mul_ps(value, _mm256_mul_ps(sa8, _mm256_loadu_ps(scb + j))), divisor8);
+      if (add_outliers) y = _mm256_add_ps(y, _mm256_loadu_ps(o + j));
+      if (outliers) y = _mm256_add_ps(y, _mm256_set_m128(outliers->sum4(m, n + j + 4), outliers->sum4(m, n + j)));
+      if (b) y = _mm256_add_ps(y, _mm256_loadu_ps(b + j));
+      _mm256_storeu_ps(o + j, y);
+    }
+    const __m128 sa = _mm_set1_ps(SCA[m]), divisor = _mm_set1_ps(kInt8MaxSquared);
+    for (; j + 4 <= count; j += 4) {
       const __m128 value = _mm_cvtepi32_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(values + j)));
       __m128 y = _mm_div_ps(_mm_mul_ps(value, _mm_mul_ps(sa, _mm_loadu_ps(scb + j))), divisor);
       if (add_outliers) y = _mm_add_ps(y, _mm_loadu_ps(o + j));
+      if (outliers) y = _mm_add_ps(y, outliers->sum4(m, n + j));
       if (b) y = _mm_add_ps(y, _mm_loadu_ps(b + j));
       _mm_storeu_ps(o + j, y);
     }
     for (; j < count; ++j) {
-      float y = float(values[j]) * (SCA[m] * scb[j]) / 16129.0f;
+      float y = float(values[j]) * (SCA[m] * scb[j]) / kInt8MaxSquared;
       if (add_outliers) y = y + o[j];
+      if (outliers) y = y + outliers->sum(m, n + j);
       if (b) y = y + b[j];
       o[j] = y;
     }
@@ -109,20 +209,6 @@ void int8_gemm(Kernel kernel, const int8_t* A, const int8_t* B, int64_t M, int64
 // use_threshold is the caller's `threshold > 0` (decided in double). (quantize.cpp)
 std::vector<int64_t> quantize_activation(const float* X, int64_t M, int64_t K, bool use_threshold, float threshold,
                                          int8_t* CA, float* SCA);
-
-// Raw 16-bit patterns of the fp weight when it is not fp32.
-struct BFloat16Bits { uint16_t bits; };
-struct HalfBits { uint16_t bits; };
-
-// The fp weight [N, K] whose outlier columns are used, read in place with any strides;
-// data == nullptr means "dequantize the outlier columns of CB instead".
-struct FpWeight {
-  enum Type { kFloat32, kBFloat16, kFloat16 };
-  const void* data;
-  Type type;
-  int64_t row_stride;
-  int64_t column_stride;
-};
 
 // out [M, N] = X[:, columns] @ W[:, columns]^T accumulated in fp32, column by column (meant
 // for a handful of columns); only those columns of W (or of CB) are read. (outliers.cpp)

@@ -50,18 +50,22 @@ Gemm parse_gemm(const std::string& name) {
 }
 
 // The choice for an [M, K] x [K, N] product on this CPU, from measurements
-// (benchmarks/README.md, AMD EPYC Zen 4, 2 threads):
+// (benchmarks/README.md, AMD EPYC Zen 4, 2 threads, int8 GEMM ms, int8fx / oneDNN):
 // * oneDNN's GEMM (at::_int_mm) repacks the whole weight on every call (about 3 ms for
-//   4096 x 4096), then runs near the VNNI peak; int8fx's AVX-512 kernel reads CB as it is,
-//   at about half that peak. Its kernel wins below M = 16, and below about M = K / 100 for
-//   large K (4096 x 4096: 3.3 ms against 4.3 ms at M = 32, even at M = 48);
+//   4096 x 4096), then runs near the VNNI peak; int8fx's AVX-512 kernel reads CB as it is.
+//   Its kernel wins below M = 16 everywhere, and up to M = 64 when K is large
+//   (4096 x 4096: 1.5 / 4.0 at M = 32, 3.0 / 5.3 at M = 64, 6.5 / 6.6 at M = 96;
+//   576 x 1536: 0.11 / 0.10 at M = 24);
 // * the AMX tiles need rows enough to fill them (16 per tile, two tiles per pass).
 // Without VNNI, oneDNN's int8 GEMM is a slow generic loop: AVX2 machines keep int8fx's.
 Gemm choose_gemm(int64_t M, int64_t K) {
-  constexpr int64_t kAmxMinRows = 32;
+  constexpr int64_t kAmxMinRows = 32, kVnniMaxRows = 64, kVnniMinKPerRow = 64;
   const CpuFeatures& cpu = cpu_features();
   if (cpu.amx_int8 && M >= kAmxMinRows) return Gemm::kAmx;
-  if (cpu.avx512_vnni) return M < 16 || M * 100 < K ? Gemm::kAvx512Vnni : Gemm::kOneDnn;
+  if (cpu.avx512_vnni) {
+    const bool own_kernel = M < 16 || (M <= kVnniMaxRows && M * kVnniMinKPerRow <= K);
+    return own_kernel ? Gemm::kAvx512Vnni : Gemm::kOneDnn;
+  }
   return Gemm::kAvx2;
 }
 
@@ -116,6 +120,15 @@ FpWeight fp_weight_view(const std::optional<at::Tensor>& weight, at::Tensor& kee
   return {keep_alive.data_ptr(), type, keep_alive.stride(0), keep_alive.stride(1)};
 }
 
+// At small M the GEMM streams each row of CB once and finishes its outputs right away:
+// the outlier columns of a row are added then (GemmOutput), while the row is in cache,
+// instead of in a pass of their own that misses the cache once per row of the weight
+// (4096 x 4096 at M = 1: threshold 6 cost 1.2x threshold 0 that way, 1.5x with the fp
+// weight). At larger M the outlier part is a small matmul of its own, below.
+constexpr int64_t kFusedOutlierMaxRows = 16;
+constexpr int64_t kOutlierPrefetchRows = 32;  // rows of W ahead; measured 16-64 at 4096 x 4096, M = 1-4: 32 best, all noisy
+bool outliers_in_the_gemm(int64_t M, Gemm gemm) { return M < kFusedOutlierMaxRows && gemm != Gemm::kOneDnn; }
+
 // Wide outlier sets go to BLAS: the kernel's column-by-column loop re-reads the output
 // once per column, which a matmul does not (SmolLM2's last down_proj layers see hundreds
 // of outlier columns over a 512-token prompt). A handful of columns, or one row (decode),
@@ -132,7 +145,7 @@ void outlier_part_blas(const at::Tensor& x32, std::vector<int64_t>& columns, con
   if (weight.has_value()) {
     w_columns = weight->index_select(1, index).to(at::kFloat);
   } else {
-    w_columns = CB.index_select(1, index).to(at::kFloat).mul(SCB.div(127.0).unsqueeze(1));
+    w_columns = CB.index_select(1, index).to(at::kFloat).mul(SCB.div(double(kInt8Max)).unsqueeze(1));
   }
   at::mm_out(out, x32.index_select(1, index), w_columns.t());
 }
@@ -167,21 +180,29 @@ at::Tensor linear_with(Gemm gemm, const at::Tensor& x, const at::Tensor& CB, con
   at::Tensor SCA = at::empty({M}, x32.options());
   std::vector<int64_t> columns =
       quantize_activation(x32.data_ptr<float>(), M, K, threshold > 0, float(threshold), CA.data_ptr<int8_t>(), SCA.data_ptr<float>());
-  if (!columns.empty() && outliers_by_blas(M, int64_t(columns.size()))) {
-    outlier_part_blas(x32, columns, weight, CB_c, SCB_c, out);
-  } else if (!columns.empty()) {
-    at::Tensor weight_alive;
-    const FpWeight fp_weight = fp_weight_view(weight, weight_alive);
-    outlier_part(x32.data_ptr<float>(), M, K, columns, fp_weight, CB_c.data_ptr<int8_t>(), SCB_c.data_ptr<float>(), N,
-                 out.data_ptr<float>());
-  }
+  at::Tensor weight_alive;
+  const FpWeight fp_weight = fp_weight_view(weight, weight_alive);
   GemmOutput dequantize;
   dequantize.out = out.data_ptr<float>();
   dequantize.ldc = N;
   dequantize.SCA = SCA.data_ptr<float>();
   dequantize.SCB = SCB_c.data_ptr<float>();
   dequantize.bias = bias.has_value() ? bias32.data_ptr<float>() : nullptr;
-  dequantize.add_outliers = !columns.empty();
+  const OutlierColumns outliers{x32.data_ptr<float>(), K, columns.data(), int64_t(columns.size()), fp_weight,
+                                CB_c.data_ptr<int8_t>(), SCB_c.data_ptr<float>(), N};
+  if (columns.empty()) {
+    // nothing to add
+  } else if (outliers_in_the_gemm(M, gemm)) {
+    dequantize.outliers = &outliers;
+    dequantize.prefetch_rows_ahead = kOutlierPrefetchRows;
+  } else if (outliers_by_blas(M, int64_t(columns.size()))) {
+    outlier_part_blas(x32, columns, weight, CB_c, SCB_c, out);
+    dequantize.add_outliers = true;
+  } else {
+    outlier_part(x32.data_ptr<float>(), M, K, columns, fp_weight, CB_c.data_ptr<int8_t>(), SCB_c.data_ptr<float>(), N,
+                 out.data_ptr<float>());
+    dequantize.add_outliers = true;
+  }
   run_gemm(gemm, CA, CB_c, dequantize);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;

@@ -15,15 +15,6 @@
 namespace int8fx {
 namespace {
 
-inline float to_float(float w) { return w; }
-inline float to_float(BFloat16Bits w) {  // bf16 is the top half of an fp32
-  const uint32_t bits = uint32_t(w.bits) << 16;
-  float value;
-  std::memcpy(&value, &bits, sizeof value);
-  return value;
-}
-inline float to_float(HalfBits w) { return _cvtsh_ss(w.bits); }
-
 // out[M, N] = X[:, columns] @ Wc^T in fp32, columns in ascending order, where Wc holds the
 // outlier columns of the fp weight W (element [n, k] at W[n * w_row + k * w_col]) or,
 // when W is null, of CB dequantized as reference.dequantize_rows does: CB * (SCB / 127).
@@ -37,7 +28,7 @@ void outlier_part_of(const float* X, int64_t M, int64_t K, const std::vector<int
   std::unique_ptr<float[]> columns_t(new float[count * N]);
   at::parallel_for(0, N, 256, [&](int64_t first, int64_t last) {
     for (int64_t n = first; n < last; ++n) {
-      const float dequantize = SCB[n] / 127.0f;
+      const float dequantize = SCB[n] / kInt8Max;
       for (int64_t o = 0; o < count; ++o)
         columns_t[o * N + n] = W ? to_float(W[n * w_row + columns[o] * w_col]) : float(CB[n * K + columns[o]]) * dequantize;
     }

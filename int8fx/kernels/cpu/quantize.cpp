@@ -67,13 +67,13 @@ float row_absmax(const float* x, int64_t K, float threshold, bool use_threshold,
 
 inline float quantize_one(float x, float inverse_scale) {
   const float q = std::nearbyint(x * inverse_scale);
-  return q != q ? 0.0f : std::min(127.0f, std::max(-127.0f, q));
+  return q != q ? 0.0f : std::min(kInt8Max, std::max(-kInt8Max, q));
 }
 
 void quantize_row(const float* x, int64_t K, float absmax, int8_t* out) {
-  const float inverse_scale = absmax > 0 ? (1.0f / absmax) * 127.0f : 0.0f;
+  const float inverse_scale = absmax > 0 ? (1.0f / absmax) * kInt8Max : 0.0f;
   const __m256 scale = _mm256_set1_ps(inverse_scale);
-  const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+  const __m256 lo = _mm256_set1_ps(-kInt8Max), hi = _mm256_set1_ps(kInt8Max);
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
     __m256i q[4];
