@@ -25,7 +25,7 @@ import int8fx
 from int8fx.demo.data import bbc_token_chunks
 from int8fx.demo.measure import chunk_nlls, perplexity_change, perplexity_from_nlls
 from int8fx.demo.models import keep_first_decoder_layers, load_smollm2
-from int8fx.passes import matches_skip
+from int8fx.paths import matches_skip
 from report_table import format_cell, print_markdown_table, write_csv
 
 SKIP = ("lm_head",)  # as Hugging Face's load_in_8bit does

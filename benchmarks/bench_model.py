@@ -42,7 +42,7 @@ from bench_linear import describe
 from int8fx.demo.data import bbc_token_chunks
 from int8fx.demo.measure import DECODE_WARMUP_STEPS, generate_in_turns
 from int8fx.demo.models import MissingPackages, keep_first_decoder_layers, load_causal_lm, load_smollm2
-from int8fx.passes import matches_skip
+from int8fx.paths import matches_skip
 from report_table import format_cell, print_markdown_table, pyplot_or_none, write_csv
 
 BASELINE = "fp32 inductor"

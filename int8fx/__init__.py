@@ -3,10 +3,11 @@
 Importing int8fx registers its ops (``torch.ops.int8fx.*``) and changes no global setting.
 """
 
-from int8fx.backend import GraphReport, Int8LtBackend, LayerReport, int8lt
+from int8fx.backend import Int8LtBackend, int8lt
 from int8fx.config import Int8LtConfig
 from int8fx import nn
 from int8fx.functional import MatmulLtState, matmul
+from int8fx.report import GraphReport, LayerReport
 from int8fx.swap import replace_linear
 from int8fx.weights import ReleasedWeightError
 

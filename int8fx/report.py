@@ -1,5 +1,7 @@
-"""Human-readable reports of what the ``int8lt`` backend did: a per-layer table and graph dumps.
+"""What the ``int8lt`` backend did, per graph and per linear, and its human-readable forms.
 
+* ``GraphReport`` / ``LayerReport``: written by the backend for every graph it compiles
+  (``Int8LtBackend.reports``), one ``LayerReport`` per linear it saw, replaced or not.
 * ``format_layer_table(reports)``: one row per linear of every compiled graph: module path,
   weight shape, int8 or kept in floating point (and why), weight-quantization SQNR, and
   optionally the outlier columns the layer's input had.
@@ -14,12 +16,44 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 
-from int8fx.backend import GraphReport, LayerReport
+
+# ---------------------------------------------------------------- what the backend did
+
+@dataclass
+class LayerReport:
+    """What the backend did with one linear."""
+
+    module_path: str
+    weight: str  # the parameter's name, e.g. "model.embed_tokens.weight" for a tied lm_head
+    shape: tuple[int, int]  # (out_features, in_features)
+    action: str  # "int8" or "fp"
+    reason: str = ""
+    weight_sqnr_db: float = float("nan")
+
+
+@dataclass
+class GraphReport:
+    """One compiled graph: its linears and the graph before and after the rewrite."""
+
+    index: int
+    layers: list[LayerReport] = field(default_factory=list)
+    before: str = ""
+    after: str = ""
+    error: str = ""
+
+    @property
+    def replaced(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if layer.action == "int8"]
+
+    @property
+    def skipped(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if layer.action == "fp"]
 
 
 class OutlierStat(NamedTuple):

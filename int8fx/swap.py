@@ -14,7 +14,7 @@ from torch import nn
 
 from int8fx.config import Int8LtConfig
 from int8fx.nn.modules import Int8Params, Linear8bitLt
-from int8fx.passes.match_linear import matches_skip  # the backend's rule, so both skip alike
+from int8fx.paths import matches_skip  # the backend's rule, so both skip alike
 
 __all__ = ["replace_linear"]
 

@@ -19,7 +19,7 @@ from torch._dynamo.utils import counters
 from torch.utils.weak import WeakIdKeyDictionary
 
 from int8fx import reference
-from int8fx.passes.match_linear import WeightLayout
+from int8fx.paths import WeightLayout
 
 
 def version_of(tensor: Tensor) -> Optional[tuple]:

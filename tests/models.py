@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from int8fx import reference
-from int8fx.passes import matches_skip
+from int8fx.paths import matches_skip
 from int8fx.toy_models import MLP, LlamaConfig, TinyLlama, TransformerBlock  # noqa: F401  (re-exported for the tests)
 
 

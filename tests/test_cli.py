@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from int8fx import report
-from int8fx.backend import GraphReport, LayerReport
+from int8fx.report import GraphReport, LayerReport
 from int8fx.cli import EXIT_MISSING_PACKAGES, main
 from int8fx.demo import measure, models
 from int8fx.demo.example import WIDTH

@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import int8fx
-from int8fx.passes import matches_skip
-from int8fx.passes.match_linear import normalize_source_path
+from int8fx.paths import matches_skip, normalize_source_path
 from tests.models import MLP, GPT2MLP, Spellings, TiedLM, TransformerBlock, reference_int8
 
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from int8fx.backend import GraphReport
+from int8fx.report import GraphReport
 from int8fx.demo.progress import track
 
 Model = Callable[..., Any]

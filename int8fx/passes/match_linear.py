@@ -19,16 +19,15 @@ and are not candidates. Every candidate comes back either as a ``LinearMatch`` o
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import fx
 
-aten = torch.ops.aten
+from int8fx.paths import WeightLayout, normalize_source_path
 
-WeightLayout = Literal["out_in", "in_out"]
+aten = torch.ops.aten
 
 _LINEAR_OPS = (aten.mm.default, aten.addmm.default, aten.linear.default, aten.bmm.default)
 _BROADCAST_OPS = (aten.expand.default, aten.view.default, aten._unsafe_view.default)
@@ -63,25 +62,6 @@ def module_path_of(node: fx.Node) -> str:
         return ""
     path, _module_type = list(stack.values())[-1]
     return normalize_source_path(path)
-
-
-def normalize_source_path(path: str) -> str:
-    """``L['self'].model._modules['layers'][0]._parameters['weight']`` -> ``model.layers.0.weight``."""
-    path = re.sub(r"^L\['[^']*'\]\.?", "", path)
-    path = re.sub(r"(?:^|\.)_(?:modules|parameters|buffers)\['([^']*)'\]", r".\1", path)
-    path = re.sub(r"\[(\d+)\]", r".\1", path)
-    path = re.sub(r"\['([^']*)'\]", r".\1", path)
-    path = re.sub(r"getattr\([^,]*,\s*'([^']*)'\)", r"\1", path)
-    return path.strip(".")
-
-
-def matches_skip(module_path: str, skip: tuple[str, ...]) -> Optional[str]:
-    """The skip entry naming ``module_path`` or one of its ancestors' component runs, if any."""
-    padded = f".{module_path}."
-    for entry in skip:
-        if f".{entry}." in padded:
-            return entry
-    return None
 
 
 def _is_transpose_2d(node: fx.Node) -> bool:

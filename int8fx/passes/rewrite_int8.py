@@ -1,21 +1,23 @@
 """Replace matched linears with ``int8fx::int8_linear``, quantized weights as new graph inputs.
 
 Each distinct (parameter, layout) gets two new placeholders, ``CB`` (int8 ``[N, K]``) and
-``SCB`` (fp32 ``[N]``), appended after the existing inputs; the runtime wrapper in
-``backend.py`` passes the cached quantized tensors there on every call. Keeping them as
-inputs rather than baked constants is what lets a weight be quantized once per process,
-shared by every graph and recompile, and requantized after an in-place update.
+``SCB`` (fp32 ``[N]``), appended after the existing inputs in the order of the returned
+``QuantizedInput`` list; ``appended_inputs`` gives the tensors for them in that order, and
+the backend's runtime passes them on every call. Keeping them as inputs rather than baked
+constants is what lets a weight be quantized once per process, shared by every graph and
+recompile, and requantized after an in-place update.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import fx
 
-from int8fx.passes.match_linear import LinearMatch, WeightLayout, linear_operands
+from int8fx.passes.match_linear import LinearMatch, linear_operands
+from int8fx.paths import WeightLayout
 
 aten = torch.ops.aten
 
@@ -26,6 +28,12 @@ class QuantizedInput:
 
     weight_input_index: int  # position of the parameter among the graph's original inputs
     layout: WeightLayout
+
+
+def appended_inputs(quantized: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """The tensors for the placeholders ``rewrite_to_int8`` appended: ``(CB, SCB)`` of each of
+    its ``QuantizedInput``s, flattened in the same order."""
+    return [tensor for CB, SCB in quantized for tensor in (CB, SCB)]
 
 
 def _set_val(node: fx.Node, fake_mode, fn, *args) -> None:

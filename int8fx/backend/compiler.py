@@ -1,0 +1,240 @@
+"""``Int8LtBackend``: the backend's steps, each handing a typed result to the next.
+
+1. ``trace.trace_to_aten`` -> ``TracedGraph``;
+2. ``passes.find_linears`` + ``policy.fp_reason`` -> ``LinearPlan`` (which linears become
+   int8; every other one is recorded in the report with its reason);
+3. ``passes.rewrite_to_int8`` + ``weights.STORE`` -> ``RewrittenGraph`` (the graph with
+   ``int8fx::int8_linear`` nodes and ``CB``/``SCB`` inputs, and the quantized weights);
+4. the inner compiler (inductor) compiles the rewritten graph;
+5. ``runtime.Int8Runtime`` runs it.
+
+Anything that goes wrong in 1-3 leaves the graph in floating point with a logged reason:
+compilation never fails because of int8fx.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import fx
+from torch._dynamo.utils import counters
+
+import int8fx.ops  # noqa: F401  (registers torch.ops.int8fx)
+from int8fx import passes
+from int8fx.backend.policy import fp_reason
+from int8fx.backend.runtime import Int8Runtime
+from int8fx.backend.trace import TracedGraph, trace_to_aten
+from int8fx.config import Int8LtConfig
+from int8fx.report import GraphReport, LayerReport, write_graph_dump
+from int8fx.weights import RELEASE_HINT, STORE, QuantizedWeight, ReleasedWeightError, is_released
+
+log = logging.getLogger("int8fx")
+
+
+@dataclass
+class LinearPlan:
+    """Step 2's result: the linears of ``traced`` that become int8."""
+
+    traced: TracedGraph
+    accepted: list[passes.LinearMatch]
+
+
+@dataclass
+class RewrittenGraph:
+    """Step 3's result: the graph to compile and what its runtime needs."""
+
+    gm: fx.GraphModule
+    quantized_inputs: list[passes.QuantizedInput]  # in the order of the appended CB/SCB inputs
+    weights: list[QuantizedWeight]  # one per quantized input
+    release_positions: list[int]  # inputs whose fp data the graph no longer reads (release_weights)
+
+
+class Int8LtBackend:
+    """``torch.compile(model, backend=Int8LtBackend(config))``; ``int8fx.int8lt(...)`` builds one.
+
+    ``reports`` holds one ``GraphReport`` per graph this backend compiled.
+    """
+
+    def __init__(self, config: Optional[Int8LtConfig] = None) -> None:
+        self.config = config or Int8LtConfig()
+        self.reports: list[GraphReport] = []
+
+    def __repr__(self) -> str:
+        return f"Int8LtBackend({self.config})"
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        report = GraphReport(index=len(self.reports))
+        self.reports.append(report)
+        inputs = list(example_inputs)
+        try:
+            rewritten = self._rewrite(gm, inputs, report)
+        except ReleasedWeightError:
+            raise  # the graph would read freed weights: no floating-point fallback exists
+        except Exception as error:  # never fail the user's compile because of int8fx
+            report.error = f"{type(error).__name__}: {error}"
+            log.warning("int8lt: graph %d left in floating point: %s", report.index, report.error, exc_info=log.isEnabledFor(logging.DEBUG))
+            counters["int8fx"]["graphs_failed"] += 1
+            rewritten = None
+        self._dump(report)
+        if rewritten is None:
+            return self._inner_compile(gm, inputs)
+        extra_inputs = passes.appended_inputs((w.CB, w.SCB) for w in rewritten.weights)
+        compiled = self._inner_compile(rewritten.gm, inputs + extra_inputs)
+        return Int8Runtime(compiled, rewritten.quantized_inputs, rewritten.weights, rewritten.release_positions)
+
+    # ---------------------------------------------------------------- steps 1-3
+
+    def _rewrite(self, gm: fx.GraphModule, inputs: list, report: GraphReport) -> Optional[RewrittenGraph]:
+        """Steps 1-3; None when nothing is to be rewritten (the graph then compiles unchanged)."""
+        if not any(isinstance(x, torch.nn.Parameter) and x.dim() == 2 for x in inputs):
+            return None  # no weight matrix: nothing to rewrite
+        plan = self._plan(trace_to_aten(gm, inputs), report)
+        traced = plan.traced
+        report.before = passes.format_graph(traced.gm.graph)
+        if not plan.accepted:
+            self._check_no_released_reads(traced)
+            report.after = report.before
+            self._log_summary(report)
+            return None
+        rewritten = self._rewrite_to_int8(plan, report)
+        self._check_no_released_reads(traced)
+        report.after = passes.format_graph(rewritten.gm.graph)
+        self._log_summary(report)
+        return rewritten
+
+    def _plan(self, traced: TracedGraph, report: GraphReport) -> LinearPlan:
+        """Step 2: every linear the passes find is either accepted or reported in fp with its reason."""
+        matches, skipped = passes.find_linears(traced.gm.graph, traced.is_parameter)
+        for skip in skipped:
+            self._record_fp(report, skip.module_path, traced.names.get(skip.weight, "?"), skip.node, skip.reason)
+        accepted = []
+        for match in matches:
+            reason = fp_reason(match.module_path, traced.input_of(match.weight), self.config)
+            if reason:
+                self._record_fp(report, match.module_path, traced.names[match.weight], match.node, reason)
+            else:
+                accepted.append(match)
+        return LinearPlan(traced, accepted)
+
+    def _rewrite_to_int8(self, plan: LinearPlan, report: GraphReport) -> RewrittenGraph:
+        """Step 3: the graph rewritten, its weights quantized (once per process), the report written."""
+        traced = plan.traced
+
+        def fp_outliers(weight: fx.Node) -> bool:
+            released_or_will_be = self.config.release_weights or is_released(traced.input_of(weight))
+            return self.config.outlier_weights == "fp" and not released_or_will_be
+
+        quantized_inputs = passes.rewrite_to_int8(
+            traced.gm, plan.accepted, threshold=self.config.threshold, fp_outliers=fp_outliers, fake_mode=traced.fake_mode
+        )
+        weights = [STORE.get(traced.inputs[q.weight_input_index], q.layout) for q in quantized_inputs]
+        sqnr = {(q.weight_input_index, q.layout): w.weight_sqnr_db() for q, w in zip(quantized_inputs, weights)}
+        for match in plan.accepted:
+            index = traced.position(match.weight)
+            shape = tuple(traced.inputs[index].shape)
+            report.layers.append(
+                LayerReport(match.module_path, traced.names[match.weight], shape if match.layout == "out_in" else shape[::-1], "int8",
+                            weight_sqnr_db=sqnr[(index, match.layout)])
+            )
+            counters["int8fx"]["linears_replaced"] += 1
+        release = self._unread_weights(traced, quantized_inputs) if self.config.release_weights else []
+        return RewrittenGraph(traced.gm, quantized_inputs, weights, release)
+
+    # ---------------------------------------------------------------- helpers
+
+    @staticmethod
+    def _unread_weights(traced: TracedGraph, quantized_inputs: list[passes.QuantizedInput]) -> list[int]:
+        """Input positions of the quantized weights that the rewritten graph no longer reads."""
+        unread = []
+        for q in quantized_inputs:
+            node = traced.placeholders[q.weight_input_index]
+            if node.users:
+                log.info("int8lt: keeping the fp data of %s: the graph still reads it", traced.names[node])
+            else:
+                unread.append(q.weight_input_index)
+        return unread
+
+    @staticmethod
+    def _check_no_released_reads(traced: TracedGraph) -> None:
+        for node, value in zip(traced.placeholders, traced.inputs):
+            if is_released(value) and node.users:
+                raise ReleasedWeightError(f"this graph reads {traced.names[node]} outside the int8 linears, but {RELEASE_HINT}")
+
+    def _record_fp(self, report: GraphReport, path: str, weight: str, node: fx.Node, reason: str) -> None:
+        report.layers.append(LayerReport(path, weight, _linear_shape(node), "fp", reason))
+        counters["int8fx"]["linears_skipped"] += 1
+        log.info("int8lt: kept %s (%s) in floating point: %s", path or "<root>", weight, reason)
+
+    def _dump(self, report: GraphReport) -> None:
+        """Writes the graphs and the layer table when ``dump_dir`` or ``INT8FX_DUMP`` names a folder."""
+        directory = self.config.dump_dir or os.environ.get("INT8FX_DUMP")
+        if not directory:
+            return
+        try:
+            paths = write_graph_dump(directory, report)
+            log.info("int8lt: graph %d dumped to %s", report.index, ", ".join(map(str, paths)))
+        except OSError as error:
+            log.warning("int8lt: could not write the graph dump to %s: %s", directory, error)
+
+    def _log_summary(self, report: GraphReport) -> None:
+        trainable = [layer.module_path or layer.weight for layer in report.skipped if "requires grad" in layer.reason]
+        if trainable:  # one warning per graph: a model can have hundreds of such layers
+            warnings.warn(
+                f"int8lt: {len(trainable)} linear(s) (e.g. {trainable[0]}) stay in floating point because their "
+                "weights require grad while grad is enabled; run inference under torch.no_grad()/"
+                "torch.inference_mode(), call model.requires_grad_(False), or pass trainable_weights='freeze'.",
+                stacklevel=2,
+            )
+        log.info("int8lt: graph %d: %d linears to int8, %d kept in floating point", report.index, len(report.replaced), len(report.skipped))
+
+    def _inner_compile(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
+        if self.config.inner == "eager":
+            return gm.forward
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs)
+
+
+def _linear_shape(node: fx.Node) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a matmul node, from its fake values."""
+    x = passes.match_linear.linear_operands(node)[0]
+    out_val, x_val = node.meta.get("val"), getattr(x, "meta", {}).get("val")
+    if isinstance(out_val, torch.Tensor) and isinstance(x_val, torch.Tensor):
+        return (int(out_val.shape[-1]), int(x_val.shape[-1]))
+    return (0, 0)
+
+
+# ---------------------------------------------------------------- entry points
+
+_default_backend: Optional[Int8LtBackend] = None
+
+
+def default_backend() -> Int8LtBackend:
+    """The backend instance behind ``backend="int8lt"`` (its ``reports`` cover every such compile)."""
+    global _default_backend
+    if _default_backend is None:
+        _default_backend = Int8LtBackend()
+    return _default_backend
+
+
+def int8lt_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Optional[dict] = None) -> Callable:
+    """The backend behind ``torch.compile(model, backend="int8lt")``.
+
+    ``torch.compile(model, backend="int8lt", options={"threshold": 6.0})`` passes
+    ``Int8LtConfig`` fields through ``options``.
+    """
+    if options:
+        return int8lt(**options)(gm, example_inputs)
+    return default_backend()(gm, example_inputs)
+
+
+def int8lt(config: Optional[Int8LtConfig] = None, **options: Any) -> Int8LtBackend:
+    """A configured backend: ``torch.compile(model, backend=int8fx.int8lt(threshold=6.0, skip=["lm_head"]))``."""
+    if config is not None and options:
+        raise TypeError("pass either an Int8LtConfig or keyword options, not both")
+    return Int8LtBackend(config or Int8LtConfig(**options))
