@@ -22,6 +22,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from int8fx.config import DEFAULT_THRESHOLD
+
 EXIT_MISSING_PACKAGES = 2
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -29,7 +31,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # ---------------------------------------------------------------- arguments
 
 def _add_size_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threshold", type=float, default=6.0, help="outlier threshold of int8lt (default 6; 0 is naive int8)")
+    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                        help=f"outlier threshold of int8lt (default {DEFAULT_THRESHOLD:g}; 0 is naive int8)")
     parser.add_argument("--chunks", type=int, default=4, help="perplexity: number of BBC text chunks (default 4)")
     parser.add_argument("--chunk-tokens", type=int, default=512, help="perplexity: tokens per chunk, BOS included (default 512)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype the causal LM is loaded in (default float32)")
@@ -66,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
 
     explain = commands.add_parser("explain", help="compile a model once and show, per linear, what int8lt did and why")
     explain.add_argument("model", nargs="?", default="example", help="example (built in, default), smollm2, minilm, or a causal-LM directory")
-    explain.add_argument("--threshold", type=float, default=6.0)
+    explain.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
     explain.add_argument("--skip", action="append", metavar="PATH", help="module path to keep in fp (repeatable; default: lm_head)")
     explain.add_argument("--tokens", type=int, default=64, help="real models: tokens of BBC text run through the model (default 64)")
     explain.add_argument("--graphs", action="store_true", help="also print the ATen graph before and after the rewrite")

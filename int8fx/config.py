@@ -6,6 +6,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+# The defaults every entry point shares (the backend, replace_linear, the CLI, the demo).
+DEFAULT_THRESHOLD = 6.0  # the LLM.int8() paper's outlier threshold
+DEFAULT_SKIP = ("lm_head",)  # as transformers' load_in_8bit keeps the output head in fp
+
 OutlierWeights = Literal["fp", "int8"]
 TrainableWeights = Literal["keep_fp", "freeze"]
 InnerCompiler = Literal["inductor", "eager"]
@@ -41,8 +45,8 @@ class Int8LtConfig:
             as is (for debugging and fast tests).
     """
 
-    threshold: float = 6.0
-    skip: tuple[str, ...] = ("lm_head",)
+    threshold: float = DEFAULT_THRESHOLD
+    skip: tuple[str, ...] = DEFAULT_SKIP
     outlier_weights: OutlierWeights = "fp"
     trainable_weights: TrainableWeights = "keep_fp"
     min_features: int = 1

@@ -1,6 +1,7 @@
 """Pure-torch LLM.int8(): the oracle every op and kernel is tested against.
 
-Numeric conventions (those of bitsandbytes, see SPEC.md):
+Numeric conventions (those of bitsandbytes, the reference implementation users compare
+against; where a kernel differs, its docstring says how and why):
 
 * scales are the plain absmax in fp32, *not* divided by 127;
 * values are quantized as ``round(v * (127 / absmax))`` computed in fp32, rounding
@@ -23,6 +24,8 @@ from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
+
+from int8fx.config import DEFAULT_THRESHOLD
 
 INT8_MAX = 127
 
@@ -111,7 +114,7 @@ def int8_linear(
     CB: Tensor,
     SCB: Tensor,
     bias: Optional[Tensor] = None,
-    threshold: float = 6.0,
+    threshold: float = DEFAULT_THRESHOLD,
     weight: Optional[Tensor] = None,
 ) -> Tensor:
     """LLM.int8() ``x @ W.T + b`` for ``x [..., K]``, ``CB [N, K]`` int8, ``SCB [N]`` fp32.

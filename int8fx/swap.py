@@ -12,7 +12,7 @@ from typing import Iterable, Union
 
 from torch import nn
 
-from int8fx.config import Int8LtConfig
+from int8fx.config import DEFAULT_SKIP, DEFAULT_THRESHOLD, Int8LtConfig
 from int8fx.nn.modules import Int8Params, Linear8bitLt
 from int8fx.paths import matches_skip  # the backend's rule, so both skip alike
 
@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 
 def replace_linear(
     model: nn.Module,
-    threshold: float = 6.0,
-    skip: Union[str, Iterable[str], None] = ("lm_head",),
+    threshold: float = DEFAULT_THRESHOLD,
+    skip: Union[str, Iterable[str], None] = DEFAULT_SKIP,
     has_fp16_weights: bool = False,
 ) -> nn.Module:
     """Replace every ``nn.Linear`` in ``model`` by a :class:`Linear8bitLt` and return ``model``.

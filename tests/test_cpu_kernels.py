@@ -261,6 +261,7 @@ def test_torch_path_reads_only_the_outlier_columns(monkeypatch):
     assert torch.equal(y, reference.int8_linear(x, CB, SCB, bias, 6.0, None))
 
 
+@pytest.mark.slow  # a subprocess: seconds to minutes
 @needs_library
 def test_a_lock_left_by_a_killed_build_does_not_hang(tmp_path):
     # torch waits forever on a lock file a killed build left behind; int8fx removes it.

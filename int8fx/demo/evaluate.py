@@ -19,14 +19,15 @@ import torch
 
 import int8fx
 from int8fx import report as int8_report
+from int8fx.config import DEFAULT_SKIP, DEFAULT_THRESHOLD
 from int8fx.demo import measure, models
 from int8fx.demo.data import bbc_sentences, bbc_token_chunks
 
 
 @dataclass(frozen=True)
 class EvalSettings:
-    threshold: float = 6.0
-    skip: tuple[str, ...] = ("lm_head",)  # module paths int8lt keeps in fp (Int8LtConfig.skip)
+    threshold: float = DEFAULT_THRESHOLD
+    skip: tuple[str, ...] = DEFAULT_SKIP  # module paths int8lt keeps in fp (Int8LtConfig.skip)
     chunks: int = 4  # perplexity: chunks of running BBC text ...
     chunk_tokens: int = 512  # ... of this many tokens, BOS included
     timing: bool = True
