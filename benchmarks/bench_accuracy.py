@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 import int8fx
-from int8fx.demo.data import bbc_token_chunks
-from int8fx.demo.measure import chunk_nlls, perplexity_change, perplexity_from_nlls
-from int8fx.demo.models import keep_first_decoder_layers, load_smollm2
+from int8fx.cli.demo.data import bbc_token_chunks
+from int8fx.cli.demo.measure import chunk_nlls, perplexity_change, perplexity_from_nlls
+from int8fx.cli.demo.models import keep_first_decoder_layers, load_smollm2
 from int8fx.paths import matches_skip
 from report_table import format_cell, print_markdown_table, write_csv
 

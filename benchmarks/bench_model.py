@@ -14,7 +14,7 @@ The providers are measured in ``--repeats`` interleaved rounds (each round: ever
 in a rotated order), so that a shared machine's drift hits all of them alike. Per round and
 provider: prefill latency of one prompt of BBC News text (after an untimed warm-up prefill,
 which compiles in the first round) and greedy decode speed with a KV cache (after the warm-up
-steps that compile the one-token graph; see ``int8fx.demo.measure.greedy_generate``). The
+steps that compile the one-token graph; see ``int8fx.cli.demo.measure.greedy_generate``). The
 table gives medians over the rounds; ``x vs fp32 inductor`` is the median of the rounds'
 ratios to fp32 inductor (and to bf16 inductor), above 1 meaning faster. Prints a markdown table and writes
 ``bench_model.csv`` (and ``bench_model.png`` when matplotlib is installed) to ``--out``.
@@ -39,9 +39,9 @@ from torch import nn
 import int8fx  # registers the "int8lt" backend
 from bench_accuracy import SKIP, bitsandbytes_swap  # the same bitsandbytes setup as the accuracy benchmark
 from bench_linear import describe
-from int8fx.demo.data import bbc_token_chunks
-from int8fx.demo.measure import DECODE_WARMUP_STEPS, generate_in_turns
-from int8fx.demo.models import MissingPackages, keep_first_decoder_layers, load_causal_lm, load_smollm2
+from int8fx.cli.demo.data import bbc_token_chunks
+from int8fx.cli.demo.measure import DECODE_WARMUP_STEPS, generate_in_turns
+from int8fx.cli.demo.models import MissingPackages, keep_first_decoder_layers, load_causal_lm, load_smollm2
 from int8fx.paths import matches_skip
 from report_table import format_cell, print_markdown_table, pyplot_or_none, write_csv
 

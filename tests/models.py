@@ -10,7 +10,7 @@ from torch import nn
 
 from int8fx import reference
 from int8fx.paths import matches_skip
-from int8fx.toy_models import MLP, LlamaConfig, TinyLlama, TransformerBlock  # noqa: F401  (re-exported for the tests)
+from examples.toy_models import MLP, LlamaConfig, TinyLlama, TransformerBlock  # noqa: F401  (re-exported for the tests)
 
 
 class TiedLM(nn.Module):

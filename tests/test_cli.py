@@ -20,8 +20,8 @@ from torch import nn
 from int8fx import report
 from int8fx.report import GraphReport, LayerReport
 from int8fx.cli import EXIT_MISSING_PACKAGES, main
-from int8fx.demo import measure, models
-from int8fx.demo.example import WIDTH
+from int8fx.cli.demo import measure, models
+from int8fx.cli.demo.example import WIDTH
 
 # Row-wise absmax int8 of a Gaussian row of 64..256 values: step = absmax/127 with absmax
 # about 2.5-3 sigma, noise step**2/12, so SQNR = 10 log10(12 * 127**2 / 3**2) ~ 43 dB.
@@ -218,7 +218,7 @@ def test_generate_in_turns_rotates_and_drops_a_failing_model(monkeypatch):
 
 
 def test_generation_timing_takes_turns_and_reports_medians(monkeypatch):
-    from int8fx.demo import evaluate
+    from int8fx.cli.demo import evaluate
 
     # decode tokens/s in call order; rounds: (fp, int8lt), (int8lt, fp), (fp, int8lt)
     order = fake_generations(monkeypatch, [10.0, 30.0, 20.0, 50.0, 15.0, 40.0])

@@ -3,7 +3,7 @@
 import torch
 
 import int8fx
-from int8fx.toy_models import MLP
+from examples.toy_models import MLP
 
 
 def test_dump_dir_option_writes_before_after_and_layers(tmp_path):

@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace):
-    from int8fx.demo.evaluate import QUICK, EvalSettings
+    from int8fx.cli.demo.evaluate import QUICK, EvalSettings
 
     chosen = {"threshold": args.threshold, "timing": not args.no_timing, "dump_dir": args.dump}
     if args.skip is not None:  # replaces the default, as explain's --skip does
@@ -99,8 +99,8 @@ def _settings(args: argparse.Namespace):
 
 
 def _load_causal_lm(name: str, dtype: torch.dtype):
-    from int8fx.demo import models
-    from int8fx.demo.progress import step
+    from int8fx.cli.demo import models
+    from int8fx.cli.demo.progress import step
 
     with step(f"loading {name}"):
         if name == "smollm2":
@@ -111,7 +111,7 @@ def _load_causal_lm(name: str, dtype: torch.dtype):
 # ---------------------------------------------------------------- demo
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from int8fx.demo.evaluate import evaluate_causal_lm
+    from int8fx.cli.demo.evaluate import evaluate_causal_lm
 
     name, model, tokenizer = _load_causal_lm("smollm2", DTYPES[args.dtype])
     result = evaluate_causal_lm(name, model, tokenizer, _settings(args))
@@ -176,9 +176,9 @@ def format_demo_table(result: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- eval
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from int8fx.demo import models
-    from int8fx.demo.evaluate import evaluate_causal_lm, evaluate_encoder
-    from int8fx.demo.progress import step
+    from int8fx.cli.demo import models
+    from int8fx.cli.demo.evaluate import evaluate_causal_lm, evaluate_encoder
+    from int8fx.cli.demo.progress import step
 
     settings = _settings(args)
     results = []
@@ -217,14 +217,14 @@ def format_results(results: Sequence[dict[str, Any]], fmt: str) -> str:
 def _explain_target(args: argparse.Namespace) -> tuple[str, torch.nn.Module, Callable[[torch.nn.Module], Any]]:
     """``(label, model, run)`` where ``run(m)`` calls ``m`` (eager or compiled) on a real input."""
     if args.model == "example":
-        from int8fx.demo.example import ExampleModel, example_inputs
+        from int8fx.cli.demo.example import ExampleModel, example_inputs
 
         ids = example_inputs()
         return "built-in example (2 blocks, tied lm_head)", ExampleModel().eval().requires_grad_(False), lambda m: m(ids)
-    from int8fx.demo.data import bbc_sentences, bbc_token_chunks
+    from int8fx.cli.demo.data import bbc_sentences, bbc_token_chunks
 
     if args.model == "minilm":
-        from int8fx.demo import models
+        from int8fx.cli.demo import models
 
         model, tokenizer = models.load_minilm()
         batch = dict(tokenizer(bbc_sentences(4), padding=True, return_tensors="pt"))
@@ -263,7 +263,7 @@ def _run_explain(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- entry point
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from int8fx.demo.models import MissingPackages
+    from int8fx.cli.demo.models import MissingPackages
 
     args = _parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model is a local package: never reach for a hub

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from int8fx.report import GraphReport
-from int8fx.demo.progress import track
+from int8fx.cli.demo.progress import track
 
 Model = Callable[..., Any]
 MIB = 2**20

@@ -1,4 +1,4 @@
-"""Small models built from a config: the built-in example of the demo, ``explain`` and the tests.
+"""Small models built from a config, for the examples and the tests.
 
 ``TinyLlama`` is Llama-shaped (RMSNorm, attention with explicit ``Q @ K^T`` and ``P @ V``,
 SwiGLU MLP, tied ``lm_head``) with random weights and optional planted outlier features.

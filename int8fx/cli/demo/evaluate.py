@@ -20,8 +20,8 @@ import torch
 import int8fx
 from int8fx import report as int8_report
 from int8fx.config import DEFAULT_SKIP, DEFAULT_THRESHOLD
-from int8fx.demo import measure, models
-from int8fx.demo.data import bbc_sentences, bbc_token_chunks
+from int8fx.cli.demo import measure, models
+from int8fx.cli.demo.data import bbc_sentences, bbc_token_chunks
 
 
 @dataclass(frozen=True)
