@@ -17,9 +17,9 @@ import copy
 from typing import Callable, Optional
 
 import torch
+from bench_accuracy import load_model_and_chunks, measure_providers, parse_args, report
 from torch import nn
 
-from bench_accuracy import load_model_and_chunks, measure_providers, parse_args, report
 from int8fx import reference
 
 THRESHOLD = 6.0
@@ -56,8 +56,13 @@ class PartialInt8Linear(nn.Module):
         return y.to(x.dtype)
 
 
-def partial_int8(model: nn.Module, weights: bool = True, activations: bool = True,
-                 fp_first_position: bool = False, only: Optional[tuple[str, ...]] = None) -> nn.Module:
+def partial_int8(
+    model: nn.Module,
+    weights: bool = True,
+    activations: bool = True,
+    fp_first_position: bool = False,
+    only: Optional[tuple[str, ...]] = None,
+) -> nn.Module:
     """A copy of ``model`` whose linears (but ``lm_head``, and only the ``only`` types if given) are swapped."""
     model = copy.deepcopy(model)
     for module in list(model.modules()):
@@ -85,8 +90,12 @@ def main() -> None:
     model, chunks = load_model_and_chunks(args)
     with torch.no_grad():
         rows = measure_providers(providers(model), chunks, args.providers)
-    report(rows, f"SmolLM2-135M, BBC News, {args.chunks} chunks x {args.chunk_tokens} tokens; LLM.int8() threshold {THRESHOLD:g}",
-           args.out, "accuracy_budget.csv")
+    report(
+        rows,
+        f"SmolLM2-135M, BBC News, {args.chunks} chunks x {args.chunk_tokens} tokens; LLM.int8() threshold {THRESHOLD:g}",
+        args.out,
+        "accuracy_budget.csv",
+    )
 
 
 if __name__ == "__main__":

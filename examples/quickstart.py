@@ -4,10 +4,10 @@ Runs in seconds on a CPU and prints what the backend did and how close it is to 
 """
 
 import torch
+from toy_models import LlamaConfig, TinyLlama
 
 import int8fx
 from int8fx import reference
-from toy_models import LlamaConfig, TinyLlama
 
 
 def main() -> None:

@@ -13,6 +13,8 @@ DEFAULT_SKIP = ("lm_head",)  # as transformers' load_in_8bit keeps the output he
 OutlierWeights = Literal["fp", "int8"]
 TrainableWeights = Literal["keep_fp", "freeze"]
 InnerCompiler = Literal["inductor", "eager"]
+# torch.compile's modes, passed on to inductor for the rewritten graph.
+INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,10 @@ class Int8LtConfig:
             ``weight``, ``state_dict()``) raises an error naming this option.
         inner: ``"inductor"`` compiles the rewritten graph with inductor; ``"eager"`` runs it
             as is (for debugging and fast tests).
+        mode: inductor's mode for the rewritten graph, as ``torch.compile``'s ``mode``
+            (``"reduce-overhead"``: CUDA graphs). ``torch.compile(model, backend="int8lt",
+            mode=...)`` sets it.
+        dump_dir: write each graph before and after the rewrite, and its layer table, there.
     """
 
     threshold: float = DEFAULT_THRESHOLD
@@ -52,6 +58,7 @@ class Int8LtConfig:
     min_features: int = 1
     release_weights: bool = False
     inner: InnerCompiler = "inductor"
+    mode: str | None = None
     dump_dir: str | None = field(default=None)
 
     def __post_init__(self) -> None:
@@ -71,6 +78,8 @@ class Int8LtConfig:
         _check_choice("outlier_weights", self.outlier_weights, ("fp", "int8"))
         _check_choice("trainable_weights", self.trainable_weights, ("keep_fp", "freeze"))
         _check_choice("inner", self.inner, ("inductor", "eager"))
+        if self.mode is not None:
+            _check_choice("mode", self.mode, INDUCTOR_MODES)
         if not isinstance(self.release_weights, bool):
             raise TypeError(f"release_weights must be True or False, got {self.release_weights!r}")
         if isinstance(self.min_features, bool) or not isinstance(self.min_features, int) or self.min_features < 1:

@@ -101,8 +101,7 @@ def _int8_scales(B: Tensor, state: MatmulLtState) -> Tensor:
     SCB = state.SCB if state.SCB is not None else getattr(B, "SCB", None)
     if SCB is None:
         raise ValueError(
-            "matmul got an int8 B but no row scales: set state.SCB (fp32 [out_features]) or "
-            "pass an int8fx.nn.Int8Params that carries SCB"
+            "matmul got an int8 B but no row scales: set state.SCB (fp32 [out_features]) or pass an int8fx.nn.Int8Params that carries SCB"
         )
     return SCB
 

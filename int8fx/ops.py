@@ -53,6 +53,7 @@ def _check_int8_linear_args(
 
 # ---------------------------------------------------------------- quantize_weight
 
+
 @torch.library.custom_op("int8fx::quantize_weight", mutates_args=())
 def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
     """Row-wise int8 quantization of ``weight [N, K]``: ``(CB int8 [N, K], SCB fp32 [N])``."""
@@ -77,9 +78,7 @@ def _(weight: Tensor) -> tuple[Tensor, Tensor]:
 # a schema, device kernels, a fake kernel and an autograd kernel.
 
 _LIBRARY = torch.library.Library("int8fx", "FRAGMENT")
-_LIBRARY.define(
-    "int8_linear(Tensor x, Tensor CB, Tensor SCB, Tensor? bias, float threshold, Tensor? weight=None) -> Tensor"
-)
+_LIBRARY.define("int8_linear(Tensor x, Tensor CB, Tensor SCB, Tensor? bias, float threshold, Tensor? weight=None) -> Tensor")
 int8_linear = torch.ops.int8fx.int8_linear.default
 int8_linear.__doc__ = """LLM.int8() ``x @ W.T + bias``; output in ``x``'s dtype and shape ``[..., N]``.
 

@@ -22,8 +22,8 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 
-
 # ---------------------------------------------------------------- what the backend did
+
 
 @dataclass
 class LayerReport:
@@ -68,6 +68,7 @@ OutlierStats = Mapping[str, OutlierStat]  # keyed by module path, e.g. "model.la
 
 
 # ---------------------------------------------------------------- outliers
+
 
 def count_outlier_columns(model: torch.nn.Module, run: Callable[[], Any], threshold: float) -> dict[str, OutlierStat]:
     """Calls ``run()`` (which should call the eager ``model``) and counts outlier columns per ``nn.Linear``.
@@ -188,6 +189,7 @@ def outlier_summary(outliers: OutlierStats) -> str:
 
 # ---------------------------------------------------------------- graph dumps
 
+
 def write_graph_dump(directory: str | Path, report: GraphReport, outliers: Optional[OutlierStats] = None) -> list[Path]:
     """Writes ``graph_<i>_before.txt``, ``graph_<i>_after.txt``, ``graph_<i>_layers.txt`` and ``.json``.
 
@@ -200,7 +202,8 @@ def write_graph_dump(directory: str | Path, report: GraphReport, outliers: Optio
     stem = f"graph_{report.index}"
     not_rewritten = f"# graph {report.index} was not rewritten: " + (report.error or "no linear was replaced")
     contents = {
-        f"{stem}_before.txt": report.before or f"# graph {report.index}: no ATen trace ({report.error or 'no weight matrix among the inputs'})",
+        f"{stem}_before.txt": report.before
+        or f"# graph {report.index}: no ATen trace ({report.error or 'no weight matrix among the inputs'})",
         f"{stem}_after.txt": report.after if report.replaced and not report.error else not_rewritten,
         f"{stem}_layers.txt": format_layer_table([report], outliers),
         f"{stem}_layers.json": json.dumps(layer_rows(report, outliers), indent=1),

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from examples.toy_models import MLP, LlamaConfig, TinyLlama, TransformerBlock  # noqa: F401  (re-exported for the tests)
 from int8fx import reference
 from int8fx.paths import matches_skip
-from examples.toy_models import MLP, LlamaConfig, TinyLlama, TransformerBlock  # noqa: F401  (re-exported for the tests)
 
 
 class TiedLM(nn.Module):

@@ -27,7 +27,6 @@ from int8fx import reference
 from int8fx.config import Int8LtConfig
 from tests.models import MLP, LlamaConfig, TinyLlama, TransformerBlock, reference_int8
 
-
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
@@ -265,3 +264,31 @@ def test_string_backend_takes_options():
     torch._dynamo.reset()
     decomposed = torch.compile(linear, backend="int8lt", options={"inner": "eager"})(x)
     assert reference.sqnr_db(fp32, decomposed) > reference.sqnr_db(fp32, naive) + 10
+
+
+@pytest.mark.parametrize("backend_kind", ["string", "object"])
+@torch.no_grad()
+def test_compile_mode_reaches_inductor(monkeypatch, backend_kind):
+    # torch.compile(..., mode="reduce-overhead") hands `mode` to the backend: it must become
+    # inductor's CUDA-graph setting for the rewritten graph, not a TypeError.
+    import torch._inductor.compile_fx as compile_fx_module
+
+    patches_seen = []
+
+    def recording_compile_fx(gm, example_inputs, config_patches=None, **kwargs):
+        patches_seen.append(config_patches)
+        return gm.forward  # no real inductor compile: the configuration is what is checked
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", recording_compile_fx)
+    backend = "int8lt" if backend_kind == "string" else int8fx.int8lt()
+    reports = int8fx.backend.default_backend().reports if backend_kind == "string" else backend.reports
+    before = len(reports)
+    out = torch.compile(MLP(), backend=backend, mode="reduce-overhead")(torch.randn(3, 32))
+    assert out.shape == (3, 16)
+    assert patches_seen == [{"triton.cudagraphs": True}]
+    assert len(reports) == before + 1 and len(reports[-1].replaced) == 2  # reported where the caller looks
+
+
+def test_unknown_mode_is_rejected():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        Int8LtConfig(mode="fastest")

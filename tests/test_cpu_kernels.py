@@ -76,6 +76,7 @@ def thread_count(threads: int):
 
 # ---------------------------------------------------------------- GEMM exactness, per kernel
 
+
 @pytest.mark.parametrize("K", [1, 7, 33, 64, 65, 300, 2081])
 def test_gemm_matches_reference_on_odd_shapes(kernel, K):
     # K around the 32- and 64-byte vector steps; M and N around every kernel's tiles
@@ -147,6 +148,7 @@ def test_gemm_rejects_bad_arguments():
 
 # ---------------------------------------------------------------- torch._int_mm's K = 1 bug
 
+
 @pytest.mark.parametrize("K", range(1, 9))
 def test_int_mm_guard_is_exact_for_small_k(K):
     # torch._int_mm on AVX-512 VNNI / AMX CPUs returns wrong values for K = 1, N > 1; the
@@ -161,6 +163,7 @@ def test_int_mm_guard_is_exact_for_small_k(K):
 
 
 # ---------------------------------------------------------------- dispatch on this machine
+
 
 def has_compiler_and_avx2() -> bool:
     import shutil
@@ -221,6 +224,7 @@ def test_unavailable_kernel_is_a_clear_error():
 
 # ---------------------------------------------------------------- fallbacks and the build
 
+
 @pytest.fixture
 def fresh_load(monkeypatch):
     """Re-run ``load()`` under the test's patches; restore its cached answer afterwards."""
@@ -253,7 +257,9 @@ def test_torch_path_reads_only_the_outlier_columns(monkeypatch):
     x, _, bias, CB, SCB = fused_case(6, 48, 20, (3, 30))
     dequantized_shapes = []
     dequantize = reference.dequantize_rows
-    monkeypatch.setattr(reference, "dequantize_rows", lambda data, absmax: dequantized_shapes.append(tuple(data.shape)) or dequantize(data, absmax))
+    monkeypatch.setattr(
+        reference, "dequantize_rows", lambda data, absmax: dequantized_shapes.append(tuple(data.shape)) or dequantize(data, absmax)
+    )
     y = torch_path.int8_linear(x, CB, SCB, bias, 6.0, None)
     outliers = int(reference.outlier_columns(x, 6.0).sum())
     assert outliers < 10 and dequantized_shapes == [(20, outliers)]
@@ -288,6 +294,7 @@ def test_a_build_running_elsewhere_is_waited_for_then_given_up(tmp_path):
 
 
 # ---------------------------------------------------------------- activation quantization
+
 
 def assert_matches_reference_quantization(x: torch.Tensor, threshold: float) -> None:
     CA, SCA, index = cpu.quantize_activation(x, threshold)
@@ -373,6 +380,7 @@ def test_quantize_subnormal_scale_and_other_dtypes():
 
 
 # ---------------------------------------------------------------- fused linear, per kernel
+
 
 def fused_case(M, K, N, outlier_columns=(), seed=0):
     generator = torch.Generator().manual_seed(seed)
@@ -483,6 +491,7 @@ def test_fused_linear_bf16_input():
 
 # ---------------------------------------------------------------- the AMX kernel, emulated
 
+
 @pytest.fixture(scope="module")
 def emulated_amx():
     """gemm_amx.cpp built with scalar stand-ins for the tile instructions (amx_emulation.h):
@@ -496,8 +505,13 @@ def emulated_amx():
     source = os.path.join(os.path.dirname(build.__file__), "gemm_amx.cpp")
     directory = build.build_directory("int8fx_amx_emulation")
     with build.exclusive_build(directory):
-        path = cpp_extension.load(name="int8fx_amx_emulation", sources=[source], extra_cflags=[*build.CFLAGS, "-DINT8FX_EMULATE_AMX"],
-                                  build_directory=directory, is_python_module=False)
+        path = cpp_extension.load(
+            name="int8fx_amx_emulation",
+            sources=[source],
+            extra_cflags=[*build.CFLAGS, "-DINT8FX_EMULATE_AMX"],
+            build_directory=directory,
+            is_python_module=False,
+        )
     library = ctypes.CDLL(path)
     library.int8fx_emulated_amx_gemm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5
     return library

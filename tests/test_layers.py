@@ -51,14 +51,18 @@ def imported_int8fx_modules(path: Path) -> set[str]:
             for alias in node.names:
                 candidate = f"{node.module}.{alias.name}"
                 is_module = (PACKAGE.parent / candidate.replace(".", "/")).with_suffix(".py").exists() or (
-                    PACKAGE.parent / candidate.replace(".", "/")).is_dir()
+                    PACKAGE.parent / candidate.replace(".", "/")
+                ).is_dir()
                 imported.add(candidate if is_module else node.module)
     return imported
 
 
 def upward_imports(path: Path, module: str) -> list[str]:
-    return [f"{module} ({LAYERS[layer_of(module)][0]}) imports {target} ({LAYERS[layer_of(target)][0]})"
-            for target in sorted(imported_int8fx_modules(path)) if layer_of(target) > layer_of(module)]
+    return [
+        f"{module} ({LAYERS[layer_of(module)][0]}) imports {target} ({LAYERS[layer_of(target)][0]})"
+        for target in sorted(imported_int8fx_modules(path))
+        if layer_of(target) > layer_of(module)
+    ]
 
 
 def test_no_module_imports_a_layer_above_its_own():

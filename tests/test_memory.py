@@ -17,7 +17,6 @@ from int8fx import reference
 from int8fx.weights import STORE, ReleasedWeightError
 from tests.models import TiedLM, reference_int8
 
-
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
@@ -76,7 +75,7 @@ def test_eager_use_of_released_weights_raises_a_clear_error():
     # Metadata never reads the data (and torch 2.11's dynamo reads it while building guards).
     assert weight.shape == (512, 256) and weight.dtype == torch.float32 and weight.numel() == 512 * 256
     with pytest.raises(ReleasedWeightError, match="T on a released weight"):
-        weight.T  # a view of the data is not metadata
+        _ = weight.T  # a view of the data is not metadata
 
 
 def test_weights_read_elsewhere_are_kept():
@@ -119,7 +118,9 @@ print(before, rss())
 def test_bench_memory_smoke(tmp_path):
     result = subprocess.run(
         [sys.executable, "benchmarks/bench_memory.py", "--smoke", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     header = (tmp_path / "bench_memory.csv").read_text().splitlines()[0]

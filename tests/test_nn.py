@@ -65,6 +65,7 @@ def _state_bytes(state_dict: dict) -> int:
 
 # ---------------------------------------------------------------- quantization on moves
 
+
 @pytest.mark.parametrize("move", ["to_str", "to_device", "cpu", "module_to_with_dtype"])
 def test_moving_the_module_quantizes_the_weight(move):
     linear = _fp_linear()
@@ -126,6 +127,7 @@ def test_module_survives_deepcopy_pickle_and_meta_round_trip():
 
 # ---------------------------------------------------------------- forward
 
+
 @pytest.mark.parametrize("threshold", [0.0, 6.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_forward_is_the_int8_op_with_bias_in_input_dtype(dtype, threshold):
@@ -133,9 +135,7 @@ def test_forward_is_the_int8_op_with_bias_in_input_dtype(dtype, threshold):
     module = _int8_module(linear, threshold=threshold)
     x = _inputs(dtype=dtype)
     out = module(x)
-    expected = torch.ops.int8fx.int8_linear(
-        x, module.weight.data, module.weight.SCB, linear.bias.detach().to(dtype), threshold, None
-    )
+    expected = torch.ops.int8fx.int8_linear(x, module.weight.data, module.weight.SCB, linear.bias.detach().to(dtype), threshold, None)
     assert out.dtype == dtype and out.shape == (*x.shape[:-1], N)
     assert torch.equal(out, expected)
     assert module.bias.dtype == torch.float32  # cast per call, never stored
@@ -211,6 +211,7 @@ def test_has_fp16_weights_trains_the_fp_weight():
 
 
 # ---------------------------------------------------------------- state dict
+
 
 def test_state_dict_has_the_bitsandbytes_format():
     module = _int8_module(_fp_linear())
@@ -308,6 +309,7 @@ def test_safetensors_round_trip(tmp_path):
 
 # ---------------------------------------------------------------- functional
 
+
 def test_matmul_quantizes_once_and_fills_the_state():
     linear = _fp_linear()
     W, b = linear.weight.detach(), linear.bias.detach()
@@ -349,6 +351,7 @@ def test_matmul_with_fp16_weights_gives_the_weight_a_gradient():
 
 
 # ---------------------------------------------------------------- replace_linear
+
 
 class _Block(nn.Module):
     def __init__(self) -> None:
@@ -428,10 +431,14 @@ def test_replace_linear_on_meta_then_load_an_8bit_checkpoint():
 
 # ---------------------------------------------------------------- torch.compile
 
+
 def _int8_model(threshold: float, has_fp16_weights: bool = False) -> nn.Sequential:
     torch.manual_seed(0)
-    layers = [Linear8bitLt(K, 2 * K, has_fp16_weights=has_fp16_weights, threshold=threshold), nn.ReLU(),
-              Linear8bitLt(2 * K, N, has_fp16_weights=has_fp16_weights, threshold=threshold)]
+    layers = [
+        Linear8bitLt(K, 2 * K, has_fp16_weights=has_fp16_weights, threshold=threshold),
+        nn.ReLU(),
+        Linear8bitLt(2 * K, N, has_fp16_weights=has_fp16_weights, threshold=threshold),
+    ]
     return nn.Sequential(*layers).cpu()
 
 
@@ -439,7 +446,9 @@ def _int8_op_calls(graphs) -> int:
     """int8_linear calls in dynamo's graphs, nested ones (autograd.Function bodies) included."""
     return sum(
         node.target in (torch.ops.int8fx.int8_linear, torch.ops.int8fx.int8_linear.default)
-        for gm in graphs for sub in gm.modules() if isinstance(sub, torch.fx.GraphModule)
+        for gm in graphs
+        for sub in gm.modules()
+        if isinstance(sub, torch.fx.GraphModule)
         for node in sub.graph.nodes
     )
 

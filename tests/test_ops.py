@@ -164,6 +164,7 @@ def test_op_runs_the_torch_path_where_the_library_cannot_load(monkeypatch):
     CB, SCB = torch.ops.int8fx.quantize_weight(weights(4, 16))
     # Only the Python default kernel consults load(): call it below the C++ CPU kernel.
     y = torch.ops.int8fx.int8_linear.default.redispatch(
-        torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd), x, CB, SCB, None, 6.0, None)
+        torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd), x, CB, SCB, None, 6.0, None
+    )
     assert calls == [1]
     assert torch.equal(y, run(x, CB, SCB, None, 6.0, None))

@@ -10,7 +10,7 @@ from torch import nn
 
 import int8fx
 from int8fx.paths import matches_skip, normalize_source_path
-from tests.models import MLP, GPT2MLP, Spellings, TiedLM, TransformerBlock, reference_int8
+from tests.models import GPT2MLP, MLP, Spellings, TiedLM, TransformerBlock, reference_int8
 
 
 def rewrite(model, *inputs, **options):
@@ -25,7 +25,9 @@ def rewrite(model, *inputs, **options):
 class TestRewrittenGraphs(expecttest.TestCase):
     def test_mlp(self):
         backend = rewrite(MLP(), torch.randn(2, 3, 32))
-        self.assertExpectedInline(backend.reports[0].after, """\
+        self.assertExpectedInline(
+            backend.reports[0].after,
+            """\
 inputs: up_weight, up_bias, l_x_, down_weight, up_weight_cb, up_weight_scb, down_weight_cb, down_weight_scb
 view = aten.view(l_x_, [6, 32])
 int8_linear_default = int8fx.int8_linear(view, up_weight_cb, up_weight_scb, up_bias, 6.0, up_weight)
@@ -34,7 +36,8 @@ gelu = aten.gelu(view_1)
 view_2 = aten.view(gelu, [6, 64])
 int8_linear_default_1 = int8fx.int8_linear(view_2, down_weight_cb, down_weight_scb, None, 6.0, down_weight)
 _unsafe_view = aten._unsafe_view(int8_linear_default_1, [2, 3, 16])
-return [_unsafe_view]""")
+return [_unsafe_view]""",
+        )
 
     def test_transformer_block_leaves_attention_matmuls_alone(self):
         # Checked through its int8 lines and what must survive, not a pinned 65-line graph
@@ -42,8 +45,15 @@ return [_unsafe_view]""")
         backend = rewrite(TransformerBlock(), torch.randn(2, 5, 32))
         lines = backend.reports[0].after.splitlines()
         int8_lines = [line for line in lines if "int8fx.int8_linear(" in line]
-        projections = ["self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_o_proj",
-                       "mlp_gate_proj", "mlp_up_proj", "mlp_down_proj"]
+        projections = [
+            "self_attn_q_proj",
+            "self_attn_k_proj",
+            "self_attn_v_proj",
+            "self_attn_o_proj",
+            "mlp_gate_proj",
+            "mlp_up_proj",
+            "mlp_down_proj",
+        ]
         self.assertEqual(len(int8_lines), len(projections))
         for line, name in zip(int8_lines, projections):  # in program order, each with its own CB/SCB and fp weight
             self.assertIn(f"{name}_weight_cb, {name}_weight_scb, None, 6.0, {name}_weight)", line)
@@ -56,7 +66,9 @@ return [_unsafe_view]""")
 
     def test_gpt2_conv1d_is_quantized_along_its_output_features(self):
         backend = rewrite(GPT2MLP(), torch.randn(2, 3, 32))
-        self.assertExpectedInline(backend.reports[0].after, """\
+        self.assertExpectedInline(
+            backend.reports[0].after,
+            """\
 inputs: l_x_, c_fc_weight, c_fc_bias, c_proj_weight, c_proj_bias, c_fc_weight_cb, c_fc_weight_scb, c_proj_weight_cb, c_proj_weight_scb
 view = aten.view(l_x_, [-1, 32])
 t_default = aten.t(c_fc_weight)
@@ -67,14 +79,17 @@ view_2 = aten.view(gelu, [-1, 128])
 t_default_1 = aten.t(c_proj_weight)
 int8_linear_default_1 = int8fx.int8_linear(view_2, c_proj_weight_cb, c_proj_weight_scb, c_proj_bias, 6.0, t_default_1)
 view_3 = aten.view(int8_linear_default_1, [2, 3, 32])
-return [view_3]""")
+return [view_3]""",
+        )
         layers = {layer.module_path: layer for layer in backend.reports[0].layers}
         # Stored [in, out] = [32, 128]; quantized as [out, in] = [128, 32].
         assert layers["c_fc"].shape == (128, 32) and layers["c_proj"].shape == (32, 128)
 
     def test_tied_lm_head_is_skipped_by_module_path(self):
         backend = rewrite(TiedLM(), torch.randint(0, 50, (2, 4)))
-        self.assertExpectedInline(backend.reports[0].after, """\
+        self.assertExpectedInline(
+            backend.reports[0].after,
+            """\
 inputs: embed_tokens_weight, l_tokens_, proj_weight, proj_bias, proj_weight_cb, proj_weight_scb
 embedding = aten.embedding(embed_tokens_weight, l_tokens_)
 view = aten.view(embedding, [8, 16])
@@ -84,7 +99,8 @@ t_1 = aten.t(embed_tokens_weight)
 view_2 = aten.view(view_1, [8, 16])
 mm = aten.mm(view_2, t_1)
 _unsafe_view = aten._unsafe_view(mm, [2, 4, 50])
-return [_unsafe_view]""")
+return [_unsafe_view]""",
+        )
         skipped = backend.reports[0].skipped
         assert [(s.module_path, s.weight) for s in skipped] == [("lm_head", "embed_tokens.weight")]
         assert "skip entry 'lm_head'" in skipped[0].reason
@@ -94,7 +110,12 @@ return [_unsafe_view]""")
 def test_every_spelling_and_rank_is_replaced(shape):
     backend = rewrite(Spellings(), torch.randn(*shape))
     report = backend.reports[0]
-    assert sorted(layer.module_path or "<root>" for layer in report.replaced) == ["<root>", "<root>", "<root>", "a"]  # F.linear on a.weight is called from the root
+    assert sorted(layer.module_path or "<root>" for layer in report.replaced) == [
+        "<root>",
+        "<root>",
+        "<root>",
+        "a",
+    ]  # F.linear on a.weight is called from the root
     assert report.skipped == []
     assert "aten.mm" not in report.after and "aten.addmm" not in report.after
 

@@ -15,7 +15,6 @@ from int8fx import reference
 from int8fx.kernels import cpu
 from tests.models import MLP, reference_int8
 
-
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 

@@ -14,6 +14,7 @@ compilation never fails because of int8fx.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import warnings
@@ -67,7 +68,15 @@ class Int8LtBackend:
     def __repr__(self) -> str:
         return f"Int8LtBackend({self.config})"
 
-    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+    def __call__(
+        self, gm: fx.GraphModule, example_inputs: Sequence[Any], mode: Optional[str] = None, options: Optional[dict] = None
+    ) -> Callable:
+        """Compiles one graph. ``torch.compile(model, backend=this, mode=..., options=...)`` passes
+        ``mode`` and ``options`` here: they override this backend's config for the call."""
+        if mode is not None or options:
+            return Int8LtBackend._with(self, dataclasses.replace(self.config, **(options or {}), mode=mode or self.config.mode))(
+                gm, example_inputs
+            )
         report = GraphReport(index=len(self.reports))
         self.reports.append(report)
         inputs = list(example_inputs)
@@ -138,8 +147,13 @@ class Int8LtBackend:
             index = traced.position(match.weight)
             shape = tuple(traced.inputs[index].shape)
             report.layers.append(
-                LayerReport(match.module_path, traced.names[match.weight], shape if match.layout == "out_in" else shape[::-1], "int8",
-                            weight_sqnr_db=sqnr[(index, match.layout)])
+                LayerReport(
+                    match.module_path,
+                    traced.names[match.weight],
+                    shape if match.layout == "out_in" else shape[::-1],
+                    "int8",
+                    weight_sqnr_db=sqnr[(index, match.layout)],
+                )
             )
             counters["int8fx"]["linears_replaced"] += 1
         release = self._unread_weights(traced, quantized_inputs) if self.config.release_weights else []
@@ -192,12 +206,21 @@ class Int8LtBackend:
             )
         log.info("int8lt: graph %d: %d linears to int8, %d kept in floating point", report.index, len(report.replaced), len(report.skipped))
 
+    @staticmethod
+    def _with(backend: "Int8LtBackend", config: Int8LtConfig) -> "Int8LtBackend":
+        """A backend with ``config`` that writes its reports into ``backend.reports``."""
+        variant = Int8LtBackend(config)
+        variant.reports = backend.reports
+        return variant
+
     def _inner_compile(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
         if self.config.inner == "eager":
             return gm.forward
+        import torch._inductor
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(gm, example_inputs)
+        patches = torch._inductor.list_mode_options(self.config.mode) if self.config.mode else {}
+        return compile_fx(gm, example_inputs, config_patches=patches)
 
 
 def _linear_shape(node: fx.Node) -> tuple[int, int]:
@@ -222,15 +245,16 @@ def default_backend() -> Int8LtBackend:
     return _default_backend
 
 
-def int8lt_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Optional[dict] = None) -> Callable:
+def int8lt_backend(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], mode: Optional[str] = None, options: Optional[dict] = None
+) -> Callable:
     """The backend behind ``torch.compile(model, backend="int8lt")``.
 
     ``torch.compile(model, backend="int8lt", options={"threshold": 6.0})`` passes
-    ``Int8LtConfig`` fields through ``options``.
+    ``Int8LtConfig`` fields through ``options``, and ``mode="reduce-overhead"`` (or another of
+    torch.compile's modes) is handed to inductor for the rewritten graph.
     """
-    if options:
-        return int8lt(**options)(gm, example_inputs)
-    return default_backend()(gm, example_inputs)
+    return default_backend()(gm, example_inputs, mode=mode, options=options)
 
 
 def int8lt(config: Optional[Int8LtConfig] = None, **options: Any) -> Int8LtBackend:

@@ -15,8 +15,9 @@ class Int8Runtime:
     """Calls the compiled graph with the current quantized weights appended to its inputs,
     requantizing any weight that was changed in place since the last call."""
 
-    def __init__(self, compiled: Callable, quantized_inputs: list[QuantizedInput], weights: list[QuantizedWeight],
-                 release_positions: list[int]) -> None:
+    def __init__(
+        self, compiled: Callable, quantized_inputs: list[QuantizedInput], weights: list[QuantizedWeight], release_positions: list[int]
+    ) -> None:
         self.compiled = compiled
         # Released on the first call, not at compile time: dynamo re-checks its guards
         # (shapes and strides of every input) right after compiling.

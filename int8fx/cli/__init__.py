@@ -30,9 +30,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 # ---------------------------------------------------------------- arguments
 
+
 def _add_size_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                        help=f"outlier threshold of int8lt (default {DEFAULT_THRESHOLD:g}; 0 is naive int8)")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=DEFAULT_THRESHOLD,
+        help=f"outlier threshold of int8lt (default {DEFAULT_THRESHOLD:g}; 0 is naive int8)",
+    )
     parser.add_argument("--chunks", type=int, default=4, help="perplexity: number of BBC text chunks (default 4)")
     parser.add_argument("--chunk-tokens", type=int, default=512, help="perplexity: tokens per chunk, BOS included (default 512)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype the causal LM is loaded in (default float32)")
@@ -42,9 +47,10 @@ def _add_size_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inner", choices=("inductor", "eager"), help="int8lt's inner compiler (default inductor; eager with --quick)")
     parser.add_argument("--dump", metavar="DIR", help="write the graphs before/after the rewrite and the per-layer report to DIR")
     parser.add_argument(
-        "--skip", action="append", metavar="PATH",
-        help="module path (or path component) int8lt keeps in fp (repeatable; default: lm_head); "
-        "e.g. --skip lm_head --skip v_proj",
+        "--skip",
+        action="append",
+        metavar="PATH",
+        help="module path (or path component) int8lt keeps in fp (repeatable; default: lm_head); e.g. --skip lm_head --skip v_proj",
     )
     parser.add_argument(
         "--quick", action="store_true", help="smoke-test sizes: 2 decoder layers, 1 chunk of 32 tokens, 5 new tokens, eager inner compiler"
@@ -68,7 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=_run_eval)
 
     explain = commands.add_parser("explain", help="compile a model once and show, per linear, what int8lt did and why")
-    explain.add_argument("model", nargs="?", default="example", help="example (built in, default), smollm2, minilm, or a causal-LM directory")
+    explain.add_argument(
+        "model", nargs="?", default="example", help="example (built in, default), smollm2, minilm, or a causal-LM directory"
+    )
     explain.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
     explain.add_argument("--skip", action="append", metavar="PATH", help="module path to keep in fp (repeatable; default: lm_head)")
     explain.add_argument("--tokens", type=int, default=64, help="real models: tokens of BBC text run through the model (default 64)")
@@ -109,6 +117,7 @@ def _load_causal_lm(name: str, dtype: torch.dtype):
 
 
 # ---------------------------------------------------------------- demo
+
 
 def _run_demo(args: argparse.Namespace) -> int:
     from int8fx.cli.demo.evaluate import evaluate_causal_lm
@@ -157,15 +166,20 @@ def format_demo_table(result: dict[str, Any]) -> str:
     if "prefill_ms_fp" in result:
         baseline = result["fp_speed_baseline"].replace("fp_", f"{fp} ")
         rows += [
-            (f"prefill {result['prompt_tokens']} tokens (ms): {baseline} / int8lt", f"{result['prefill_ms_fp']:.0f} / {result['prefill_ms_int8lt']:.0f}"),
-            (f"decode (tokens/s): {baseline} / int8lt", f"{result['decode_tokens_per_s_fp']:.2f} / {result['decode_tokens_per_s_int8lt']:.2f}"),
+            (
+                f"prefill {result['prompt_tokens']} tokens (ms): {baseline} / int8lt",
+                f"{result['prefill_ms_fp']:.0f} / {result['prefill_ms_int8lt']:.0f}",
+            ),
+            (
+                f"decode (tokens/s): {baseline} / int8lt",
+                f"{result['decode_tokens_per_s_fp']:.2f} / {result['decode_tokens_per_s_int8lt']:.2f}",
+            ),
             ("prompt (its end)", repr(result["prompt_tail"])),
             (f"greedy sample {baseline}", repr(result["sample_fp"])),
             ("greedy sample int8lt", repr(result["sample_int8lt"])),
         ]
     title = (
-        f"{result['model']} ({result['parameters_m']:.1f} M parameters, {fp}) | {result['text']} | "
-        f"int8lt inner compiler: {result['inner']}"
+        f"{result['model']} ({result['parameters_m']:.1f} M parameters, {fp}) | {result['text']} | int8lt inner compiler: {result['inner']}"
     )
     width = max(len(label) for label, _ in rows)
     lines = [title, "-" * len(title)]
@@ -174,6 +188,7 @@ def format_demo_table(result: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------- eval
+
 
 def _run_eval(args: argparse.Namespace) -> int:
     from int8fx.cli.demo import models
@@ -213,6 +228,7 @@ def format_results(results: Sequence[dict[str, Any]], fmt: str) -> str:
 
 
 # ---------------------------------------------------------------- explain
+
 
 def _explain_target(args: argparse.Namespace) -> tuple[str, torch.nn.Module, Callable[[torch.nn.Module], Any]]:
     """``(label, model, run)`` where ``run(m)`` calls ``m`` (eager or compiled) on a real input."""
@@ -261,6 +277,7 @@ def _run_explain(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- entry point
+
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from int8fx.cli.demo.models import MissingPackages

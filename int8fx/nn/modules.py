@@ -36,6 +36,7 @@ WEIGHT_FORMAT_ROW = 0
 
 # ---------------------------------------------------------------- Int8Params
 
+
 def _rebuild_int8_params(data: Tensor, requires_grad: bool, has_fp16_weights: bool, SCB: Optional[Tensor]) -> "Int8Params":
     """Unpickling entry point of :class:`Int8Params`."""
     return Int8Params(data, requires_grad=requires_grad, has_fp16_weights=has_fp16_weights, SCB=SCB)
@@ -119,6 +120,7 @@ class Int8Params(nn.Parameter):
 
 
 # ---------------------------------------------------------------- Linear8bitLt
+
 
 class Linear8bitLt(nn.Linear):
     """LLM.int8() linear layer with bitsandbytes' API (``bitsandbytes.nn.Linear8bitLt``).

@@ -137,9 +137,7 @@ def _bias_problem(node: fx.Node, bias: Optional[fx.Node], n_features: int) -> Op
     return None
 
 
-def find_linears(
-    graph: fx.Graph, is_parameter: Callable[[fx.Node], bool]
-) -> tuple[list[LinearMatch], list[SkippedLinear]]:
+def find_linears(graph: fx.Graph, is_parameter: Callable[[fx.Node], bool]) -> tuple[list[LinearMatch], list[SkippedLinear]]:
     """All matmuls of ``graph`` with a parameter operand, split into matches and skips."""
     matches: list[LinearMatch] = []
     skipped: list[SkippedLinear] = []

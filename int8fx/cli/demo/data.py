@@ -47,7 +47,7 @@ def bbc_token_chunks(tokenizer, n_chunks: int, chunk_tokens: int) -> list[torch.
             break
     if len(tokens) < needed:
         raise ValueError(f"the corpus has {len(tokens)} tokens, fewer than the {needed} asked for")
-    return [torch.tensor([[bos] + tokens[i * body:(i + 1) * body]]) for i in range(n_chunks)]
+    return [torch.tensor([[bos] + tokens[i * body : (i + 1) * body]]) for i in range(n_chunks)]
 
 
 def bbc_sentences(count: int, min_words: int = 6) -> list[str]:

@@ -19,9 +19,9 @@ import torch
 
 import int8fx
 from int8fx import report as int8_report
-from int8fx.config import DEFAULT_SKIP, DEFAULT_THRESHOLD
 from int8fx.cli.demo import measure, models
 from int8fx.cli.demo.data import bbc_sentences, bbc_token_chunks
+from int8fx.config import DEFAULT_SKIP, DEFAULT_THRESHOLD
 
 
 @dataclass(frozen=True)
@@ -191,4 +191,3 @@ def evaluate_encoder(name: str, model: torch.nn.Module, tokenizer: Any, settings
     result.update(_backend_summary(backend, outliers))
     _dump(settings, backend, outliers)
     return result
-

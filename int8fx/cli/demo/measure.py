@@ -16,14 +16,15 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from int8fx.report import GraphReport
 from int8fx.cli.demo.progress import track
+from int8fx.report import GraphReport
 
 Model = Callable[..., Any]
 MIB = 2**20
 
 
 # ---------------------------------------------------------------- quality
+
 
 def chunk_nlls(model: Model, chunks: Sequence[torch.Tensor], description: str) -> list[float]:
     """Mean next-token NLL of each chunk ``[1, T]`` (nats per predicted token)."""
@@ -87,6 +88,7 @@ def cosine_similarities(reference: torch.Tensor, approximation: torch.Tensor) ->
 
 # ---------------------------------------------------------------- memory
 
+
 @dataclass
 class LinearMemory:
     """Bytes of the ``nn.Linear`` weights, each shared weight counted once."""
@@ -121,6 +123,7 @@ def linear_memory(model: torch.nn.Module, replaced: set[str]) -> LinearMemory:
 
 
 # ---------------------------------------------------------------- speed
+
 
 @dataclass
 class GenerationResult:
@@ -158,7 +161,9 @@ def greedy_generate(model: Model, prompt: torch.Tensor, new_tokens: int, prefill
     call_start = time.perf_counter()
     prefill_times = []
     with torch.no_grad():
-        for i in track(range(prefill_repeats + 1), f"{description}: prefill (a warm-up call, then {prefill_repeats} timed)", prefill_repeats + 1):
+        for i in track(
+            range(prefill_repeats + 1), f"{description}: prefill (a warm-up call, then {prefill_repeats} timed)", prefill_repeats + 1
+        ):
             start = time.perf_counter()
             logits, cache = prefill()
             if i:
@@ -182,8 +187,14 @@ def greedy_generate(model: Model, prompt: torch.Tensor, new_tokens: int, prefill
 _RECOMPILE_LIMIT_IN_TURNS = 64
 
 
-def generate_in_turns(models: dict[str, Model], prompt: torch.Tensor, new_tokens: int, prefill_repeats: int, rounds: int,
-                      on_error: Optional[Callable[[str, Exception], None]] = None) -> dict[str, list[GenerationResult]]:
+def generate_in_turns(
+    models: dict[str, Model],
+    prompt: torch.Tensor,
+    new_tokens: int,
+    prefill_repeats: int,
+    rounds: int,
+    on_error: Optional[Callable[[str, Exception], None]] = None,
+) -> dict[str, list[GenerationResult]]:
     """``greedy_generate`` for every model, ``rounds`` times, the models taking turns in an order
     rotated from round to round: a shared machine's speed drifts over minutes, and timing one model
     after the other would put that drift into their ratios. Each round's untimed warm-up calls

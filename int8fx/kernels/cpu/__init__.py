@@ -74,8 +74,9 @@ def load() -> bool:
     names = _loaded_kernels()
     log.info("int8fx: CPU int8 kernels loaded: %s", ", ".join(names))
     if torch.ops.int8fx._cpu_amx_self_check() == "failed":
-        log.warning("int8fx: int8fx's AMX kernel failed its self-check on this CPU: it is not used (AVX-512 VNNI "
-                    "and oneDNN are); please report it")
+        log.warning(
+            "int8fx: int8fx's AMX kernel failed its self-check on this CPU: it is not used (AVX-512 VNNI and oneDNN are); please report it"
+        )
     return True
 
 
@@ -116,8 +117,9 @@ def quantize_activation(x2d: Tensor, threshold: float) -> tuple[Tensor, Tensor, 
     return CA, SCA, columns if columns.numel() else None
 
 
-def int8_linear(x: Tensor, CB: Tensor, SCB: Tensor, bias: Optional[Tensor], threshold: float,
-                weight: Optional[Tensor], kernel: str = "auto") -> Tensor:
+def int8_linear(
+    x: Tensor, CB: Tensor, SCB: Tensor, bias: Optional[Tensor], threshold: float, weight: Optional[Tensor], kernel: str = "auto"
+) -> Tensor:
     """The op's CPU kernel with its GEMM chosen by name (``"auto"``: as the op chooses)."""
     _require_library()
     return torch.ops.int8fx._cpu_int8_linear(x, CB, SCB, bias, threshold, weight, kernel)

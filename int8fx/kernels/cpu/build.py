@@ -20,9 +20,19 @@ import torch
 log = logging.getLogger("int8fx")
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = [os.path.join(_HERE, name) for name in (
-    "isa.cpp", "quantize.cpp", "outliers.cpp", "gemm.cpp", "gemm_avx2.cpp", "gemm_avx512.cpp", "gemm_amx.cpp", "linear_op.cpp",
-)]
+SOURCES = [
+    os.path.join(_HERE, name)
+    for name in (
+        "isa.cpp",
+        "quantize.cpp",
+        "outliers.cpp",
+        "gemm.cpp",
+        "gemm_avx2.cpp",
+        "gemm_avx512.cpp",
+        "gemm_amx.cpp",
+        "linear_op.cpp",
+    )
+]
 LIBRARY_NAME = "int8fx_cpu_kernels"
 # The baseline every file is compiled for; wider instruction sets are switched on per file
 # (kernels.h) and only called where the CPU has them.
@@ -76,6 +86,10 @@ def compile_library() -> str:
     directory = build_directory()
     with exclusive_build(directory):
         return cpp_extension.load(
-            name=LIBRARY_NAME, sources=SOURCES, extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
-            build_directory=directory, is_python_module=False,
+            name=LIBRARY_NAME,
+            sources=SOURCES,
+            extra_cflags=CFLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=directory,
+            is_python_module=False,
         )

@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from int8fx.kernels.cuda.int8_gemm import INTERPRETING, dequantize_accumulator, outlier_dot, outlier_weight_tile, round_to
-from int8fx.kernels.cuda.quantize_activation import quantize_values, row_inverse_scale
+from int8fx.kernels.cuda.quantize_activation import quantize_values, row_inverse_scale, update_row_absmax
 
 # Largest M this kernel takes: the rows of one tl.dot tile (16 is the MMA minimum).
 MAX_M = 16
@@ -76,7 +76,7 @@ def _int8_gemv_kernel(
         magnitude = tl.abs(x.to(tl.float32))
         if HAS_THRESHOLD:
             magnitude = tl.where(magnitude >= threshold, 0.0, magnitude)
-        absmax = tl.maximum(absmax, tl.max(magnitude, axis=1))
+        absmax = update_row_absmax(absmax, magnitude)
     inverse_scale = row_inverse_scale(absmax)
 
     # Pass 2: quantize each X tile, int8 MMA with the weight tile, fp MMA on outlier columns.

@@ -61,6 +61,19 @@ def row_inverse_scale(absmax):
 
 
 @triton.jit
+def update_row_absmax(absmax, magnitude):
+    """``max(absmax, max of each row of magnitude [rows, cols])``, NaN once a NaN is seen, as the
+    reference's ``amax``. ``tl.max`` and ``tl.maximum`` drop NaN (IEEE maxNum, on GPUs and in the
+    interpreter alike), which quantized a NaN row as if it were finite and gave it a finite output.
+    (A ``tl.reduce`` with a NaN-keeping combine would say the same, but the interpreter runs such a
+    reduce element by element, 100x slower.)"""
+    row_max = tl.max(magnitude, axis=1)
+    row_has_nan = tl.max((magnitude != magnitude).to(tl.int32), axis=1) > 0
+    row_max = tl.where(row_has_nan, float("nan"), row_max)
+    return tl.maximum(absmax, row_max, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def quantize_values(x32, inverse_scale):
     """``round_half_even(x32 * inverse_scale)`` clamped to [-127, 127], as int8."""
     scaled = x32 * inverse_scale
@@ -101,7 +114,7 @@ def _row_stats_kernel(
             magnitude = tl.where(is_outlier, 0.0, magnitude)
             column_hit = tl.max(is_outlier.to(tl.int32), axis=0) > 0
             tl.store(column_flag_ptr + cols, tl.full([BLOCK_K], 1, tl.int32), mask=column_hit)
-        absmax = tl.maximum(absmax, tl.max(magnitude, axis=1))
+        absmax = update_row_absmax(absmax, magnitude)
     tl.store(absmax_ptr + rows, absmax, mask=row_ok)
 
 
