@@ -38,6 +38,9 @@ class Int8LtConfig:
             weight receives no gradient (bitsandbytes' behaviour).
         min_features: linears with ``in_features`` or ``out_features`` below this stay in
             floating point (int8 buys nothing on tiny matrices).
+        quantize_routers: MoE routers (linears whose output picks experts through top-k) stay in
+            floating point unless this is True: an int8 error that flips an expert choice
+            changes that token's whole expert output, for a few FLOPs saved.
         release_weights: after quantization, free the floating-point storage of every weight
             whose uses were all replaced, so those layers hold only int8 weights plus one fp32
             scale per row. Outlier columns then use the dequantized int8 columns. The released
@@ -56,6 +59,7 @@ class Int8LtConfig:
     outlier_weights: OutlierWeights = "fp"
     trainable_weights: TrainableWeights = "keep_fp"
     min_features: int = 1
+    quantize_routers: bool = False
     release_weights: bool = False
     inner: InnerCompiler = "inductor"
     mode: str | None = None
@@ -80,6 +84,8 @@ class Int8LtConfig:
         _check_choice("inner", self.inner, ("inductor", "eager"))
         if self.mode is not None:
             _check_choice("mode", self.mode, INDUCTOR_MODES)
+        if not isinstance(self.quantize_routers, bool):
+            raise TypeError(f"quantize_routers must be True or False, got {self.quantize_routers!r}")
         if not isinstance(self.release_weights, bool):
             raise TypeError(f"release_weights must be True or False, got {self.release_weights!r}")
         if isinstance(self.min_features, bool) or not isinstance(self.min_features, int) or self.min_features < 1:

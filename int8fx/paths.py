@@ -17,8 +17,13 @@ WeightLayout = Literal["out_in", "in_out"]
 
 
 def normalize_source_path(path: str) -> str:
-    """``L['self'].model._modules['layers'][0]._parameters['weight']`` -> ``model.layers.0.weight``."""
-    path = re.sub(r"^L\['[^']*'\]\.?", "", path)
+    """``L['self'].model._modules['layers'][0]._parameters['weight']`` -> ``model.layers.0.weight``.
+
+    The root is the compiled module, whatever dynamo calls it: ``L['self']``, or ``L['args'][0]``
+    when a decorator's ``*args`` wrapper (as on transformers' ``*ForCausalLM.forward``) passes
+    ``self`` on, so that paths equal ``named_modules()`` names either way.
+    """
+    path = re.sub(r"^L\['[^']*'\](?:\[\d+\])?\.?", "", path)
     path = re.sub(r"(?:^|\.)_(?:modules|parameters|buffers)\['([^']*)'\]", r".\1", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     path = re.sub(r"\['([^']*)'\]", r".\1", path)

@@ -1,5 +1,6 @@
 """The rewritten ATen graphs, pinned inline, and what the matcher accepts or skips."""
 
+import functools
 import re
 
 import expecttest
@@ -164,6 +165,39 @@ def test_normalize_source_path():
     src = "L['self']._modules['model']._modules['layers']._modules['0']._parameters['weight']"
     assert normalize_source_path(src) == "model.layers.0.weight"
     assert normalize_source_path("L['self'].model.layers[3].mlp") == "model.layers.3.mlp"
+    # A decorator's *args wrapper passes self on as args[0] (transformers' *ForCausalLM.forward).
+    assert normalize_source_path("L['args'][0].model.layers[3].mlp") == "model.layers.3.mlp"
+    assert normalize_source_path("L['args'][0]._modules['lm_head']._parameters['weight']") == "lm_head.weight"
+
+
+def passthrough(forward):
+    @functools.wraps(forward)
+    def wrapper(*args, **kwargs):
+        return forward(*args, **kwargs)
+
+    return wrapper
+
+
+class DecoratedHead(nn.Module):
+    """A model whose forward is wrapped the way transformers wraps *ForCausalLM.forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = MLP()
+        self.lm_head = nn.Linear(16, 8)
+
+    @passthrough
+    def forward(self, x):
+        return self.lm_head(self.model(x))
+
+
+def test_report_paths_are_named_modules_names_under_a_decorated_forward():
+    model = DecoratedHead()
+    backend = rewrite(model, torch.randn(2, 32))
+    paths = {layer.module_path: layer.action for layer in backend.reports[0].layers}
+    assert paths == {"model.up": "int8", "model.down": "int8", "lm_head": "fp"}
+    assert set(paths) <= {name for name, _ in model.named_modules()}
+    assert {layer.weight for layer in backend.reports[0].layers} == {"model.up.weight", "model.down.weight", "lm_head.weight"}
 
 
 def test_activation_matmuls_are_not_candidates():
@@ -186,3 +220,37 @@ def test_non_flattenable_3d_input_bmm_is_replaced():
         out = torch.compile(linear, backend=int8fx.int8lt(inner="eager"))(x)
     assert out.shape == (3, 1, 16)
     torch.testing.assert_close(out, reference_int8(linear, 6.0)(x.contiguous()), rtol=0, atol=1e-5)
+
+
+class ToyMoE(nn.Module):
+    """A router and experts stored as 3-D parameters, used the ways transformers' MoE blocks do."""
+
+    def __init__(self, dim=32, hidden=16, experts=4):
+        super().__init__()
+        self.gate = nn.Linear(dim, experts, bias=False)
+        self.up = nn.Parameter(torch.randn(experts, hidden, dim) / dim**0.5)  # like experts.gate_up_proj
+        self.down = nn.Parameter(torch.randn(experts, dim, hidden) / hidden**0.5)
+
+    def forward(self, x):
+        weights, chosen = torch.topk(F.softmax(self.gate(x), dim=-1), 2)
+        # batched_mm style: each token's expert weights gathered, then W @ x
+        h = torch.bmm(self.up[chosen[:, 0]], x.unsqueeze(-1)).squeeze(-1)
+        # eager style, one expert: F.linear on a slice of the stacked parameter
+        return F.linear(F.silu(h), self.down[1]) * weights[:, :1]
+
+
+def test_moe_experts_and_router_are_reported_not_silently_left():
+    backend = rewrite(ToyMoE(), torch.randn(5, 32))
+    layers = {layer.weight: layer for layer in backend.reports[0].layers}
+    assert set(layers) == {"gate.weight", "up", "down"}  # every parameter product, none missing
+    assert layers["up"].action == layers["down"].action == "fp"
+    assert "MoE experts: the 3-D parameter [4, 16, 32] is used by aten.bmm through index" in layers["up"].reason
+    assert "MoE experts: the 3-D parameter [4, 32, 16]" in layers["down"].reason and "select" in layers["down"].reason
+    assert layers["up"].shape == (16, 32) and layers["down"].shape == (32, 16)
+    assert layers["gate.weight"].action == "fp" and layers["gate.weight"].reason.startswith("MoE router")
+
+
+def test_routers_are_quantized_on_request():
+    backend = rewrite(ToyMoE(), torch.randn(5, 32), quantize_routers=True)
+    actions = {layer.weight: layer.action for layer in backend.reports[0].layers}
+    assert actions == {"gate.weight": "int8", "up": "fp", "down": "fp"}

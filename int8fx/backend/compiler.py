@@ -100,8 +100,8 @@ class Int8LtBackend:
 
     def _rewrite(self, gm: fx.GraphModule, inputs: list, report: GraphReport) -> Optional[RewrittenGraph]:
         """Steps 1-3; None when nothing is to be rewritten (the graph then compiles unchanged)."""
-        if not any(isinstance(x, torch.nn.Parameter) and x.dim() == 2 for x in inputs):
-            return None  # no weight matrix: nothing to rewrite
+        if not any(isinstance(x, torch.nn.Parameter) and x.dim() >= 2 for x in inputs):
+            return None  # no weight matrix (nor stack of them, as MoE experts): nothing to rewrite or report
         plan = self._plan(trace_to_aten(gm, inputs), report)
         traced = plan.traced
         report.before = passes.format_graph(traced.gm.graph)
@@ -120,12 +120,14 @@ class Int8LtBackend:
         """Step 2: every linear the passes find is either accepted or reported in fp with its reason."""
         matches, skipped = passes.find_linears(traced.gm.graph, traced.is_parameter)
         for skip in skipped:
-            self._record_fp(report, skip.module_path, traced.names.get(skip.weight, "?"), skip.node, skip.reason)
+            self._record_fp(
+                report, skip.module_path, traced.names.get(skip.weight, "?"), skip.shape or _linear_shape(skip.node), skip.reason
+            )
         accepted = []
         for match in matches:
-            reason = fp_reason(match.module_path, traced.input_of(match.weight), self.config)
+            reason = fp_reason(match, traced.input_of(match.weight), self.config)
             if reason:
-                self._record_fp(report, match.module_path, traced.names[match.weight], match.node, reason)
+                self._record_fp(report, match.module_path, traced.names[match.weight], _linear_shape(match.node), reason)
             else:
                 accepted.append(match)
         return LinearPlan(traced, accepted)
@@ -179,8 +181,8 @@ class Int8LtBackend:
             if is_released(value) and node.users:
                 raise ReleasedWeightError(f"this graph reads {traced.names[node]} outside the int8 linears, but {RELEASE_HINT}")
 
-    def _record_fp(self, report: GraphReport, path: str, weight: str, node: fx.Node, reason: str) -> None:
-        report.layers.append(LayerReport(path, weight, _linear_shape(node), "fp", reason))
+    def _record_fp(self, report: GraphReport, path: str, weight: str, shape: tuple[int, int], reason: str) -> None:
+        report.layers.append(LayerReport(path, weight, shape, "fp", reason))
         counters["int8fx"]["linears_skipped"] += 1
         log.info("int8lt: kept %s (%s) in floating point: %s", path or "<root>", weight, reason)
 

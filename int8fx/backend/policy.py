@@ -5,14 +5,19 @@ from __future__ import annotations
 import torch
 
 from int8fx.config import Int8LtConfig
+from int8fx.passes import LinearMatch
 from int8fx.paths import matches_skip
 
 
-def fp_reason(module_path: str, param: torch.Tensor, config: Int8LtConfig) -> str:
+def fp_reason(match: LinearMatch, param: torch.Tensor, config: Int8LtConfig) -> str:
     """Why a matched linear must stay in floating point ("" when it can be quantized)."""
-    entry = matches_skip(module_path, config.skip)
+    entry = matches_skip(match.module_path, config.skip)
     if entry:
         return f"module path matches skip entry {entry!r}"
+    if match.feeds_top_k and not config.quantize_routers:
+        # Top-k is discontinuous: int8 noise that flips an expert choice changes that token's
+        # whole MoE output, and a router's few FLOPs are not worth the risk.
+        return "MoE router: its output picks experts through top-k (quantize_routers=True quantizes it)"
     if param.device.type == "meta":
         return "weight is on the meta device (no data to quantize)"
     if not param.is_floating_point():

@@ -14,7 +14,13 @@
 
 Matmuls of two activations (attention's ``Q @ K^T``, ``P @ V``) never name a parameter
 and are not candidates. Every candidate comes back either as a ``LinearMatch`` or as a
-``SkippedLinear`` with its reason.
+``SkippedLinear`` with its reason, and so does every other matmul (or library op, such as
+transformers' ``grouped_mm_fallback``) that a 2-D or larger parameter reaches through views,
+indexing or casts: MoE experts stored as one 3-D parameter, used through ``bmm`` on
+``W[expert_ids]``, ``grouped_mm`` or ``F.linear(x, W[e])``, are reported, not silently left out.
+
+A match whose output picks experts through ``top-k`` (an MoE router, possibly after a softmax
+or sigmoid) is marked ``feeds_top_k``: the backend's policy keeps routers in fp by default.
 """
 
 from __future__ import annotations
@@ -31,6 +37,48 @@ aten = torch.ops.aten
 
 _LINEAR_OPS = (aten.mm.default, aten.addmm.default, aten.linear.default, aten.bmm.default)
 _BROADCAST_OPS = (aten.expand.default, aten.view.default, aten._unsafe_view.default)
+# Other products a weight may reach, which the rewrite does not handle (yet): reported.
+_OTHER_MATMUL_OPS = frozenset(
+    {aten.baddbmm.default, aten.matmul.default} | ({aten._grouped_mm.default} if hasattr(aten, "_grouped_mm") else set())
+)
+# Ops a weight may pass through on its way to a product: views, indexing, casts.
+_WEIGHT_PATH_OPS = frozenset(
+    {
+        aten.select.int,
+        aten.index.Tensor,
+        aten.index_select.default,
+        aten.slice.Tensor,
+        aten.view.default,
+        aten._unsafe_view.default,
+        aten.reshape.default,
+        aten.expand.default,
+        aten.t.default,
+        aten.transpose.int,
+        aten.permute.default,
+        aten._to_copy.default,
+        aten.clone.default,
+        aten.unsqueeze.default,
+        aten.squeeze.dim,
+        aten.squeeze.dims,
+        aten.alias.default,
+        torch.ops.prims.convert_element_type.default,
+    }
+)
+# Ops a router's logits may pass through on their way to top-k.
+_ROUTER_PATH_OPS = frozenset(
+    {
+        aten._softmax.default,
+        aten.softmax.int,
+        aten.sigmoid.default,
+        aten._to_copy.default,
+        aten.view.default,
+        aten._unsafe_view.default,
+        aten.reshape.default,
+        aten.add.Tensor,
+        aten.mul.Tensor,
+        torch.ops.prims.convert_element_type.default,
+    }
+)
 
 
 @dataclass
@@ -43,6 +91,7 @@ class LinearMatch:
     layout: WeightLayout  # "out_in": stored [N, K] like nn.Linear; "in_out": stored [K, N] like Conv1D
     bias: Optional[fx.Node]
     module_path: str
+    feeds_top_k: bool = False  # an MoE router: its output picks experts
 
 
 @dataclass
@@ -53,6 +102,7 @@ class SkippedLinear:
     weight: Optional[fx.Node]
     module_path: str
     reason: str
+    shape: Optional[tuple[int, int]] = None  # (out, in) when the node's own shapes do not say it
 
 
 def module_path_of(node: fx.Node) -> str:
@@ -169,5 +219,68 @@ def find_linears(graph: fx.Graph, is_parameter: Callable[[fx.Node], bool]) -> tu
         if problem:
             skipped.append(SkippedLinear(node, weight, path, problem))
             continue
-        matches.append(LinearMatch(node, x, weight, layout, bias, path))
+        matches.append(LinearMatch(node, x, weight, layout, bias, path, feeds_top_k=_feeds_top_k(node)))
+    seen = {item.node for item in matches} | {item.node for item in skipped}
+    skipped += _other_weight_products(graph, is_parameter, seen)
     return matches, skipped
+
+
+def _feeds_top_k(node: fx.Node, depth: int = 6) -> bool:
+    """Whether ``node``'s output reaches ``aten.topk`` through softmax/sigmoid, casts and views."""
+    frontier = [node]
+    for _ in range(depth):
+        users = [user for n in frontier for user in n.users]
+        if any(user.target == aten.topk.default for user in users):
+            return True
+        frontier = [user for user in users if user.target in _ROUTER_PATH_OPS]
+    return False
+
+
+def _parameter_behind(operand, is_parameter: Callable[[fx.Node], bool]) -> tuple[Optional[fx.Node], list[str]]:
+    """The parameter placeholder ``operand`` is a view, slice or cast of, and the ops on the way."""
+    via = []
+    node = operand
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in _WEIGHT_PATH_OPS:
+        via.append(node.target.__name__.split(".")[0])
+        node = node.args[0]
+    if isinstance(node, fx.Node) and node.op == "placeholder" and is_parameter(node):
+        return node, via[::-1]
+    return None, []
+
+
+def _is_product(node: fx.Node) -> bool:
+    if node.target in _LINEAR_OPS or node.target in _OTHER_MATMUL_OPS:
+        return True
+    # A library's own op (transformers' grouped_mm_fallback, ...): opaque to the rewrite.
+    namespace = getattr(node.target, "namespace", None)
+    return namespace is not None and namespace not in ("aten", "prims", "int8fx", "higher_order")
+
+
+def _other_weight_products(graph: fx.Graph, is_parameter: Callable[[fx.Node], bool], seen: set) -> list[SkippedLinear]:
+    """Every product that a >= 2-D parameter reaches and that is neither matched nor skipped yet."""
+    skipped = []
+    for node in graph.nodes:
+        if node.op != "call_function" or node in seen or not _is_product(node):
+            continue
+        operands = [a for arg in node.args for a in (arg if isinstance(arg, (list, tuple)) else [arg])]
+        for operand in operands:
+            weight, via = _parameter_behind(operand, is_parameter)
+            value = weight.meta.get("val") if weight is not None else None
+            if not isinstance(value, torch.Tensor) or value.dim() < 2:
+                continue
+            skipped.append(
+                SkippedLinear(
+                    node, weight, module_path_of(node), _unhandled_reason(value, node, via), shape=tuple(int(d) for d in value.shape[-2:])
+                )
+            )
+    return skipped
+
+
+def _unhandled_reason(value: torch.Tensor, node: fx.Node, via: list[str]) -> str:
+    op = str(node.target).replace(".default", "")
+    route = f" through {', '.join(via)}" if via else ""
+    if value.dim() >= 3:
+        return (
+            f"MoE experts: the {value.dim()}-D parameter {list(value.shape)} is used by {op}{route}; expert weights are not quantized yet"
+        )
+    return f"the parameter is used by {op}{route}, a form the rewrite does not handle"

@@ -1,0 +1,61 @@
+"""Real architectures, built by transformers from small configs (random weights, no download):
+what int8lt replaces, and that whatever it leaves in floating point is reported."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import int8fx
+
+transformers = pytest.importorskip("transformers", reason="needs transformers (scripts/install_demo.sh)")
+
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+
+
+def qwen3_moe(experts_implementation: str):
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.Qwen3MoeForCausalLM._from_config(config, experts_implementation=experts_implementation).eval()
+
+
+def llama():
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM._from_config(config).eval()
+
+
+def compile_and_report(model, **options):
+    backend = int8fx.int8lt(inner="eager", **options)
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(torch.randint(0, 128, (1, 8)))
+    return [layer for report in backend.reports for layer in report.layers]
+
+
+@pytest.mark.parametrize("experts_implementation", ["batched_mm", "grouped_mm"])
+def test_moe_reports_every_expert_parameter_and_keeps_routers_in_fp(experts_implementation):
+    model = qwen3_moe(experts_implementation)
+    layers = compile_and_report(model)
+    by_weight = {layer.weight: layer for layer in layers}
+    experts = {name for name, p in model.named_parameters() if p.dim() == 3}
+    assert experts and experts <= set(by_weight)  # none silently left out
+    for name in experts:
+        assert by_weight[name].action == "fp" and by_weight[name].reason.startswith("MoE experts"), by_weight[name]
+    routers = [layer for layer in layers if layer.module_path.endswith("mlp.gate")]
+    assert len(routers) == 2 and all(layer.action == "fp" and layer.reason.startswith("MoE router") for layer in routers)
+    attention = [layer for layer in layers if ".self_attn." in layer.module_path]
+    assert len(attention) == 8 and all(layer.action == "int8" for layer in attention)
+    # Reports name modules as named_modules() does.
+    assert {layer.module_path for layer in layers} <= {name for name, _ in model.named_modules()}
+
+
+def test_llama_report_paths_are_named_modules_names():
+    model = llama()
+    layers = compile_and_report(model)
+    assert {layer.module_path for layer in layers} <= {name for name, _ in model.named_modules()}
+    assert sum(layer.action == "int8" for layer in layers) == 14  # 7 linears x 2 layers; lm_head in fp
