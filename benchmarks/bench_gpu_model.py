@@ -448,37 +448,29 @@ def run(setup: Setup, out: Optional[str] = None, on_row: Optional[Callable[[list
     return rows, info
 
 
+# (column header, row key, format) of the model table, here and in gpu_check's summary.
+TABLE_COLUMNS = [
+    ("provider", "provider", ""),
+    ("int8 linears", "int8_linears", ""),
+    ("compile s", "compile_s", ".1f"),
+    ("prefill ms", "prefill_ms", ".2f"),
+    ("decode tokens/s", "decode_tokens_per_s", ".1f"),
+    ("prefill x vs bf16", "prefill_x_vs_bf16", ".2f"),
+    ("decode x vs bf16", "decode_x_vs_bf16", ".2f"),
+    ("SQNR vs fp32 dB", "sqnr_vs_fp32_db", ".1f"),
+    ("SQNR vs reference dB", "sqnr_vs_reference_db", ".1f"),
+    ("tokens as fp32", "tokens_as_fp32", ""),
+]
+
+
+def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """The model table's header and cells."""
+    header = [name for name, _, _ in TABLE_COLUMNS]
+    return header, [[format_cell(r[key], spec) for _, key, spec in TABLE_COLUMNS] for r in rows]
+
+
 def print_table(rows: list[dict]) -> None:
-    header = [
-        "provider",
-        "int8 linears",
-        "compile s",
-        "prefill ms",
-        "decode tokens/s",
-        "prefill x vs bf16",
-        "decode x vs bf16",
-        "SQNR vs fp32 dB",
-        "SQNR vs reference dB",
-        "tokens as fp32",
-    ]
-    print_markdown_table(
-        header,
-        [
-            [
-                r["provider"],
-                r["int8_linears"],
-                format_cell(r["compile_s"], ".1f"),
-                format_cell(r["prefill_ms"], ".2f"),
-                format_cell(r["decode_tokens_per_s"], ".1f"),
-                format_cell(r["prefill_x_vs_bf16"], ".2f"),
-                format_cell(r["decode_x_vs_bf16"], ".2f"),
-                format_cell(r["sqnr_vs_fp32_db"], ".1f"),
-                format_cell(r["sqnr_vs_reference_db"], ".1f"),
-                str(r["tokens_as_fp32"]),
-            ]
-            for r in rows
-        ],
-    )
+    print_markdown_table(*table(rows))
 
 
 def main() -> None:

@@ -642,7 +642,8 @@ def stage_model(ctx: Context) -> int:
     setup = bench_gpu_model.DRY_SETUP if ctx.dry_run else bench_gpu_model.GPU_SETUP
 
     def on_row(rows: list[dict], info: dict) -> None:
-        ctx.record("model", model_summary(rows, info), {"rows": rows, "info": info})
+        table = markdown(*bench_gpu_model.table(rows))
+        ctx.record("model", model_summary(rows, info), {"rows": rows, "info": info, "table": table})
 
     rows, info = bench_gpu_model.run(setup, str(ctx.out), on_row)
     bench_gpu_model.print_table(rows)
@@ -864,31 +865,9 @@ def final_report(state: dict, names: list[str]) -> str:
     pivot = stages.get("bench", {}).get("data", {}).get("pivot")
     if pivot:
         parts.append("\n### One linear (bench_linear, bf16 input; µs are medians)\n\n" + pivot_markdown(pivot) + "\n")
-    model_rows = stages.get("model", {}).get("data", {}).get("rows")
-    if model_rows:
-        header = [
-            "provider",
-            "int8 linears",
-            "compile s",
-            "prefill ms",
-            "decode tokens/s",
-            "prefill x vs bf16",
-            "decode x vs bf16",
-            "SQNR vs fp32 dB",
-            "SQNR vs reference dB",
-        ]
-        keys = [
-            "int8_linears",
-            "compile_s",
-            "prefill_ms",
-            "decode_tokens_per_s",
-            "prefill_x_vs_bf16",
-            "decode_x_vs_bf16",
-            "sqnr_vs_fp32_db",
-            "sqnr_vs_reference_db",
-        ]
-        rows = [[r["provider"]] + [_format(r.get(k)) for k in keys] for r in model_rows]
-        parts.append("\n### Model (bench_gpu_model)\n\n" + markdown(header, rows))
+    model_table = stages.get("model", {}).get("data", {}).get("table")
+    if model_table:
+        parts.append("\n### Model (bench_gpu_model)\n\n" + model_table)
     parts.append("\n### Targets (issue 14)\n\n" + markdown(["target", "measured", "met"], [list(t) for t in targets(state)]))
     stage_rows = []
     for stage in STAGES:

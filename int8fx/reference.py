@@ -20,7 +20,7 @@ Everything here is written for clarity, not speed.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -116,16 +116,19 @@ def int8_linear(
     bias: Optional[Tensor] = None,
     threshold: float = DEFAULT_THRESHOLD,
     weight: Optional[Tensor] = None,
+    *,
+    matmul: Callable[[Tensor, Tensor], Tensor] = int8_matmul,
 ) -> Tensor:
     """LLM.int8() ``x @ W.T + b`` for ``x [..., K]``, ``CB [N, K]`` int8, ``SCB [N]`` fp32.
 
     The outlier columns are multiplied with ``weight`` (the original fp weight) when it
-    is given, else with the dequantized int8 weight, as bitsandbytes does.
+    is given, else with the dequantized int8 weight, as bitsandbytes does. ``matmul`` is the
+    exact int8 product ``CA @ CB.T`` (``kernels.cpu.torch_path`` passes ``torch._int_mm``'s).
     """
     K, N = x.shape[-1], CB.shape[0]
     x2d = x.reshape(-1, K)
     (CA, SCA), columns = quantize_activation(x2d, threshold)
-    out = dequantize_output(int8_matmul(CA, CB), SCA, SCB)
+    out = dequantize_output(matmul(CA, CB), SCA, SCB)
     if bool(columns.any()):
         out = out + outlier_part(x2d, outlier_weight_columns(weight, CB, SCB, columns), columns).float()
     if bias is not None:

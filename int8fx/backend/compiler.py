@@ -74,9 +74,8 @@ class Int8LtBackend:
         """Compiles one graph. ``torch.compile(model, backend=this, mode=..., options=...)`` passes
         ``mode`` and ``options`` here: they override this backend's config for the call."""
         if mode is not None or options:
-            return Int8LtBackend._with(self, dataclasses.replace(self.config, **(options or {}), mode=mode or self.config.mode))(
-                gm, example_inputs
-            )
+            variant = self._variant(dataclasses.replace(self.config, **(options or {}), mode=mode or self.config.mode))
+            return variant(gm, example_inputs)
         report = GraphReport(index=len(self.reports))
         self.reports.append(report)
         inputs = list(example_inputs)
@@ -208,11 +207,10 @@ class Int8LtBackend:
             )
         log.info("int8lt: graph %d: %d linears to int8, %d kept in floating point", report.index, len(report.replaced), len(report.skipped))
 
-    @staticmethod
-    def _with(backend: "Int8LtBackend", config: Int8LtConfig) -> "Int8LtBackend":
-        """A backend with ``config`` that writes its reports into ``backend.reports``."""
+    def _variant(self, config: Int8LtConfig) -> "Int8LtBackend":
+        """A backend with ``config`` that writes its reports into this one's ``reports``."""
         variant = Int8LtBackend(config)
-        variant.reports = backend.reports
+        variant.reports = self.reports
         return variant
 
     def _inner_compile(self, gm: fx.GraphModule, example_inputs: list) -> Callable:

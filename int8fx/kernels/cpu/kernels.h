@@ -210,9 +210,8 @@ void int8_gemm(Kernel kernel, const int8_t* A, const int8_t* B, int64_t M, int64
 std::vector<int64_t> quantize_activation(const float* X, int64_t M, int64_t K, bool use_threshold, float threshold,
                                          int8_t* CA, float* SCA);
 
-// out [M, N] = X[:, columns] @ W[:, columns]^T accumulated in fp32, column by column (meant
-// for a handful of columns); only those columns of W (or of CB) are read. (outliers.cpp)
-void outlier_part(const float* X, int64_t M, int64_t K, const std::vector<int64_t>& columns, const FpWeight& W,
-                  const int8_t* CB, const float* SCB, int64_t N, float* out);
+// out [M, N] = the outlier part of every row and output (OutlierColumns::sum) in a pass of
+// its own, column by column (meant for a handful of columns). (outliers.cpp)
+void outlier_part(const OutlierColumns& outliers, int64_t M, float* out);
 
 }  // namespace int8fx

@@ -1,5 +1,5 @@
 // The CPU kernel of int8fx::int8_linear (schema in int8fx/ops.py), registered with the
-// dispatcher when int8fx/kernels/cpu/library.py loads this library: a compiled graph's call
+// dispatcher when int8fx.kernels.cpu.load() loads this library: a compiled graph's call
 // then goes from the dispatcher straight here, with no Python in between (per-call overhead
 // is most of the cost of a small layer at decode). Argument errors match the messages of
 // ops._check_int8_linear_args.
@@ -199,8 +199,7 @@ at::Tensor linear_with(Gemm gemm, const at::Tensor& x, const at::Tensor& CB, con
     outlier_part_blas(x32, columns, weight, CB_c, SCB_c, out);
     dequantize.add_outliers = true;
   } else {
-    outlier_part(x32.data_ptr<float>(), M, K, columns, fp_weight, CB_c.data_ptr<int8_t>(), SCB_c.data_ptr<float>(), N,
-                 out.data_ptr<float>());
+    outlier_part(outliers, M, out.data_ptr<float>());
     dequantize.add_outliers = true;
   }
   run_gemm(gemm, CA, CB_c, dequantize);
@@ -247,11 +246,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_activation_op(const at::
 }
 
 std::string chosen_kernel_op(int64_t M, int64_t K) {
-  switch (choose_gemm(M, K)) {
-    case Gemm::kOneDnn: return "onednn";
-    case Gemm::kAuto: return "auto";
-    default: return kernel_name(kernel_of(choose_gemm(M, K)));
-  }
+  const Gemm gemm = choose_gemm(M, K);
+  return gemm == Gemm::kOneDnn ? "onednn" : kernel_name(kernel_of(gemm));
 }
 
 std::string amx_self_check_op() {

@@ -3,34 +3,30 @@
 // weight are read: of the fp weight when the caller kept it, else of CB, dequantized as
 // reference.dequantize_rows does (CB * (SCB / 127)).
 
+#include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <memory>
-#include <vector>
 
 #include <ATen/Parallel.h>
 
 #include "kernels.h"
 
 namespace int8fx {
-namespace {
 
-// out[M, N] = X[:, columns] @ Wc^T in fp32, columns in ascending order, where Wc holds the
-// outlier columns of the fp weight W (element [n, k] at W[n * w_row + k * w_col]) or,
-// when W is null, of CB dequantized as reference.dequantize_rows does: CB * (SCB / 127).
+// out[M, N] = X[:, columns] @ Wc^T in fp32, columns in ascending order, Wc being the outlier
+// columns of the fp weight or of CB dequantized (OutlierColumns::raw and the scale below).
 // Column by column, vectorized over N: wide outlier sets (a tiny threshold) are slower
 // than a BLAS matmul would be, but real activations have a handful of outlier columns.
-template <class T>
-void outlier_part_of(const float* X, int64_t M, int64_t K, const std::vector<int64_t>& columns, const T* W,
-                  int64_t w_row, int64_t w_col, const int8_t* CB, const float* SCB, int64_t N, float* out) {
-  const int64_t count = int64_t(columns.size());
+void outlier_part(const OutlierColumns& outliers, int64_t M, float* out) {
+  const int64_t count = outliers.count, N = outliers.N, K = outliers.K;
+  const int64_t* columns = outliers.columns;
+  const float* X = outliers.X;
   // The columns transposed to [count, N], so each outlier adds one contiguous row.
   std::unique_ptr<float[]> columns_t(new float[count * N]);
   at::parallel_for(0, N, 256, [&](int64_t first, int64_t last) {
     for (int64_t n = first; n < last; ++n) {
-      const float dequantize = SCB[n] / kInt8Max;
-      for (int64_t o = 0; o < count; ++o)
-        columns_t[o * N + n] = W ? to_float(W[n * w_row + columns[o] * w_col]) : float(CB[n * K + columns[o]]) * dequantize;
+      const float scale = outliers.W.data ? 1.0f : outliers.SCB[n] / kInt8Max;
+      for (int64_t o = 0; o < count; ++o) columns_t[o * N + n] = outliers.raw(n, columns[o]) * scale;
     }
   });
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(N * count, 1));
@@ -46,23 +42,6 @@ void outlier_part_of(const float* X, int64_t M, int64_t K, const std::vector<int
       }
     }
   });
-}
-
-}  // namespace
-
-void outlier_part(const float* X, int64_t M, int64_t K, const std::vector<int64_t>& columns, const FpWeight& W,
-                  const int8_t* CB, const float* SCB, int64_t N, float* out) {
-  switch (W.type) {
-    case FpWeight::kFloat32:
-      outlier_part_of(X, M, K, columns, static_cast<const float*>(W.data), W.row_stride, W.column_stride, CB, SCB, N, out);
-      break;
-    case FpWeight::kBFloat16:
-      outlier_part_of(X, M, K, columns, static_cast<const BFloat16Bits*>(W.data), W.row_stride, W.column_stride, CB, SCB, N, out);
-      break;
-    case FpWeight::kFloat16:
-      outlier_part_of(X, M, K, columns, static_cast<const HalfBits*>(W.data), W.row_stride, W.column_stride, CB, SCB, N, out);
-      break;
-  }
 }
 
 }  // namespace int8fx

@@ -1,8 +1,5 @@
-"""The CPU linear in torch ops, where int8fx's C++ library cannot be built or loaded.
-
-The reference's steps (same ``CA``, ``SCA`` and dequantization, bit-exact), with
-``torch._int_mm`` as the int8 GEMM (oneDNN) and an outlier part that reads only the
-outlier columns of the weight.
+"""The CPU linear in torch ops, where int8fx's C++ library cannot be built or loaded: the
+reference's own steps, with ``torch._int_mm`` (oneDNN) as the int8 GEMM.
 """
 
 from __future__ import annotations
@@ -28,13 +25,5 @@ def int8_mm(CA: Tensor, CB: Tensor) -> Tensor:
 
 
 def int8_linear(x: Tensor, CB: Tensor, SCB: Tensor, bias: Optional[Tensor], threshold: float, weight: Optional[Tensor]) -> Tensor:
-    """``reference.int8_linear`` for ``x [..., K]``; see there."""
-    K, N = x.shape[-1], CB.shape[0]
-    x2d = x.reshape(-1, K)
-    (CA, SCA), columns = reference.quantize_activation(x2d, threshold)
-    out = reference.dequantize_output(int8_mm(CA, CB), SCA, SCB)
-    if bool(columns.any()):
-        out += reference.outlier_part(x2d, reference.outlier_weight_columns(weight, CB, SCB, columns), columns).float()
-    if bias is not None:
-        out += bias.float()
-    return out.to(x.dtype).reshape(*x.shape[:-1], N)
+    """``reference.int8_linear`` for ``x [..., K]`` with ``torch._int_mm`` as its int8 product."""
+    return reference.int8_linear(x, CB, SCB, bias, threshold, weight, matmul=int8_mm)
