@@ -369,15 +369,16 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def loading_peak_memory(setup: Setup) -> dict:
-    """The same model saved as sharded safetensors, then loaded in bf16 and straight into int8
-    (``int8fx.Int8fxConfig``, issue 16) on the device: the peak device memory of each load.
-    Run by the GPU check only once ``int8fx.Int8fxConfig`` exists."""
+    """The same model saved as sharded bf16 safetensors, then loaded in bf16 and straight into int8
+    (``int8fx.Int8fxConfig``, issue 16) on the device: each load's peak and resident device memory,
+    and whether the int8 model's first forward is finite."""
     import tempfile
 
     from transformers import AutoModelForCausalLM
 
     model = build_model(setup).to(torch.bfloat16)
     data = {}
+    prompt = torch.randint(0, setup.vocab, (1, 16), generator=torch.Generator().manual_seed(2)).to(setup.device)
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder, max_shard_size="500MB")
         del model
@@ -386,8 +387,11 @@ def loading_peak_memory(setup: Setup) -> dict:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map=setup.device, **options)
-            peak = torch.cuda.max_memory_allocated() / 2**30 if setup.device == "cuda" else float("nan")
-            data[f"{name} load peak"] = peak
+            if setup.device == "cuda":
+                data[f"{name} load peak GiB"] = torch.cuda.max_memory_allocated() / 2**30
+                data[f"{name} resident GiB"] = torch.cuda.memory_allocated() / 2**30
+            with torch.no_grad():
+                data[f"{name} forward finite"] = bool(torch.isfinite(loaded(input_ids=prompt).logits).all())
             del loaded
     return data
 

@@ -41,6 +41,11 @@ class Int8LtConfig:
         quantize_routers: MoE routers (linears whose output picks experts through top-k) stay in
             floating point unless this is True: an int8 error that flips an expert choice
             changes that token's whole expert output, for a few FLOPs saved.
+        quantize_tied_heads: a linear whose weight is also an input embedding's (a tied output
+            head, whatever its name: ``lm_head``, Whisper's ``proj_out``) stays in floating point
+            unless this is True: the embedding keeps the fp weight anyway, so int8 saves no memory
+            there, and the head's error reaches the logits directly (transformers' 8-bit loading
+            keeps tied weights in fp too).
         release_weights: after quantization, free the floating-point storage of every weight
             whose uses were all replaced, so those layers hold only int8 weights plus one fp32
             scale per row. Outlier columns then use the dequantized int8 columns. The released
@@ -60,6 +65,7 @@ class Int8LtConfig:
     trainable_weights: TrainableWeights = "keep_fp"
     min_features: int = 1
     quantize_routers: bool = False
+    quantize_tied_heads: bool = False
     release_weights: bool = False
     inner: InnerCompiler = "inductor"
     mode: str | None = None
@@ -84,8 +90,9 @@ class Int8LtConfig:
         _check_choice("inner", self.inner, ("inductor", "eager"))
         if self.mode is not None:
             _check_choice("mode", self.mode, INDUCTOR_MODES)
-        if not isinstance(self.quantize_routers, bool):
-            raise TypeError(f"quantize_routers must be True or False, got {self.quantize_routers!r}")
+        for name in ("quantize_routers", "quantize_tied_heads"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.release_weights, bool):
             raise TypeError(f"release_weights must be True or False, got {self.release_weights!r}")
         if isinstance(self.min_features, bool) or not isinstance(self.min_features, int) or self.min_features < 1:

@@ -18,10 +18,10 @@ from torch import Tensor
 import int8fx.ops  # noqa: F401  (registers torch.ops.int8fx.*)
 from int8fx import reference
 
-__all__ = ["MatmulLtState", "matmul", "outlier_column_indices", "int8_linear_trainable"]
+__all__ = ["MatmulLtState", "int8_linear_trainable", "int8_vectorwise_quant", "matmul", "outlier_column_indices"]
 
 
-@dataclass(eq=False)  # identity comparison: comparing tensor fields elementwise makes no sense
+@dataclass(eq=False)  # __eq__ below: dataclass equality would compare tensor fields elementwise
 class MatmulLtState:
     """What one LLM.int8() linear keeps between calls (bitsandbytes' ``MatmulLtState`` fields).
 
@@ -43,6 +43,35 @@ class MatmulLtState:
     has_fp16_weights: bool = True
     idx: Optional[Tensor] = None
     is_training: bool = False
+
+    def __eq__(self, other: object) -> bool:
+        """Field by field, as bitsandbytes' dataclass compares; tensors by identity or equal values."""
+        if not isinstance(other, MatmulLtState):
+            return NotImplemented
+        return all(_same(getattr(self, name), getattr(other, name)) for name in self.__dataclass_fields__)
+
+    __hash__ = None  # mutable, compared by value: not hashable (as a dataclass with eq)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return a is b or (isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and torch.equal(a, b))
+    return a == b
+
+
+def int8_vectorwise_quant(A: Tensor, threshold: float = 0.0) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """bitsandbytes' ``functional.int8_vectorwise_quant``: row-wise int8 quantization of ``A [..., K]``.
+
+    Returns ``(CA, SCA, outlier_cols)``: ``CA`` int8 with ``A``'s shape, ``SCA`` fp32 (each row's
+    absmax over its non-outlier elements, not divided by 127) and the int64 indices of the
+    columns holding any ``|A| >= threshold`` (their ``CA`` entries are 0), empty when there are
+    none and None when ``threshold`` is 0. Unlike bitsandbytes, ``A`` may be any floating dtype
+    (it is not cast to fp16 first) and is never modified, not even temporarily.
+    """
+    x2d = A.detach().reshape(-1, A.shape[-1])
+    (CA, SCA), columns = reference.quantize_activation(x2d, threshold)
+    outlier_cols = columns.nonzero().flatten() if threshold > 0 else None
+    return CA.reshape(A.shape), SCA, outlier_cols
 
 
 def outlier_column_indices(x: Tensor, threshold: float) -> Tensor:
@@ -123,22 +152,30 @@ def matmul(
       one). The outlier columns are multiplied with ``B`` itself.
     * ``B`` int8: used as ``CB`` with ``state.SCB`` (or ``B.SCB``); the outlier columns use the
       dequantized int8 columns, exactly as bitsandbytes does.
+    * A state that already holds the int8 weight (``state.CB`` and ``state.SCB``, without
+      ``has_fp16_weights``) is used as it is and ``B`` is not read, as in bitsandbytes (whose
+      callers pass the int8 weight in any layout there, transposed included).
     * The output has ``A``'s dtype; ``A`` always gets its gradient ``dY @ dequant(B)``.
     * ``out``, when given, receives the result (copied; it is not a faster path).
     """
     state = MatmulLtState() if state is None else state
     if threshold > 0:
         state.threshold = float(threshold)
-    if B.dtype == torch.int8:
+    filled = not state.has_fp16_weights and state.CB is not None and state.SCB is not None
+    if B.dtype == torch.int8 and filled:
+        y = torch.ops.int8fx.int8_linear(A, state.CB, state.SCB, bias, state.threshold, None)
+    elif B.dtype == torch.int8:
         SCB = _int8_scales(B, state)
         y = torch.ops.int8fx.int8_linear(A, B, SCB, bias, state.threshold, None)
         state.CB, state.SCB = B, SCB
     elif state.has_fp16_weights:
         y, state.CB, state.SCB = int8_linear_trainable(A, B, bias, state.threshold)
     else:
-        if state.CB is None or state.SCB is None:
+        if not filled:
             state.CB, state.SCB = torch.ops.int8fx.quantize_weight(B.detach())
-        y = torch.ops.int8fx.int8_linear(A, state.CB, state.SCB, bias, state.threshold, B.detach())
+        # The fp weight's outlier columns are the more accurate ones, when B is that weight.
+        weight = B.detach() if B.shape == state.CB.shape else None
+        y = torch.ops.int8fx.int8_linear(A, state.CB, state.SCB, bias, state.threshold, weight)
     if not torch.compiler.is_compiling() and state.threshold > 0:
         state.idx = outlier_column_indices(A, state.threshold)
     if out is not None:

@@ -9,7 +9,7 @@ This module holds the contracts: schemas, argument checks, fake kernels, autogra
 the pure-torch default (``reference``, any device). The device kernels live in
 ``kernels/<device>/``:
 
-* CUDA: ``kernels.cuda.int8_linear`` (Triton), registered below;
+* CUDA: ``kernels.cuda.int8_linear_triton`` (Triton), registered below;
 * CPU: a C++ library that registers itself at the CPU key when ``kernels.cpu.load()``
   loads it. The default kernel's first CPU call triggers that load and hands the call
   over; where the library cannot be built, ``kernels.cpu.torch_path`` serves CPU calls.
@@ -95,13 +95,13 @@ def _int8_linear_default(x, CB, SCB, bias, threshold, weight=None):
     if x.device.type == "cpu":
         if cpu_kernels.load():
             return int8_linear.redispatch(_CPU_KEYSET, x, CB, SCB, bias, threshold, weight)
-        return cpu_kernels.torch_path.int8_linear(x, CB, SCB, bias, threshold, weight)
+        return cpu_kernels.torch_path.int8_linear_torch(x, CB, SCB, bias, threshold, weight)
     return reference.int8_linear(x, CB, SCB, bias, threshold, weight)
 
 
 def _int8_linear_cuda(x, CB, SCB, bias, threshold, weight=None):
     _check_int8_linear_args(x, CB, SCB, bias, weight, check=_raise_unless)
-    return cuda_kernels.int8_linear(x, CB, SCB, bias, threshold, weight)
+    return cuda_kernels.int8_linear_triton(x, CB, SCB, bias, threshold, weight)
 
 
 _CPU_KEYSET = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)

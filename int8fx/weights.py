@@ -22,12 +22,18 @@ from int8fx import reference
 from int8fx.paths import WeightLayout
 
 
-def version_of(tensor: Tensor) -> Optional[tuple]:
+def version_of(tensor: Tensor, owner: Optional[Tensor] = None) -> Optional[tuple]:
     """What changes when a parameter's values may have: its in-place version counter and its
     storage (``module.half()``, ``.to(device)`` and ``param.data = ...`` swap the storage
-    without bumping the counter). None for inference-mode tensors, which have no counter."""
+    without bumping the counter). None for inference-mode tensors, which have no counter.
+
+    ``owner``: the tensor subclass ``tensor`` is the inner data of (a DTensor parameter and its
+    local shard). An in-place op on a DTensor bumps the DTensor's counter, not its shard's: the
+    shard's own op runs below autograd's version-counting layer.
+    """
     try:
-        return (tensor._version, tensor.data_ptr(), tensor.dtype, tensor.device)
+        version = (tensor._version, tensor.data_ptr(), tensor.dtype, tensor.device)
+        return version if owner is None else (*version, owner._version)
     except RuntimeError:
         return None
 
@@ -44,12 +50,16 @@ class QuantizedWeight:
     version: Optional[tuple]
     param_ref: weakref.ref
     layout: WeightLayout
+    owner_ref: Optional[weakref.ref] = None  # the DTensor parameter whose local shard ``param`` is
+
+    def current_version(self, param: Tensor) -> Optional[tuple]:
+        return version_of(param, self.owner_ref() if self.owner_ref is not None else None)
 
     def is_current_for(self, param: Tensor) -> bool:
         if self.param_ref() is not param:
             return False
         # A released weight has no fp data left to requantize from: its int8 form is final.
-        return self.version is None or is_released(param) or self.version == version_of(param)
+        return self.version is None or is_released(param) or self.version == self.current_version(param)
 
     def weight_sqnr_db(self) -> float:
         """How well ``CB * SCB / 127`` reproduces the fp weight (dB); needs the fp weight alive."""
@@ -63,12 +73,16 @@ class QuantizedWeightStore:
     def __init__(self) -> None:
         self._entries: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
-    def get(self, param: Tensor, layout: WeightLayout) -> QuantizedWeight:
-        """The current quantized form of ``param``: quantized on first use, requantized after an in-place change."""
+    def get(self, param: Tensor, layout: WeightLayout, owner: Optional[Tensor] = None) -> QuantizedWeight:
+        """The current quantized form of ``param``: quantized on first use, requantized after an in-place change.
+
+        ``owner``: the DTensor parameter whose local shard ``param`` is (its version counter is
+        the one an in-place update bumps); given on first use, remembered after.
+        """
         per_layout = self._entries.setdefault(param, {})
         entry = per_layout.get(layout)
         if entry is None:
-            entry = self._quantize(param, layout)
+            entry = self._quantize(param, layout, owner)
             per_layout[layout] = entry
             counters["int8fx"]["weights_quantized"] += 1
         elif not entry.is_current_for(param):
@@ -77,7 +91,7 @@ class QuantizedWeightStore:
         return entry
 
     @staticmethod
-    def _quantize(param: Tensor, layout: WeightLayout) -> QuantizedWeight:
+    def _quantize(param: Tensor, layout: WeightLayout, owner: Optional[Tensor]) -> QuantizedWeight:
         with torch.no_grad():
             CB, SCB = torch.ops.int8fx.quantize_weight(_as_out_in(param, layout))
         if CB.is_cuda:
@@ -85,7 +99,9 @@ class QuantizedWeightStore:
             # requantization writes into the same memory.
             torch._dynamo.mark_static_address(CB, guard=False)
             torch._dynamo.mark_static_address(SCB, guard=False)
-        return QuantizedWeight(CB, SCB, version_of(param), weakref.ref(param), layout)
+        return QuantizedWeight(
+            CB, SCB, version_of(param, owner), weakref.ref(param), layout, weakref.ref(owner) if owner is not None else None
+        )
 
     @staticmethod
     def _requantize(entry: QuantizedWeight, param: Tensor) -> None:
@@ -97,7 +113,7 @@ class QuantizedWeightStore:
                 entry.SCB.copy_(SCB)
             else:  # the module moved to another device
                 entry.CB, entry.SCB = CB, SCB
-        entry.version = version_of(param)
+        entry.version = entry.current_version(param)
 
 
 STORE = QuantizedWeightStore()
@@ -167,7 +183,11 @@ def is_released(param: Tensor) -> bool:
 
 
 def release_fp_weight(param: Tensor) -> int:
-    """Frees ``param``'s storage (keeping shape, dtype, device); returns the bytes freed."""
+    """Frees ``param``'s storage (keeping shape, dtype, device); returns the bytes freed.
+
+    A DTensor's local shard is released the same way, but DTensor runs its shard's ops below
+    ``__torch_function__``: eager use of the DTensor reads the NaN placeholder instead of raising.
+    """
     if is_released(param):
         return 0
     with torch._C.DisableTorchFunctionSubclass():

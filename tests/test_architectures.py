@@ -59,3 +59,31 @@ def test_llama_report_paths_are_named_modules_names():
     layers = compile_and_report(model)
     assert {layer.module_path for layer in layers} <= {name for name, _ in model.named_modules()}
     assert sum(layer.action == "int8" for layer in layers) == 14  # 7 linears x 2 layers; lm_head in fp
+
+
+def whisper():
+    config = transformers.WhisperConfig(
+        vocab_size=128, d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=16, max_source_positions=16, max_target_positions=32,
+        decoder_start_token_id=1, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.WhisperForConditionalGeneration(config).eval()
+
+
+@pytest.mark.parametrize("quantize_tied_heads", [False, True])
+def test_tied_output_head_stays_in_fp_whatever_its_name(quantize_tied_heads):
+    model = whisper()
+    assert model.proj_out.weight is model.model.decoder.embed_tokens.weight  # tied, and not called lm_head
+    backend = int8fx.int8lt(inner="eager", quantize_tied_heads=quantize_tied_heads)
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(input_features=torch.randn(1, 16, 32), decoder_input_ids=torch.tensor([[1, 5, 7]]))
+    layers = {layer.module_path: layer for report in backend.reports for layer in report.layers}
+    head = layers["proj_out"]
+    if quantize_tied_heads:
+        assert head.action == "int8"
+    else:
+        assert head.action == "fp" and head.reason.startswith("tied output head")
+    # Every other linear of the encoder and decoder is int8 either way.
+    others = [layer for path, layer in layers.items() if path != "proj_out"]
+    assert len(others) >= 14 and all(layer.action == "int8" for layer in others), [(layer.module_path, layer.reason) for layer in others]

@@ -158,3 +158,49 @@ def test_bench_model_smoke(tmp_path):
     assert float(rows["fp32 inductor"]["prefill_x_vs_fp32_inductor"]) == 1.0
     assert float(rows["bf16 inductor"]["decode_x_vs_bf16_inductor"]) == 1.0
     assert "| provider | prefill ms | decode tokens/s |" in result.stdout
+
+
+@pytest.mark.slow  # a subprocess that starts three more: about 30 s
+def test_bench_loading_smoke(tmp_path):
+    if importlib.util.find_spec("transformers") is None:
+        pytest.skip("demo packages missing: run scripts/install_demo.sh")
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_loading.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "bench_loading.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        rows = {row["loader"]: row for row in reader}
+    assert reader.fieldnames == [
+        "model",
+        "loader",
+        "model_MiB",
+        "baseline_rss_MiB",
+        "load_rss_MiB",
+        "forward_rss_MiB",
+        "peak_rss_MiB",
+        "load_peak_rss_MiB",
+        "forward_file_rss_MiB",
+        "trimmed_rss_MiB",
+        "load_s",
+        "forward_x_fp32",
+        "peak_x_fp32",
+        "peak_since",
+        "error",
+    ]
+    assert set(rows) == {"fp32", "int8fx", "bitsandbytes"}
+    have_bitsandbytes = importlib.util.find_spec("bitsandbytes") is not None
+    measured = [row for row in rows.values() if not row["error"]]
+    assert len(measured) == (3 if have_bitsandbytes else 2)  # without bitsandbytes its row says why
+    for row in measured:
+        assert float(row["model_MiB"]) > 0 and float(row["load_s"]) > 0 and float(row["peak_rss_MiB"]) > 0
+        # the peak covers the load and the forward
+        assert float(row["peak_rss_MiB"]) >= max(float(row["load_rss_MiB"]), float(row["forward_rss_MiB"]))
+    assert float(rows["fp32"]["forward_x_fp32"]) == 1.0
+    assert float(rows["int8fx"]["model_MiB"]) < float(rows["fp32"]["model_MiB"])  # the linears are int8
+    assert "| model | loader | model MiB | RSS after load MiB | RSS after forward MiB |" in result.stdout
+    assert result.stdout.startswith("cpu: ") and "transformers " in result.stdout  # the machine and versions, in the header

@@ -149,3 +149,48 @@ def test_int8fx_checkpoint_loads_into_bitsandbytes(dtype):
     target = _bnb_module(source.state_dict())
     assert torch.equal(target.weight.data, source.weight.data) and torch.equal(target.weight.SCB, source.weight.SCB)
     _assert_same_outputs(target, source, dtype)
+
+
+# ---------------------------------------------------------------- the functional API, side by side
+
+
+def test_int8_vectorwise_quant_matches_bitsandbytes():
+    from int8fx.functional import int8_vectorwise_quant
+
+    x = _inputs(torch.float16).reshape(-1, K)
+    for threshold in (0.0, THRESHOLD):
+        CA, SCA, columns = int8_vectorwise_quant(x, threshold)
+        bnb_CA, bnb_SCA, bnb_columns = bnb.functional.int8_vectorwise_quant(x.clone(), threshold)
+        assert torch.equal(CA, bnb_CA) and torch.equal(SCA, bnb_SCA)
+        if threshold == 0:
+            assert columns is None and bnb_columns is None
+        else:
+            assert columns.tolist() == bnb_columns.tolist() == OUTLIER_COLUMNS
+
+
+def test_matmul_with_a_filled_state_ignores_b_as_bitsandbytes_does():
+    import int8fx
+
+    linear = _fp_linear()
+    CB, SCB = reference.quantize_weight(linear.weight.detach())
+    x = _inputs(torch.float16)
+    ours = int8fx.MatmulLtState(CB=CB, SCB=SCB, has_fp16_weights=False)
+    theirs = bnb.MatmulLtState()
+    theirs.CB, theirs.SCB, theirs.has_fp16_weights, theirs.is_training = CB, SCB, False, False
+    # bitsandbytes' own tests pass the int8 weight transposed here: with a filled state B is not read.
+    out = int8fx.matmul(x, CB.t(), state=ours, threshold=THRESHOLD)
+    expected = bnb.matmul(x, CB.t(), state=theirs, threshold=THRESHOLD)
+    assert torch.equal(out, torch.ops.int8fx.int8_linear(x, CB, SCB, None, THRESHOLD, None))
+    bound = _bound(x, CB, SCB, torch.zeros(N))
+    assert bool(((out.double() - expected.double()).abs() <= bound).all())
+    assert ours.idx.tolist() == theirs.idx.tolist() == OUTLIER_COLUMNS
+
+
+def test_int8params_takes_the_keywords_bitsandbytes_ignores():
+    from int8fx.nn import Int8Params
+
+    weight = torch.randn(N, K)
+    extra = {"module": None, "_is_hf_initialized": True}
+    ours = Int8Params(weight, requires_grad=False, **extra)
+    bnb.nn.Int8Params(weight, requires_grad=False, **extra)  # the same call works on both
+    assert torch.equal(ours.data, weight) and ours.dtype == torch.float32

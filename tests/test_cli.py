@@ -282,6 +282,14 @@ def test_demo_skip_option_replaces_the_default():
     assert chosen.skip == ("lm_head", "v_proj")
 
 
+def test_demo_loading_rows_say_why_a_load_was_not_measured():
+    from int8fx.cli import _loading_rows
+
+    result = {"load_fp32_error": "", "load_int8fx_error": "exit status 1: ValueError: boom"}
+    ((label, value),) = _loading_rows(result)
+    assert "straight into int8" in label and value == "int8fx not measured: exit status 1: ValueError: boom"
+
+
 # ---------------------------------------------------------------- real models
 
 
@@ -292,10 +300,27 @@ def smollm2():
     return model, tokenizer
 
 
+def save_tiny_llama(directory, vocab_size: int) -> str:
+    """A random Llama of a few MB saved as fp32 safetensors: a stand-in checkpoint for the loading rows."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, vocab_size=vocab_size
+    )
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return str(directory)
+
+
 @pytest.mark.slow
 @needs_smollm2
 def test_demo_quick(smollm2, monkeypatch, tmp_path, capsys):
+    from int8fx.cli.demo import loading
+
     monkeypatch.setattr(models, "load_smollm2", lambda dtype: smollm2)
+    # The loading rows load a checkpoint twice in fresh processes (about 10 s): a tiny one here,
+    # with SmolLM2's vocabulary for the BBC tokens of the forward pass.
+    checkpoint = save_tiny_llama(tmp_path / "checkpoint", smollm2[0].config.vocab_size)
+    monkeypatch.setattr(loading, "smollm2_safetensors", lambda cache_dir=None: checkpoint)
     # --skip replaces the default (lm_head): v_proj is the layer type most sensitive to int8.
     assert main(["demo", "--quick", "--dump", str(tmp_path), "--skip", "lm_head", "--skip", "v_proj"]) == 0
     out = capsys.readouterr().out
@@ -310,6 +335,13 @@ def test_demo_quick(smollm2, monkeypatch, tmp_path, capsys):
     fp32, fp16, int8 = (float(v) for v in values["linear weights fp32 / fp16 / int8 + row scales (MiB)"].split(" / "))
     assert fp16 == fp32 / 2 and int8 < fp32
     assert "greedy sample int8lt" in values and "decode (tokens/s): float32 eager / int8lt" in values
+
+    # fp32 load / straight into int8: "fp32 / int8 (ratio x)"
+    loads = {line.split("(MiB)")[0].strip(): line.split("(MiB)")[1].split() for line in out.splitlines() if "(MiB)" in line}
+    fp32_model, _, int8_model, _ = loads["parameters and buffers"]
+    assert float(int8_model) < float(fp32_model)
+    fp32_peak, _, int8_peak, ratio = loads["peak RSS over the load and one forward"]
+    assert float(fp32_peak) > 0 and float(int8_peak) > 0 and ratio.startswith("(") and ratio.endswith("x)")
 
     after = (tmp_path / "graph_0_after.txt").read_text()
     assert after.count("int8fx.int8_linear(") == 12

@@ -208,10 +208,10 @@ def test_dispatch_choice_for_this_machine():
 @needs_library
 def test_op_calls_the_registered_cpp_kernel(monkeypatch):
     # Once loaded, the op's CPU calls never reach the Python fallback.
-    monkeypatch.setattr(torch_path, "int8_linear", lambda *args: pytest.fail("the Python CPU path ran"))
+    monkeypatch.setattr(torch_path, "int8_linear_torch", lambda *args: pytest.fail("the Python CPU path ran"))
     x, weight, bias, CB, SCB = fused_case(3, 40, 8, (5,))
     y = torch.ops.int8fx.int8_linear(x, CB, SCB, bias, 6.0, weight)
-    assert torch.equal(y, cpu.int8_linear(x, CB, SCB, bias, 6.0, weight))
+    assert torch.equal(y, cpu.int8_linear_cpu(x, CB, SCB, bias, 6.0, weight))
 
 
 @needs_library
@@ -261,7 +261,7 @@ def test_torch_path_reads_only_the_outlier_columns(monkeypatch):
     monkeypatch.setattr(
         reference, "dequantize_rows", lambda data, absmax: dequantized_shapes.append(tuple(data.shape)) or dequantize(data, absmax)
     )
-    y = torch_path.int8_linear(x, CB, SCB, bias, 6.0, None)
+    y = torch_path.int8_linear_torch(x, CB, SCB, bias, 6.0, None)
     outliers = int(reference.outlier_columns(x, 6.0).sum())
     assert outliers < 10 and dequantized_shapes == [(20, outliers)]
     monkeypatch.undo()
@@ -402,7 +402,7 @@ def test_fused_linear_without_outliers_is_bit_exact(kernel, M, K, N, with_bias):
     bias = bias if with_bias else None
     for threshold in (0.0, 1e6):
         expected = reference.int8_linear(x, CB, SCB, bias, threshold, weight)
-        assert torch.equal(cpu.int8_linear(x, CB, SCB, bias, threshold, weight, kernel), expected)
+        assert torch.equal(cpu.int8_linear_cpu(x, CB, SCB, bias, threshold, weight, kernel), expected)
 
 
 def outlier_bound(x, source, y_ref, threshold=6.0):
@@ -420,7 +420,7 @@ def outlier_bound(x, source, y_ref, threshold=6.0):
 def test_fused_linear_outlier_part(kernel, fp_weight, columns, M):
     x, weight, bias, CB, SCB = fused_case(M, 40, 24, columns)
     w = weight if fp_weight else None
-    y = cpu.int8_linear(x, CB, SCB, bias, 6.0, w, kernel)
+    y = cpu.int8_linear_cpu(x, CB, SCB, bias, 6.0, w, kernel)
     y_ref = reference.int8_linear(x, CB, SCB, bias, 6.0, w)
     source = weight if fp_weight else reference.dequantize_rows(CB, SCB)
     bound = outlier_bound(x, source, y_ref)
@@ -437,9 +437,9 @@ def test_fused_linear_reads_only_the_outlier_columns_of_the_weight(M, columns):
     outliers = reference.outlier_columns(x, 6.0)
     assert outliers.sum() < 48
     poisoned = weight.masked_fill(~outliers, float("nan"))
-    y = cpu.int8_linear(x, CB, SCB, bias, 6.0, poisoned)
-    assert torch.equal(y, cpu.int8_linear(x, CB, SCB, bias, 6.0, weight))
-    assert torch.isfinite(torch_path.int8_linear(x, CB, SCB, bias, 6.0, poisoned)).all()
+    y = cpu.int8_linear_cpu(x, CB, SCB, bias, 6.0, poisoned)
+    assert torch.equal(y, cpu.int8_linear_cpu(x, CB, SCB, bias, 6.0, weight))
+    assert torch.isfinite(torch_path.int8_linear_torch(x, CB, SCB, bias, 6.0, poisoned)).all()
 
 
 @needs_library
@@ -450,7 +450,7 @@ def test_fused_linear_strided_weight():
     assert not weight_view.is_contiguous()
     y_ref = reference.int8_linear(x, CB, SCB, bias, 6.0, weight)
     bound = outlier_bound(x, weight, y_ref)
-    assert ((cpu.int8_linear(x, CB, SCB, bias, 6.0, weight_view) - y_ref).abs() <= bound).all()
+    assert ((cpu.int8_linear_cpu(x, CB, SCB, bias, 6.0, weight_view) - y_ref).abs() <= bound).all()
 
 
 @needs_library
@@ -459,11 +459,11 @@ def test_fused_linear_strided_weight():
 def test_fused_linear_reads_other_weight_dtypes(dtype, M, columns):
     x, weight, bias, CB, SCB = fused_case(M, 48, 20, columns)
     weight = weight.to(dtype)
-    y = cpu.int8_linear(x, CB, SCB, bias, 6.0, weight)
+    y = cpu.int8_linear_cpu(x, CB, SCB, bias, 6.0, weight)
     # The same columns as fp32 values: the kernel converts exactly, then works in fp32.
-    assert torch.equal(y, cpu.int8_linear(x, CB, SCB, bias, 6.0, weight.float()))
+    assert torch.equal(y, cpu.int8_linear_cpu(x, CB, SCB, bias, 6.0, weight.float()))
     # ... and the weight's bits really are used (not the int8 columns).
-    assert not torch.equal(y, cpu.int8_linear(x, CB, SCB, bias, 6.0, None))
+    assert not torch.equal(y, cpu.int8_linear_cpu(x, CB, SCB, bias, 6.0, None))
 
 
 @needs_library
@@ -472,14 +472,14 @@ def test_fused_linear_every_column_an_outlier():
     x[0] = 7.0  # every column holds an outlier: the int8 part is all zero
     y_ref = reference.int8_linear(x, CB, SCB, bias, 6.0, weight)
     bound = outlier_bound(x, weight, y_ref)
-    assert ((cpu.int8_linear(x, CB, SCB, bias, 6.0, weight) - y_ref).abs() <= bound).all()
+    assert ((cpu.int8_linear_cpu(x, CB, SCB, bias, 6.0, weight) - y_ref).abs() <= bound).all()
 
 
 @needs_library
 def test_fused_linear_bf16_input():
     x, weight, bias, CB, SCB = fused_case(5, 40, 12, (7,))
     x = x.bfloat16()
-    y = cpu.int8_linear(x, CB, SCB, bias, 6.0, None)
+    y = cpu.int8_linear_cpu(x, CB, SCB, bias, 6.0, None)
     y_ref = reference.int8_linear(x, CB, SCB, bias, 6.0, None)
     assert y.dtype == torch.bfloat16
     # The kernel keeps the outlier part in fp32, the reference rounds it to bf16 first;

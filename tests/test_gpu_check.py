@@ -98,13 +98,12 @@ def test_dry_run_passes_every_stage(dry_run):
     stages = json.loads((out / "results.json").read_text())["stages"]
     assert list(stages) == [stage.name for stage in gpu_check.STAGES]
     statuses = {name: entry["status"] for name, entry in stages.items()}
-    assert statuses == {"env": "ok", "ceilings": "ok", "pytest": "ok", "bench": "ok", "model": "ok", "loading": "skipped"}, result.stdout[
-        -6000:
-    ]
+    assert statuses == {"env": "ok", "ceilings": "ok", "pytest": "ok", "bench": "ok", "model": "ok", "loading": "ok"}, result.stdout[-6000:]
     assert all(entry["seconds"] <= entry["budget_s"] for entry in stages.values())
     counts = stages["pytest"]["data"]["counts"]
     assert counts["tests"] > 40 and counts["failures"] == counts["errors"] == 0  # the GPU tests ran, on CPU
-    assert counts["skipped"] <= 3  # CUDA graphs and test_nn's CUDA move need a GPU
+    # CUDA graphs, test_nn's CUDA move and test_hf's loads onto one and two GPUs need real devices.
+    assert counts["skipped"] <= 5
 
 
 def test_dry_run_output_comes_back_from_the_device(dry_run):

@@ -19,7 +19,7 @@ LAYERS = [
     ("weights and passes", ["int8fx.weights", "int8fx.passes"]),
     ("eager API", ["int8fx.functional", "int8fx.nn", "int8fx.swap"]),
     ("backend", ["int8fx.backend"]),
-    ("front ends", ["int8fx.cli", "int8fx.__main__", "int8fx"]),
+    ("front ends", ["int8fx.cli", "int8fx.hf", "int8fx.__main__", "int8fx"]),
 ]
 
 

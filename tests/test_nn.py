@@ -498,3 +498,35 @@ def test_cuda_moves_quantize_and_carry_the_scales():
     assert out.dtype == torch.float16 and module.state.idx.tolist() == OUTLIER_COLUMNS
     back = copy.deepcopy(module).cpu()
     assert back.weight.SCB.device.type == "cpu" and torch.equal(back.weight.data, module.weight.data.cpu())
+
+
+def test_matmul_state_compares_field_by_field():
+    CB, SCB = reference.quantize_weight(_fp_linear().weight.detach())
+    assert MatmulLtState() == MatmulLtState() and MatmulLtState(threshold=6.0) != MatmulLtState()
+    assert MatmulLtState(CB=CB, SCB=SCB) == MatmulLtState(CB=CB.clone(), SCB=SCB)
+    assert MatmulLtState(CB=CB) != MatmulLtState(CB=CB.flip(0)) and MatmulLtState(CB=CB) != MatmulLtState()
+    with pytest.raises(TypeError):
+        hash(MatmulLtState())
+
+
+def test_matmul_with_a_filled_state_reads_only_the_state():
+    W = _fp_linear().weight.detach()
+    CB, SCB = reference.quantize_weight(W)
+    x = _inputs()
+    expected = torch.ops.int8fx.int8_linear(x, CB, SCB, None, 6.0, None)
+    state = MatmulLtState(CB=CB, SCB=SCB, has_fp16_weights=False, threshold=6.0)
+    assert torch.equal(matmul(x, CB.t(), state=state), expected)  # int8 B in another layout: not read
+    assert torch.equal(matmul(x, W.t(), state=state), expected)  # fp B that is not [out, in]: not used either
+    # fp B that is the weight: its outlier columns are the fp ones, as before.
+    assert torch.equal(matmul(x, W, state=state), torch.ops.int8fx.int8_linear(x, CB, SCB, None, 6.0, W))
+
+
+def test_int8_vectorwise_quant_is_the_reference_quantization():
+    from int8fx.functional import int8_vectorwise_quant
+
+    x = _inputs()
+    CA, SCA, columns = int8_vectorwise_quant(x, 6.0)
+    (expected_CA, expected_SCA), mask = reference.quantize_activation(x.reshape(-1, x.shape[-1]), 6.0)
+    assert CA.shape == x.shape and torch.equal(CA.reshape(expected_CA.shape), expected_CA) and torch.equal(SCA, expected_SCA)
+    assert columns.tolist() == mask.nonzero().flatten().tolist() == OUTLIER_COLUMNS
+    assert int8_vectorwise_quant(x, 0.0)[2] is None

@@ -149,7 +149,7 @@ def test_torch_fallback_path_matches_reference(monkeypatch, threshold):
     W = weights(12, 40)
     CB, SCB = torch.ops.int8fx.quantize_weight(W)
     bias = torch.randn(12)
-    y = torch_path.int8_linear(x, CB, SCB, bias, threshold, W)
+    y = torch_path.int8_linear_torch(x, CB, SCB, bias, threshold, W)
     y_ref = reference.int8_linear(x, CB, SCB, bias, threshold, W)
     assert int_mm_calls == [1]
     assert ((y - y_ref).abs() <= _rounding_bound(y_ref, x, W, columns)).all()
@@ -158,8 +158,8 @@ def test_torch_fallback_path_matches_reference(monkeypatch, threshold):
 def test_op_runs_the_torch_path_where_the_library_cannot_load(monkeypatch):
     monkeypatch.setattr(cpu, "load", lambda: False)
     calls = []
-    run = torch_path.int8_linear
-    monkeypatch.setattr(torch_path, "int8_linear", lambda *args: calls.append(1) or run(*args))
+    run = torch_path.int8_linear_torch
+    monkeypatch.setattr(torch_path, "int8_linear_torch", lambda *args: calls.append(1) or run(*args))
     x = activations(3, 16, torch.float32, outlier_columns=(2,))
     CB, SCB = torch.ops.int8fx.quantize_weight(weights(4, 16))
     # Only the Python default kernel consults load(): call it below the C++ CPU kernel.

@@ -24,17 +24,22 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import fx
 from torch._dynamo.utils import counters
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 import int8fx.ops  # noqa: F401  (registers torch.ops.int8fx)
 from int8fx import passes
 from int8fx.backend.policy import fp_reason
 from int8fx.backend.runtime import Int8Runtime
-from int8fx.backend.trace import TracedGraph, trace_to_aten
+from int8fx.backend.trace import TracedGraph, has_tensor_subclass_inputs, trace_through_aot, trace_to_aten
 from int8fx.config import Int8LtConfig
 from int8fx.report import GraphReport, LayerReport, write_graph_dump
 from int8fx.weights import RELEASE_HINT, STORE, QuantizedWeight, ReleasedWeightError, is_released
 
 log = logging.getLogger("int8fx")
+
+_ALREADY_INT8 = "already int8 (int8fx.nn.Linear8bitLt, or loaded with int8fx.Int8fxConfig)"
+# AOTAutograd traced this graph with a backward: its forward's saved tensors are fixed by then.
+_TRAINING_GRAPH = "tensor-parallel graph traced for training (with a backward): int8 replaces linears in inference graphs only"
 
 
 @dataclass
@@ -53,6 +58,7 @@ class RewrittenGraph:
     quantized_inputs: list[passes.QuantizedInput]  # in the order of the appended CB/SCB inputs
     weights: list[QuantizedWeight]  # one per quantized input
     release_positions: list[int]  # inputs whose fp data the graph no longer reads (release_weights)
+    example_inputs: list  # the inner compiler's, the CB/SCB inputs included
 
 
 class Int8LtBackend:
@@ -79,8 +85,25 @@ class Int8LtBackend:
         report = GraphReport(index=len(self.reports))
         self.reports.append(report)
         inputs = list(example_inputs)
+        if not any(isinstance(x, torch.nn.Parameter) and x.dim() >= 2 for x in inputs):
+            self._dump(report)  # no weight matrix (nor stack of them, as MoE experts): nothing to rewrite or report
+            return self._inner_compile(gm, inputs)
+        if has_tensor_subclass_inputs(inputs):
+            # Tensor parallelism (DTensor parameters): AOTAutograd traces down to the local
+            # shards and calls back with its forward graph.
+            def compile_aten(make_traced: Callable[[], TracedGraph], aten_gm: fx.GraphModule, aten_inputs: list, inference: bool):
+                return self._compile(make_traced, aten_gm, aten_inputs, report, "" if inference else _TRAINING_GRAPH)
+
+            return trace_through_aot(gm, inputs, compile_aten, self._inner_compile)
+        return self._compile(lambda: trace_to_aten(gm, inputs), gm, inputs, report)
+
+    def _compile(
+        self, make_traced: Callable[[], TracedGraph], gm: fx.GraphModule, inputs: list, report: GraphReport, fp_for_all: str = ""
+    ) -> Callable:
+        """Steps 1-5 for one graph; ``gm`` compiled unchanged when nothing is rewritten.
+        ``fp_for_all``: a reason that keeps every linear of this graph in floating point."""
         try:
-            rewritten = self._rewrite(gm, inputs, report)
+            rewritten = self._rewrite(make_traced(), report, fp_for_all)
         except ReleasedWeightError:
             raise  # the graph would read freed weights: no floating-point fallback exists
         except Exception as error:  # never fail the user's compile because of int8fx
@@ -91,17 +114,14 @@ class Int8LtBackend:
         self._dump(report)
         if rewritten is None:
             return self._inner_compile(gm, inputs)
-        extra_inputs = passes.appended_inputs((w.CB, w.SCB) for w in rewritten.weights)
-        compiled = self._inner_compile(rewritten.gm, inputs + extra_inputs)
+        compiled = self._inner_compile(rewritten.gm, rewritten.example_inputs)
         return Int8Runtime(compiled, rewritten.quantized_inputs, rewritten.weights, rewritten.release_positions)
 
     # ---------------------------------------------------------------- steps 1-3
 
-    def _rewrite(self, gm: fx.GraphModule, inputs: list, report: GraphReport) -> Optional[RewrittenGraph]:
-        """Steps 1-3; None when nothing is to be rewritten (the graph then compiles unchanged)."""
-        if not any(isinstance(x, torch.nn.Parameter) and x.dim() >= 2 for x in inputs):
-            return None  # no weight matrix (nor stack of them, as MoE experts): nothing to rewrite or report
-        plan = self._plan(trace_to_aten(gm, inputs), report)
+    def _rewrite(self, traced: TracedGraph, report: GraphReport, fp_for_all: str = "") -> Optional[RewrittenGraph]:
+        """Steps 2-3 on a traced graph; None when nothing is to be rewritten (the graph then compiles unchanged)."""
+        plan = self._plan(traced, report, fp_for_all)
         traced = plan.traced
         report.before = passes.format_graph(traced.gm.graph)
         if not plan.accepted:
@@ -115,16 +135,19 @@ class Int8LtBackend:
         self._log_summary(report)
         return rewritten
 
-    def _plan(self, traced: TracedGraph, report: GraphReport) -> LinearPlan:
+    def _plan(self, traced: TracedGraph, report: GraphReport, fp_for_all: str = "") -> LinearPlan:
         """Step 2: every linear the passes find is either accepted or reported in fp with its reason."""
         matches, skipped = passes.find_linears(traced.gm.graph, traced.is_parameter)
+        for layer in passes.find_int8_linears(traced.gm.graph, traced.is_parameter):
+            report.layers.append(LayerReport(layer.module_path, traced.names.get(layer.weight, "?"), layer.shape, "int8", _ALREADY_INT8))
+            counters["int8fx"]["linears_already_int8"] += 1
         for skip in skipped:
             self._record_fp(
                 report, skip.module_path, traced.names.get(skip.weight, "?"), skip.shape or _linear_shape(skip.node), skip.reason
             )
         accepted = []
         for match in matches:
-            reason = fp_reason(match, traced.input_of(match.weight), self.config)
+            reason = fp_reason(match, traced.input_of(match.weight), self.config, owner=traced.owner_of(match.weight)) or fp_for_all
             if reason:
                 self._record_fp(report, match.module_path, traced.names[match.weight], _linear_shape(match.node), reason)
             else:
@@ -142,8 +165,13 @@ class Int8LtBackend:
         quantized_inputs = passes.rewrite_to_int8(
             traced.gm, plan.accepted, threshold=self.config.threshold, fp_outliers=fp_outliers, fake_mode=traced.fake_mode
         )
-        weights = [STORE.get(traced.inputs[q.weight_input_index], q.layout) for q in quantized_inputs]
-        sqnr = {(q.weight_input_index, q.layout): w.weight_sqnr_db() for q, w in zip(quantized_inputs, weights)}
+        # Real tensors: AOTAutograd calls its compiler with its fake mode still active.
+        with unset_fake_temporarily():
+            weights = [
+                STORE.get(traced.inputs[q.weight_input_index], q.layout, traced.subclass_owner(q.weight_input_index))
+                for q in quantized_inputs
+            ]
+            sqnr = {(q.weight_input_index, q.layout): w.weight_sqnr_db() for q, w in zip(quantized_inputs, weights)}
         for match in plan.accepted:
             index = traced.position(match.weight)
             shape = tuple(traced.inputs[index].shape)
@@ -158,7 +186,8 @@ class Int8LtBackend:
             )
             counters["int8fx"]["linears_replaced"] += 1
         release = self._unread_weights(traced, quantized_inputs) if self.config.release_weights else []
-        return RewrittenGraph(traced.gm, quantized_inputs, weights, release)
+        example_inputs = traced.compile_inputs(passes.appended_inputs((w.CB, w.SCB) for w in weights))
+        return RewrittenGraph(traced.gm, quantized_inputs, weights, release, example_inputs)
 
     # ---------------------------------------------------------------- helpers
 

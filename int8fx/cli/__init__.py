@@ -1,6 +1,8 @@
 """``python -m int8fx`` (console script ``int8fx``): demo, eval and explain.
 
-* ``demo``: SmolLM2-135M on BBC News, fp32 versus int8lt, as one table.
+* ``demo``: SmolLM2-135M on BBC News, fp32 versus int8lt, as one table; its last rows load the
+  model's fp32 safetensors as fp32 and straight into int8 (``int8fx.Int8fxConfig``), each in a
+  fresh process, and compare their memory (``--no-loading`` leaves them out).
 * ``eval``: the same measurements as JSON or CSV, for SmolLM2, all-MiniLM-L6-v2 or a local
   Hugging Face causal-LM directory.
 * ``explain``: compiles a model once and prints, per linear, what the backend did and why.
@@ -63,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="SmolLM2-135M on BBC News: perplexity, memory, speed, fp32 vs int8lt")
     _add_size_options(demo)
+    demo.add_argument(
+        "--no-loading",
+        action="store_true",
+        help="skip the loading comparison: SmolLM2 loaded from fp32 safetensors as fp32 and straight into int8 "
+        "(int8fx.Int8fxConfig), each in a fresh process, peak memory side by side",
+    )
     demo.set_defaults(run=_run_demo)
 
     evaluate = commands.add_parser("eval", help="the demo's measurements as JSON/CSV, for several models")
@@ -124,9 +132,45 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     name, model, tokenizer = _load_causal_lm("smollm2", DTYPES[args.dtype])
     result = evaluate_causal_lm(name, model, tokenizer, _settings(args))
+    if not args.no_loading:
+        result.update(_loading_comparison(tokenizer))
     print(format_demo_table(result))
     print("\nper linear, what int8lt did and why: python -m int8fx explain smollm2")
     return 0
+
+
+def _loading_comparison(tokenizer) -> dict[str, Any]:
+    from int8fx.cli.demo import loading
+    from int8fx.cli.demo.progress import step
+
+    # Fresh processes: this one holds the demo's own model and compiled graphs, and its peak
+    # is long past; a new process per load measures that load alone.
+    with step("loading SmolLM2 from fp32 safetensors as fp32 and straight into int8, each in a fresh process"):
+        return loading.smollm2_load_comparison(tokenizer)
+
+
+def _loading_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """fp32 load / int8fx load, for the peak and the memory after one forward, and the load time."""
+    fp32, int8 = "load_fp32_", "load_int8fx_"
+    errors = [f"{loader} not measured: {result[f'load_{loader}_error']}" for loader in ("fp32", "int8fx") if result[f"load_{loader}_error"]]
+    label = "loading the fp32 safetensors, each in a fresh process: fp32 / straight into int8 (Int8fxConfig)"
+    if errors:
+        return [(label, "; ".join(errors))]
+
+    def pair(field: str, digits: int = 0) -> str:
+        return f"{result[fp32 + field]:.{digits}f} / {result[int8 + field]:.{digits}f} ({result[int8 + field] / result[fp32 + field]:.2f}x)"
+
+    return [
+        (label, ""),
+        # RSS above the process's RSS after its imports (interpreter, torch, transformers).
+        ("  peak RSS over the load and one forward (MiB)", pair("peak_rss_mib")),
+        (f"  RSS after one {result['load_forward_tokens']}-token forward (MiB)", pair("forward_rss_mib")),
+        # Pages of the checkpoint's memory map: the fp32 model's weights, or the fp32 weights
+        # the int8 load read to quantize, resident while transformers keeps the map.
+        ("    of it checkpoint pages mapped from disk (MiB)", pair("forward_file_rss_mib")),
+        ("  parameters and buffers (MiB)", pair("model_mib", 1)),
+        ("  load time (s)", pair("load_s", 1)),
+    ]
 
 
 def _value(number: float, digits: int = 2) -> str:
@@ -178,6 +222,8 @@ def format_demo_table(result: dict[str, Any]) -> str:
             (f"greedy sample {baseline}", repr(result["sample_fp"])),
             ("greedy sample int8lt", repr(result["sample_int8lt"])),
         ]
+    if "load_fp32_error" in result:
+        rows += _loading_rows(result)
     title = (
         f"{result['model']} ({result['parameters_m']:.1f} M parameters, {fp}) | {result['text']} | int8lt inner compiler: {result['inner']}"
     )

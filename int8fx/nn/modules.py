@@ -58,7 +58,9 @@ class Int8Params(nn.Parameter):
         has_fp16_weights: bool = False,
         CB: Optional[Tensor] = None,
         SCB: Optional[Tensor] = None,
+        **kwargs,
     ) -> "Int8Params":
+        # bitsandbytes accepts and ignores other keywords (callers pass a parameter's __dict__).
         if data is None:
             data = CB if CB is not None else torch.empty(0)
         # Only floating-point tensors can require grad: an int8 weight is frozen.
@@ -162,7 +164,7 @@ class Linear8bitLt(nn.Linear):
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, threshold={self.state.threshold}, "
-            f"has_fp16_weights={self.weight.has_fp16_weights}, int8={self.weight.dtype == torch.int8}"
+            f"has_fp16_weights={getattr(self.weight, 'has_fp16_weights', None)}, int8={self.weight.dtype == torch.int8}"
         )
 
     # ------------------------------------------------------------ forward
@@ -265,7 +267,7 @@ class Linear8bitLt(nn.Linear):
         incoming = state_dict.get(prefix + "weight")
         SCB = state_dict.get(prefix + "SCB")
         int8_checkpoint = incoming is not None and incoming.dtype == torch.int8
-        error = _checkpoint_error(self, incoming, SCB, state_dict.get(prefix + "weight_format"))
+        error = checkpoint_error(self, incoming, SCB, state_dict.get(prefix + "weight_format"))
         if error is not None:
             error_msgs.append(f"While loading {prefix}weight into Linear8bitLt: {error}")
             return
@@ -294,7 +296,7 @@ class Linear8bitLt(nn.Linear):
         self._sync_state()
 
 
-def _checkpoint_error(module: Linear8bitLt, incoming: Optional[Tensor], SCB: Optional[Tensor], weight_format) -> Optional[str]:
+def checkpoint_error(module: Linear8bitLt, incoming: Optional[Tensor], SCB: Optional[Tensor], weight_format) -> Optional[str]:
     """Why this module cannot take the checkpoint's weight, or None."""
     if weight_format is not None:
         code = weight_format.item() if isinstance(weight_format, Tensor) else weight_format

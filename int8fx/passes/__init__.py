@@ -1,14 +1,16 @@
 """FX passes of the ``int8lt`` backend: find the linears, then rewrite them to int8."""
 
 from int8fx.passes.format import format_graph
-from int8fx.passes.match_linear import LinearMatch, SkippedLinear, find_linears
+from int8fx.passes.match_linear import Int8Linear, LinearMatch, SkippedLinear, find_int8_linears, find_linears
 from int8fx.passes.rewrite_int8 import QuantizedInput, appended_inputs, rewrite_to_int8
 
 __all__ = [
+    "Int8Linear",
     "LinearMatch",
     "QuantizedInput",
     "SkippedLinear",
     "appended_inputs",
+    "find_int8_linears",
     "find_linears",
     "format_graph",
     "rewrite_to_int8",

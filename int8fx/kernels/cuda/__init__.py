@@ -5,7 +5,7 @@
 * ``int8_gemv``: small M (decode) in one launch that streams the weight once;
 * ``linear``: the host side that picks between them.
 
-Nothing here imports Triton until the first CUDA call (``int8_linear`` below).
+Nothing here imports Triton until the first CUDA call (``int8_linear_triton`` below).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Optional
 from torch import Tensor
 
 
-def int8_linear(x: Tensor, CB: Tensor, SCB: Tensor, bias: Optional[Tensor], threshold: float, weight: Optional[Tensor]) -> Tensor:
+def int8_linear_triton(x: Tensor, CB: Tensor, SCB: Tensor, bias: Optional[Tensor], threshold: float, weight: Optional[Tensor]) -> Tensor:
     """``int8fx::int8_linear``'s CUDA kernel (arguments already checked by ``ops``)."""
     from int8fx.kernels.cuda import linear
 

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from int8fx.kernels.cuda.quantize_activation import OutlierColumns
+from int8fx.kernels.cuda.quantize_activation import INT8_MAX, INT8_MAX_SQUARED, OutlierColumns
 
 # Kernels are traced by the CPU interpreter in the tests (tests/conftest.py); there,
 # autotuning would only multiply the (slow) runs, so a single large-tile config is used.
@@ -37,7 +37,7 @@ BLOCK_O = 16
 @triton.jit
 def dequantize_accumulator(acc, sca, scb):
     """``C32 * (SCA[:, None] * SCB[None, :]) / 127**2`` in fp32, with the reference's roundings."""
-    return tl.math.div_rn(acc.to(tl.float32) * (sca[:, None] * scb[None, :]), 16129.0)
+    return tl.math.div_rn(acc.to(tl.float32) * (sca[:, None] * scb[None, :]), INT8_MAX_SQUARED)
 
 
 @triton.jit
@@ -186,7 +186,7 @@ def _int8_gemm_kernel(
         scb = tl.load(scb_ptr + rn, mask=col_ok, other=0.0)
         y = dequantize_accumulator(acc, sca, scb)
         if HAS_OUTLIERS:
-            scb_step = tl.math.div_rn(scb, 127.0)
+            scb_step = tl.math.div_rn(scb, INT8_MAX)
             count = tl.load(outlier_count_ptr)
             for j0 in range(0, count, BLOCK_O):
                 j = j0 + tl.arange(0, BLOCK_O)

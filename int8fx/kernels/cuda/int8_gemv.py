@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from int8fx.kernels.cuda.int8_gemm import INTERPRETING, dequantize_accumulator, outlier_dot, outlier_weight_tile, round_to
-from int8fx.kernels.cuda.quantize_activation import quantize_values, row_inverse_scale, update_row_absmax
+from int8fx.kernels.cuda.quantize_activation import INT8_MAX, quantize_values, row_inverse_scale, update_row_absmax
 
 # Largest M this kernel takes: the rows of one tl.dot tile (16 is the MMA minimum).
 MAX_M = 16
@@ -84,7 +84,7 @@ def _int8_gemv_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     acc_outliers = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     scb = tl.load(scb_ptr + rn, mask=col_ok, other=0.0)
-    scb_step = tl.math.div_rn(scb, 127.0)
+    scb_step = tl.math.div_rn(scb, INT8_MAX)
     for k0 in range(0, K, BLOCK_K):
         k_ok = rk < K - k0
         x = tl.load(x_ptrs + k0 * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)

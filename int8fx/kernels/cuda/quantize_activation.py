@@ -25,6 +25,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from int8fx import reference
+
+# The quantization's constants, as Triton reads module globals: constexpr objects only.
+INT8_MAX = tl.constexpr(float(reference.INT8_MAX))
+INT8_MAX_SQUARED = tl.constexpr(float(reference.INT8_MAX**2))
+
 # Memory-bound kernels: a tile of 8 rows x 256 columns (2048 elements, 16 per thread with
 # 4 warps) keeps loads wide and gives M / 8 programs, enough to fill a GPU from M = 1024.
 # Not tuned on hardware yet; the interpreter runs the same sizes.
@@ -57,7 +63,7 @@ def row_inverse_scale(absmax):
     (plain ``/`` is approximate on NVIDIA GPUs).
     """
     has_scale = absmax > 0
-    return tl.where(has_scale, tl.math.div_rn(1.0, tl.where(has_scale, absmax, 1.0)) * 127.0, 0.0)
+    return tl.where(has_scale, tl.math.div_rn(1.0, tl.where(has_scale, absmax, 1.0)) * INT8_MAX, 0.0)
 
 
 @triton.jit
@@ -80,7 +86,7 @@ def quantize_values(x32, inverse_scale):
     # Clamping first is equivalent (rounding is monotone and the bounds are integers) and
     # keeps the product from being contracted into an FMA with the add below, which would
     # skip the product's fp32 rounding that torch performs.
-    scaled = tl.minimum(tl.maximum(scaled, -127.0), 127.0)
+    scaled = tl.minimum(tl.maximum(scaled, -INT8_MAX), INT8_MAX)
     # Round half to even without libdevice (the interpreter has none): adding 1.5 * 2**23
     # moves |v| <= 2**22 into [2**23, 2**24), where fp32 values are 1 apart, so the add
     # itself rounds to an integer in the IEEE default mode (ties to even); the subtraction
