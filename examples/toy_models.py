@@ -37,15 +37,16 @@ class Attention(nn.Module):
 
     def forward(self, x):
         b, t, d = x.shape
-        h = self.heads
+        head_dim = d // self.heads
 
         def split(y):
-            return y.view(b, t, h, d // h).transpose(1, 2)
+            # -1 heads, not self.heads: under tensor parallelism a rank holds only its heads.
+            return y.view(b, t, -1, head_dim).transpose(1, 2)
 
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(d // h)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(head_dim)
         out = scores.softmax(dim=-1) @ v
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, d))
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
 class RMSNorm(nn.Module):

@@ -46,6 +46,10 @@ class Int8LtConfig:
             unless this is True: the embedding keeps the fp weight anyway, so int8 saves no memory
             there, and the head's error reaches the logits directly (transformers' 8-bit loading
             keeps tied weights in fp too).
+        report_outliers: on the first call of each rewritten graph, run it once more uncompiled
+            to record, per int8 layer, how many input columns were outliers and the largest
+            ``|x|`` (``LayerReport.outliers``, the report's "outlier cols"). Costs one uncompiled
+            forward per graph, once.
         release_weights: after quantization, free the floating-point storage of every weight
             whose uses were all replaced, so those layers hold only int8 weights plus one fp32
             scale per row. Outlier columns then use the dequantized int8 columns. The released
@@ -66,6 +70,7 @@ class Int8LtConfig:
     min_features: int = 1
     quantize_routers: bool = False
     quantize_tied_heads: bool = False
+    report_outliers: bool = True
     release_weights: bool = False
     inner: InnerCompiler = "inductor"
     mode: str | None = None
@@ -90,7 +95,7 @@ class Int8LtConfig:
         _check_choice("inner", self.inner, ("inductor", "eager"))
         if self.mode is not None:
             _check_choice("mode", self.mode, INDUCTOR_MODES)
-        for name in ("quantize_routers", "quantize_tied_heads"):
+        for name in ("quantize_routers", "quantize_tied_heads", "report_outliers"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.release_weights, bool):

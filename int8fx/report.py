@@ -35,6 +35,9 @@ class LayerReport:
     action: str  # "int8" or "fp"
     reason: str = ""
     weight_sqnr_db: float = float("nan")
+    # int8 layers: the input's outlier columns and largest |x| on the graph's first call
+    # (``Int8LtConfig.report_outliers``); None until that call, or when not recorded.
+    outliers: Optional["OutlierStat"] = None
 
 
 @dataclass
@@ -113,7 +116,7 @@ def layer_rows(report: GraphReport, outliers: Optional[OutlierStats] = None) -> 
     """One plain dict per linear of ``report`` (the JSON form of the table)."""
     rows = []
     for layer in report.layers:
-        stat = outliers.get(layer.module_path) if outliers is not None else None
+        stat = outliers.get(layer.module_path) if outliers is not None else layer.outliers
         rows.append(
             {
                 "graph": report.index,
@@ -153,8 +156,9 @@ def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
 def format_layer_table(reports: Sequence[GraphReport], outliers: Optional[OutlierStats] = None) -> str:
     """The per-layer table of every graph in ``reports``, with a one-line summary per graph.
 
-    ``outliers`` (from ``count_outlier_columns``) adds how many input columns of each
-    layer were outliers; without it that column shows ``-``.
+    ``outliers`` (from ``count_outlier_columns``) gives how many input columns of each layer
+    were outliers; without it, what the backend recorded on each graph's first call (``-``
+    where nothing was recorded).
     """
     blocks = []
     for report in reports:
@@ -168,7 +172,7 @@ def format_layer_table(reports: Sequence[GraphReport], outliers: Optional[Outlie
                 _shape_text(layer),
                 "int8" if layer.action == "int8" else "fp (skipped)",
                 _sqnr_text(layer.weight_sqnr_db),
-                _outlier_text(outliers.get(layer.module_path) if outliers is not None else None),
+                _outlier_text(outliers.get(layer.module_path) if outliers is not None else layer.outliers),
                 layer.reason,
             )
             for layer in report.layers

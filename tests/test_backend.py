@@ -292,3 +292,48 @@ def test_compile_mode_reaches_inductor(monkeypatch, backend_kind):
 def test_unknown_mode_is_rejected():
     with pytest.raises(ValueError, match="mode must be one of"):
         Int8LtConfig(mode="fastest")
+
+
+@pytest.mark.parametrize("report_outliers", [True, False])
+def test_report_records_each_layers_outlier_columns_on_the_first_call(report_outliers):
+    torch.manual_seed(0)
+    model = MLP().requires_grad_(False)
+    x = torch.randn(3, 5, 32)
+    x[..., [2, 9, 30]] *= 20  # three input columns of `up` far beyond the threshold
+    x[0, 0, 9] = 50.0
+    backend = int8fx.int8lt(inner="eager", report_outliers=report_outliers)
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend)(x)
+    layers = {layer.module_path: layer for layer in backend.reports[0].layers}
+    if not report_outliers:
+        assert all(layer.outliers is None for layer in layers.values())
+        return
+    expected = int(reference.outlier_columns(x.reshape(-1, 32), 6.0).sum())
+    assert expected >= 3 and layers["up"].outliers.columns == expected and layers["up"].outliers.in_features == 32
+    assert layers["up"].outliers.max_abs == float(x.abs().max())
+    CB, SCB = reference.quantize_weight(model.up.weight)
+    # down's input as the int8 graph computes it (outlier columns from the fp weight)
+    hidden = torch.nn.functional.gelu(reference.int8_linear(x, CB, SCB, model.up.bias, 6.0, model.up.weight))
+    assert layers["down"].outliers.columns == int(reference.outlier_columns(hidden.reshape(-1, 64), 6.0).sum())
+    assert f"{expected}/32" in int8fx.report.format_layer_table(backend.reports)
+    assert torch.isfinite(out).all()
+
+
+def test_a_graph_that_updates_its_inputs_is_not_run_twice_for_the_report():
+    class CachedLinear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(16, 16)
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x):
+            self.calls.add_(1)  # an in-place update of a graph input, as a KV cache's
+            return self.proj(x)
+
+    model = CachedLinear().requires_grad_(False)
+    backend = int8fx.int8lt(inner="eager")
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(torch.randn(2, 16))
+    assert model.calls.item() == 1  # once, not once more for the probe
+    (layer,) = backend.reports[0].layers
+    assert layer.action == "int8" and layer.outliers is None

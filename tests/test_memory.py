@@ -80,7 +80,8 @@ def test_eager_use_of_released_weights_raises_a_clear_error():
 
 def test_weights_read_elsewhere_are_kept():
     model = TiedLM(vocab=64, dim=32).requires_grad_(False)
-    backend = int8fx.int8lt(inner="eager", release_weights=True, skip=())
+    # The tied head quantized on purpose: its weight is the one the embedding still reads.
+    backend = int8fx.int8lt(inner="eager", release_weights=True, skip=(), quantize_tied_heads=True)
     torch.compile(model, backend=backend)(torch.randint(0, 64, (2, 5)))
     assert len(backend.reports[0].replaced) == 2
     assert counters["int8fx"]["weights_released"] == 1  # proj only: the embedding still reads its weight

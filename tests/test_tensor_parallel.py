@@ -54,8 +54,8 @@ def _llama_plan(model):
 
     plan = {}
     for i in range(len(model.layers)):
-        # q/k/v stay DTensors so that the model's views split the heads between the ranks.
-        plan.update({f"layers.{i}.self_attn.{name}": ColwiseParallel(use_local_output=False) for name in ("q_proj", "k_proj", "v_proj")})
+        # Local q/k/v shards: the model views them with -1 heads, so each rank attends over its own heads.
+        plan.update({f"layers.{i}.self_attn.{name}": ColwiseParallel() for name in ("q_proj", "k_proj", "v_proj")})
         plan[f"layers.{i}.self_attn.o_proj"] = RowwiseParallel()
         plan.update({f"layers.{i}.mlp.{name}": ColwiseParallel() for name in ("gate_proj", "up_proj")})
         plan[f"layers.{i}.mlp.down_proj"] = RowwiseParallel()

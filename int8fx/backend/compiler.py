@@ -25,10 +25,12 @@ import torch
 from torch import fx
 from torch._dynamo.utils import counters
 from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch.utils.weak import WeakIdKeyDictionary
 
 import int8fx.ops  # noqa: F401  (registers torch.ops.int8fx)
 from int8fx import passes
 from int8fx.backend.policy import fp_reason
+from int8fx.backend.probe import OutlierProbe, side_effect
 from int8fx.backend.runtime import Int8Runtime
 from int8fx.backend.trace import TracedGraph, has_tensor_subclass_inputs, trace_through_aot, trace_to_aten
 from int8fx.config import Int8LtConfig
@@ -37,6 +39,9 @@ from int8fx.weights import RELEASE_HINT, STORE, QuantizedWeight, ReleasedWeightE
 
 log = logging.getLogger("int8fx")
 
+# Every parameter any graph read as an embedding table. A tied head is often compiled in a later
+# graph than its embedding (after a graph break): the tensor, not the graph, says it is tied.
+_EMBEDDING_TABLES: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _ALREADY_INT8 = "already int8 (int8fx.nn.Linear8bitLt, or loaded with int8fx.Int8fxConfig)"
 # AOTAutograd traced this graph with a backward: its forward's saved tensors are fixed by then.
 _TRAINING_GRAPH = "tensor-parallel graph traced for training (with a backward): int8 replaces linears in inference graphs only"
@@ -114,8 +119,9 @@ class Int8LtBackend:
         self._dump(report)
         if rewritten is None:
             return self._inner_compile(gm, inputs)
+        probe = self._outlier_probe(rewritten.gm, report)  # before inductor sees the graph
         compiled = self._inner_compile(rewritten.gm, rewritten.example_inputs)
-        return Int8Runtime(compiled, rewritten.quantized_inputs, rewritten.weights, rewritten.release_positions)
+        return Int8Runtime(compiled, rewritten.quantized_inputs, rewritten.weights, rewritten.release_positions, probe)
 
     # ---------------------------------------------------------------- steps 1-3
 
@@ -145,9 +151,13 @@ class Int8LtBackend:
             self._record_fp(
                 report, skip.module_path, traced.names.get(skip.weight, "?"), skip.shape or _linear_shape(skip.node), skip.reason
             )
+        for node in passes.embedding_tables(traced.gm.graph, traced.is_parameter):
+            _EMBEDDING_TABLES[traced.input_of(node)] = True
         accepted = []
         for match in matches:
-            reason = fp_reason(match, traced.input_of(match.weight), self.config, owner=traced.owner_of(match.weight)) or fp_for_all
+            param = traced.input_of(match.weight)
+            tied = param in _EMBEDDING_TABLES
+            reason = fp_reason(match, param, self.config, owner=traced.owner_of(match.weight), tied_to_embedding=tied) or fp_for_all
             if reason:
                 self._record_fp(report, match.module_path, traced.names[match.weight], _linear_shape(match.node), reason)
             else:
@@ -190,6 +200,15 @@ class Int8LtBackend:
         return RewrittenGraph(traced.gm, quantized_inputs, weights, release, example_inputs)
 
     # ---------------------------------------------------------------- helpers
+
+    def _outlier_probe(self, gm: fx.GraphModule, report: GraphReport) -> Optional[OutlierProbe]:
+        if not self.config.report_outliers:
+            return None
+        reason = side_effect(gm.graph)
+        if reason:
+            log.info("int8lt: graph %d's outlier columns are not recorded: %s", report.index, reason)
+            return None
+        return OutlierProbe(gm, report.replaced)
 
     @staticmethod
     def _unread_weights(traced: TracedGraph, quantized_inputs: list[passes.QuantizedInput]) -> list[int]:

@@ -11,11 +11,14 @@ from int8fx.passes import LinearMatch
 from int8fx.paths import matches_skip
 
 
-def fp_reason(match: LinearMatch, param: torch.Tensor, config: Int8LtConfig, owner: Optional[torch.Tensor] = None) -> str:
+def fp_reason(
+    match: LinearMatch, param: torch.Tensor, config: Int8LtConfig, owner: Optional[torch.Tensor] = None, tied_to_embedding: bool = False
+) -> str:
     """Why a matched linear must stay in floating point ("" when it can be quantized).
 
     ``param`` is the tensor that would be quantized (under tensor parallelism, the local shard);
     ``owner`` the model's parameter it belongs to (the DTensor), ``param`` itself by default.
+    ``tied_to_embedding``: the weight is also read as an embedding table (a tied output head).
     """
     owner = param if owner is None else owner
     entry = matches_skip(match.module_path, config.skip)
@@ -25,7 +28,7 @@ def fp_reason(match: LinearMatch, param: torch.Tensor, config: Int8LtConfig, own
         # Top-k is discontinuous: int8 noise that flips an expert choice changes that token's
         # whole MoE output, and a router's few FLOPs are not worth the risk.
         return "MoE router: its output picks experts through top-k (quantize_routers=True quantizes it)"
-    if match.tied_to_embedding and not config.quantize_tied_heads:
+    if tied_to_embedding and not config.quantize_tied_heads:
         # The embedding keeps reading the fp weight, so an int8 copy only adds memory; and the
         # output head is where int8 error reaches the logits directly.
         return "tied output head: its weight is also the input embedding's (quantize_tied_heads=True quantizes it)"

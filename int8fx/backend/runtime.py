@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from int8fx.passes import QuantizedInput, appended_inputs
 from int8fx.weights import STORE, QuantizedWeight, release_fp_weight
@@ -16,9 +16,15 @@ class Int8Runtime:
     requantizing any weight that was changed in place since the last call."""
 
     def __init__(
-        self, compiled: Callable, quantized_inputs: list[QuantizedInput], weights: list[QuantizedWeight], release_positions: list[int]
+        self,
+        compiled: Callable,
+        quantized_inputs: list[QuantizedInput],
+        weights: list[QuantizedWeight],
+        release_positions: list[int],
+        probe: Optional[Callable[..., None]] = None,
     ) -> None:
         self.compiled = compiled
+        self.probe = probe  # run once, on the first call (backend/probe.py)
         # Released on the first call, not at compile time: dynamo re-checks its guards
         # (shapes and strides of every input) right after compiling.
         self.release_positions = release_positions
@@ -34,4 +40,8 @@ class Int8Runtime:
             param = args[wanted.weight_input_index]
             if not weight.is_current_for(param):
                 self.weights[slot] = STORE.get(param, wanted.layout)
-        return self.compiled(*args, *appended_inputs((w.CB, w.SCB) for w in self.weights))
+        inputs = (*args, *appended_inputs((w.CB, w.SCB) for w in self.weights))
+        if self.probe is not None:
+            probe, self.probe = self.probe, None
+            probe(*inputs)
+        return self.compiled(*inputs)

@@ -1,7 +1,7 @@
 """FX passes of the ``int8lt`` backend: find the linears, then rewrite them to int8."""
 
 from int8fx.passes.format import format_graph
-from int8fx.passes.match_linear import Int8Linear, LinearMatch, SkippedLinear, find_int8_linears, find_linears
+from int8fx.passes.match_linear import Int8Linear, LinearMatch, SkippedLinear, embedding_tables, find_int8_linears, find_linears
 from int8fx.passes.rewrite_int8 import QuantizedInput, appended_inputs, rewrite_to_int8
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "QuantizedInput",
     "SkippedLinear",
     "appended_inputs",
+    "embedding_tables",
     "find_int8_linears",
     "find_linears",
     "format_graph",

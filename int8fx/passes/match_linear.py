@@ -92,7 +92,6 @@ class LinearMatch:
     bias: Optional[fx.Node]
     module_path: str
     feeds_top_k: bool = False  # an MoE router: its output picks experts
-    tied_to_embedding: bool = False  # an output head whose weight is also an input embedding's
 
 
 @dataclass
@@ -244,23 +243,25 @@ def find_linears(graph: fx.Graph, is_parameter: Callable[[fx.Node], bool]) -> tu
         if problem:
             skipped.append(SkippedLinear(node, weight, path, problem))
             continue
-        matches.append(
-            LinearMatch(node, x, weight, layout, bias, path, feeds_top_k=_feeds_top_k(node), tied_to_embedding=_is_embedding(weight))
-        )
+        matches.append(LinearMatch(node, x, weight, layout, bias, path, feeds_top_k=_feeds_top_k(node)))
     seen = {item.node for item in matches} | {item.node for item in skipped}
     skipped += _other_weight_products(graph, is_parameter, seen)
     return matches, skipped
 
 
-def _is_embedding(weight: fx.Node) -> bool:
-    """Whether the parameter ``weight`` is also read as an embedding table (a tied output head)."""
-    frontier = [weight]
-    while frontier:
-        users = [user for node in frontier for user in node.users]
-        if any(user.target == aten.embedding.default for user in users):
-            return True
-        frontier = [user for user in users if user.op == "call_function" and user.target in _WEIGHT_PATH_OPS]
-    return False
+def embedding_tables(graph: fx.Graph, is_parameter: Callable[[fx.Node], bool]) -> list[fx.Node]:
+    """The parameter placeholders read as embedding tables (``aten.embedding``), through views and casts.
+
+    A linear whose weight is one of these tensors is a tied output head. The backend compares
+    tensors, not nodes: dynamo may lift one tied parameter as two graph inputs.
+    """
+    tables = []
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target == aten.embedding.default:
+            table, _ = _parameter_behind(node.args[0], is_parameter)
+            if table is not None:
+                tables.append(table)
+    return tables
 
 
 def _feeds_top_k(node: fx.Node, depth: int = 6) -> bool:
