@@ -31,9 +31,9 @@ from int8fx.paths import matches_skip
 SKIP = ("lm_head",)  # as Hugging Face's load_in_8bit does
 
 
-def int8lt(model: nn.Module, threshold: float, outlier_weights: str, skip: tuple[str, ...] = SKIP) -> Callable:
+def int8lt(model: nn.Module, threshold: float, outlier_weights: str, skip: tuple[str, ...] = SKIP, tied_head: bool = False) -> Callable:
     torch._dynamo.reset()
-    backend = int8fx.int8lt(threshold=threshold, outlier_weights=outlier_weights, skip=skip, inner="eager")
+    backend = int8fx.int8lt(threshold=threshold, outlier_weights=outlier_weights, skip=skip, inner="eager", quantize_tied_heads=tied_head)
     return torch.compile(model, backend=backend)
 
 
@@ -70,7 +70,7 @@ def providers(model: nn.Module) -> dict[str, Callable[[], Callable]]:
         "int8lt t=6, v_proj in fp (skip)": lambda: int8lt(model, 6.0, "fp", SKIP + ("v_proj",)),
         # The other direction: lm_head (tied to the embedding, so skipped by default) in int8
         # too. It is a fifth of the weight bytes read per decoded token in fp32.
-        "int8lt t=6, lm_head in int8 too (skip nothing)": lambda: int8lt(model, 6.0, "fp", ()),
+        "int8lt t=6, lm_head in int8 too (skip nothing)": lambda: int8lt(model, 6.0, "fp", (), tied_head=True),
     }
     try:
         import bitsandbytes  # noqa: F401

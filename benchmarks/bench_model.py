@@ -8,7 +8,7 @@ Providers (each gets its own copy of the model, so none affects another or the c
 * ``bitsandbytes t=6``: ``Linear8bitLt`` module swap as ``load_in_8bit`` does (lm_head in fp, eval mode);
 * ``torchao int8 dyn``: torchao ``Int8DynamicActivationInt8WeightConfig``, compiled (when torchao imports);
 * ``int8lt t=6``: ``torch.compile(model, backend="int8lt")`` (threshold 6, lm_head in fp);
-* ``int8lt t=6, lm_head in int8 too``: the same with ``int8fx.int8lt(skip=())``.
+* ``int8lt t=6, lm_head in int8 too``: the same with ``int8fx.int8lt(skip=(), quantize_tied_heads=True)``.
 
 The providers are measured in ``--repeats`` interleaved rounds (each round: every provider once,
 in a rotated order), so that a shared machine's drift hits all of them alike. Per round and
@@ -109,7 +109,7 @@ def int8lt_t6_lm_head(model: nn.Module) -> Callable:
     # lm_head in int8 too: SmolLM2's is tied to the embedding, which stays in fp for the
     # lookups, so this adds its int8 copy (28 MB) to buy decode speed: in fp32 it is a fifth
     # of the weight bytes read per token.
-    return torch.compile(copy.deepcopy(model), backend=int8fx.int8lt(skip=()))
+    return torch.compile(copy.deepcopy(model), backend=int8fx.int8lt(skip=(), quantize_tied_heads=True))
 
 
 # command-line name -> (name in the table, builder)

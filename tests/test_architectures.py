@@ -87,3 +87,13 @@ def test_tied_output_head_stays_in_fp_whatever_its_name(quantize_tied_heads):
     # Every other linear of the encoder and decoder is int8 either way.
     others = [layer for path, layer in layers.items() if path != "proj_out"]
     assert len(others) >= 14 and all(layer.action == "int8" for layer in others), [(layer.module_path, layer.reason) for layer in others]
+
+
+def test_skip_holds_after_moe_graph_breaks():
+    # Eager experts break the graph in every MoE block: each decoder layer's attention is then
+    # compiled in a frame of its own, where dynamo's paths start at the layer ("self_attn.q_proj").
+    model = qwen3_moe("eager")
+    layers = compile_and_report(model, skip=["model.layers.0.self_attn", "lm_head"])
+    attention = {layer.module_path: layer.action for layer in layers if ".self_attn." in layer.module_path}
+    assert attention == {f"model.layers.{i}.self_attn.{p}_proj": "fp" if i == 0 else "int8" for i in (0, 1) for p in "qkvo"}
+    assert {layer.module_path for layer in layers} <= {name for name, _ in model.named_modules()}

@@ -13,6 +13,7 @@ gradient, dY @ dequant(W) in both). A wrong scale, a dropped outlier part or a s
 costs far more: below 30 dB (``test_in_place_update_is_requantized`` checks that contrast).
 """
 
+import copy
 import subprocess
 import sys
 import warnings
@@ -337,3 +338,45 @@ def test_a_graph_that_updates_its_inputs_is_not_run_twice_for_the_report():
     assert model.calls.item() == 1  # once, not once more for the probe
     (layer,) = backend.reports[0].layers
     assert layer.action == "int8" and layer.outliers is None
+
+
+class _BrokenBlock(nn.Module):
+    """Two linears with a graph break between them: dynamo compiles this forward as a frame of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(16, 16)
+        self.b = nn.Linear(16, 16)
+
+    def forward(self, x):
+        x = self.a(x)
+        torch._dynamo.graph_break()
+        return self.b(x)
+
+
+class _BrokenStack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([_BrokenBlock() for _ in range(3)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_skip_entries_hold_after_a_graph_break_and_in_graphs_shared_by_layers():
+    # One graph per linear serves all three layers; skip names the middle one by its full path.
+    torch.manual_seed(0)
+    model = _BrokenStack().requires_grad_(False)
+    expected_model = int8fx.replace_linear(copy.deepcopy(model), threshold=6.0, skip=("layers.1",))
+    backend = int8fx.int8lt(inner="eager", skip=["layers.1"], outlier_weights="int8")  # Linear8bitLt's numerics
+    x = torch.randn(4, 16) * 4
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend)(x)
+        assert torch.equal(out, expected_model(x))  # layers 0 and 2 in int8, layer 1 in fp
+    actions = {layer.module_path: layer.action for report in backend.reports for layer in report.layers}
+    # Every layer a shared graph served is in the report, as it ran.
+    assert actions == {f"layers.{i}.{name}": "fp" if i == 1 else "int8" for i in range(3) for name in "ab"}
+    # Paths are the model's named_modules() names, not the inner frame's ("a", "b").
+    assert set(actions) <= {name for name, _ in model.named_modules()}

@@ -15,6 +15,7 @@ compilation never fails because of int8fx.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import warnings
@@ -29,9 +30,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 import int8fx.ops  # noqa: F401  (registers torch.ops.int8fx)
 from int8fx import passes
+from int8fx.backend.module_paths import PATHS
 from int8fx.backend.policy import fp_reason
 from int8fx.backend.probe import OutlierProbe, side_effect
-from int8fx.backend.runtime import Int8Runtime
+from int8fx.backend.runtime import Int8Runtime, SharedGraphSkips
 from int8fx.backend.trace import TracedGraph, has_tensor_subclass_inputs, trace_through_aot, trace_to_aten
 from int8fx.config import Int8LtConfig
 from int8fx.report import GraphReport, LayerReport, write_graph_dump
@@ -53,6 +55,7 @@ class LinearPlan:
 
     traced: TracedGraph
     accepted: list[passes.LinearMatch]
+    frame_paths: dict[int, tuple[str, str]]  # weight input position -> dynamo's call-site path and weight name, in the frame
 
 
 @dataclass
@@ -64,6 +67,7 @@ class RewrittenGraph:
     weights: list[QuantizedWeight]  # one per quantized input
     release_positions: list[int]  # inputs whose fp data the graph no longer reads (release_weights)
     example_inputs: list  # the inner compiler's, the CB/SCB inputs included
+    frame_paths: dict[int, tuple[str, str]]  # LinearPlan's
 
 
 class Int8LtBackend:
@@ -121,7 +125,10 @@ class Int8LtBackend:
             return self._inner_compile(gm, inputs)
         probe = self._outlier_probe(rewritten.gm, report)  # before inductor sees the graph
         compiled = self._inner_compile(rewritten.gm, rewritten.example_inputs)
-        return Int8Runtime(compiled, rewritten.quantized_inputs, rewritten.weights, rewritten.release_positions, probe)
+        shared = SharedGraphSkips(rewritten.frame_paths, self.config.skip, functools.partial(self._record_shared_module, report))
+        runtime = Int8Runtime(compiled, rewritten.quantized_inputs, rewritten.weights, rewritten.release_positions, probe)
+        runtime.guard_shared_graph(shared, lambda args: self._inner_compile(gm, args))
+        return runtime
 
     # ---------------------------------------------------------------- steps 1-3
 
@@ -145,24 +152,30 @@ class Int8LtBackend:
         """Step 2: every linear the passes find is either accepted or reported in fp with its reason."""
         matches, skipped = passes.find_linears(traced.gm.graph, traced.is_parameter)
         for layer in passes.find_int8_linears(traced.gm.graph, traced.is_parameter):
-            report.layers.append(LayerReport(layer.module_path, traced.names.get(layer.weight, "?"), layer.shape, "int8", _ALREADY_INT8))
+            path = PATHS.call_site(traced.owner_of(layer.weight), layer.module_path, traced.names.get(layer.weight, ""))
+            report.layers.append(LayerReport(path, traced.names.get(layer.weight, "?"), layer.shape, "int8", _ALREADY_INT8))
             counters["int8fx"]["linears_already_int8"] += 1
         for skip in skipped:
-            self._record_fp(
-                report, skip.module_path, traced.names.get(skip.weight, "?"), skip.shape or _linear_shape(skip.node), skip.reason
-            )
+            path = skip.module_path
+            if skip.weight is not None:
+                path = PATHS.call_site(traced.owner_of(skip.weight), skip.module_path, traced.names.get(skip.weight, ""))
+            self._record_fp(report, path, traced.names.get(skip.weight, "?"), skip.shape or _linear_shape(skip.node), skip.reason)
         for node in passes.embedding_tables(traced.gm.graph, traced.is_parameter):
             _EMBEDDING_TABLES[traced.input_of(node)] = True
-        accepted = []
+        accepted, frame_paths = [], {}
         for match in matches:
             param = traced.input_of(match.weight)
+            frame_paths[traced.position(match.weight)] = (match.module_path, traced.names[match.weight])
+            # The path in the whole model: after a graph break dynamo's is relative to an inner frame.
+            full_path = PATHS.call_site(traced.owner_of(match.weight), match.module_path, traced.names[match.weight])
+            match = dataclasses.replace(match, module_path=full_path)
             tied = param in _EMBEDDING_TABLES
             reason = fp_reason(match, param, self.config, owner=traced.owner_of(match.weight), tied_to_embedding=tied) or fp_for_all
             if reason:
                 self._record_fp(report, match.module_path, traced.names[match.weight], _linear_shape(match.node), reason)
             else:
                 accepted.append(match)
-        return LinearPlan(traced, accepted)
+        return LinearPlan(traced, accepted, frame_paths)
 
     def _rewrite_to_int8(self, plan: LinearPlan, report: GraphReport) -> RewrittenGraph:
         """Step 3: the graph rewritten, its weights quantized (once per process), the report written."""
@@ -197,7 +210,7 @@ class Int8LtBackend:
             counters["int8fx"]["linears_replaced"] += 1
         release = self._unread_weights(traced, quantized_inputs) if self.config.release_weights else []
         example_inputs = traced.compile_inputs(passes.appended_inputs((w.CB, w.SCB) for w in weights))
-        return RewrittenGraph(traced.gm, quantized_inputs, weights, release, example_inputs)
+        return RewrittenGraph(traced.gm, quantized_inputs, weights, release, example_inputs, plan.frame_paths)
 
     # ---------------------------------------------------------------- helpers
 
@@ -227,6 +240,16 @@ class Int8LtBackend:
         for node, value in zip(traced.placeholders, traced.inputs):
             if is_released(value) and node.users:
                 raise ReleasedWeightError(f"this graph reads {traced.names[node]} outside the int8 linears, but {RELEASE_HINT}")
+
+    def _record_shared_module(self, report: GraphReport, path: str, entry: Optional[str], shape: tuple) -> None:
+        """Another module this graph serves (after a graph break, every layer of a class): int8,
+        or fp for the calls of a module the skip list names."""
+        shape = shape if len(shape) == 2 else (0, 0)
+        if entry is None:
+            report.layers.append(LayerReport(path, f"{path}.weight", shape, "int8", "served by a graph shared with other modules"))
+            return
+        reason = f"module path matches skip entry {entry!r}: the graph it shares with other modules runs in fp for it"
+        self._record_fp(report, path, f"{path}.weight", shape, reason)
 
     def _record_fp(self, report: GraphReport, path: str, weight: str, shape: tuple[int, int], reason: str) -> None:
         report.layers.append(LayerReport(path, weight, shape, "fp", reason))

@@ -5,7 +5,11 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Optional
 
+from torch.utils.weak import WeakIdKeyDictionary
+
+from int8fx.backend.module_paths import PATHS
 from int8fx.passes import QuantizedInput, appended_inputs
+from int8fx.paths import matches_skip
 from int8fx.weights import STORE, QuantizedWeight, release_fp_weight
 
 log = logging.getLogger("int8fx")
@@ -25,11 +29,19 @@ class Int8Runtime:
     ) -> None:
         self.compiled = compiled
         self.probe = probe  # run once, on the first call (backend/probe.py)
+        self.shared: Optional[SharedGraphSkips] = None
+        self.compile_fp: Optional[Callable[[list], Callable]] = None
+        self.fp_graph: Optional[Callable] = None
         # Released on the first call, not at compile time: dynamo re-checks its guards
         # (shapes and strides of every input) right after compiling.
         self.release_positions = release_positions
         self.quantized_inputs = quantized_inputs
         self.weights = weights
+
+    def guard_shared_graph(self, shared: "SharedGraphSkips", compile_fp: Callable[[list], Callable]) -> None:
+        """Before quantizing a parameter other than the compiled ones (another module served by
+        this graph), ask ``shared``; a call for a skipped module runs ``compile_fp``'s graph."""
+        self.shared, self.compile_fp = shared, compile_fp
 
     def __call__(self, *args: Any) -> Any:
         if self.release_positions:
@@ -39,9 +51,45 @@ class Int8Runtime:
         for slot, (wanted, weight) in enumerate(zip(self.quantized_inputs, self.weights)):
             param = args[wanted.weight_input_index]
             if not weight.is_current_for(param):
+                if self.shared is not None and weight.param_ref() is not param and self.shared.stays_fp(param, wanted.weight_input_index):
+                    return self._run_in_fp(args)
                 self.weights[slot] = STORE.get(param, wanted.layout)
         inputs = (*args, *appended_inputs((w.CB, w.SCB) for w in self.weights))
         if self.probe is not None:
             probe, self.probe = self.probe, None
             probe(*inputs)
         return self.compiled(*inputs)
+
+    def _run_in_fp(self, args: tuple) -> Any:
+        if self.fp_graph is None:
+            self.fp_graph = self.compile_fp(list(args))  # the graph as dynamo gave it, compiled once
+        return self.fp_graph(*args)
+
+
+class SharedGraphSkips:
+    """Skip decisions for the modules a graph serves besides those it was compiled for.
+
+    After a graph break, dynamo compiles an inner module's ``forward`` once and calls the
+    result for every module of that class (each layer), with that module's parameters as
+    inputs. The skip list is per module path: a layer it names must not be quantized because
+    the graph was compiled for another one.
+    """
+
+    def __init__(
+        self, frame_paths: dict[int, tuple[str, str]], skip: tuple[str, ...], on_new_module: Callable[[str, Optional[str], tuple], None]
+    ) -> None:
+        self.frame_paths = frame_paths  # weight input position -> (call-site path, weight name) within the frame
+        self.skip = skip
+        self.on_new_module = on_new_module  # (full path, matching skip entry or None, weight shape): for the report
+        self.decided = WeakIdKeyDictionary()  # parameter -> stays in fp
+
+    def stays_fp(self, param: Any, input_index: int) -> bool:
+        decision = self.decided.get(param)
+        if decision is None:
+            path = PATHS.call_site(param, *self.frame_paths.get(input_index, ("", "")))
+            entry = matches_skip(path, self.skip)
+            decision = self.decided[param] = entry is not None
+            if entry is not None:
+                log.info("int8lt: %s runs in floating point: its path matches skip entry %r", path, entry)
+            self.on_new_module(path, entry, tuple(param.shape))
+        return decision
