@@ -108,10 +108,11 @@ def route_int8_linear_to_triton_on_cpu() -> None:
     under ``TRITON_INTERPRET=1``), so a dry run exercises the code the GPU runs, not the CPU library."""
     global _CPU_SHIM
     from int8fx import ops
+    from int8fx.kernels import cuda
 
     if _CPU_SHIM is None:
         _CPU_SHIM = torch.library.Library("int8fx", "IMPL")
-        _CPU_SHIM.impl("int8_linear", ops._int8_linear_cuda, "CPU")
+        cuda.register(_CPU_SHIM, ops.check_int8_linear_call, dispatch_key="CPU")
 
 
 # ---------------------------------------------------------------- the model

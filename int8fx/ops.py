@@ -9,7 +9,7 @@ This module holds the contracts: schemas, argument checks, fake kernels, autogra
 the pure-torch default (``reference``, any device). The device kernels live in
 ``kernels/<device>/``:
 
-* CUDA: ``kernels.cuda.int8_linear_triton`` (Triton), registered below;
+* CUDA: ``kernels.cuda.int8_linear_triton`` (Triton), which ``kernels.cuda.register`` binds below;
 * CPU: a C++ library that registers itself at the CPU key when ``kernels.cpu.load()``
   loads it. The default kernel's first CPU call triggers that load and hands the call
   over; where the library cannot be built, ``kernels.cpu.torch_path`` serves CPU calls.
@@ -20,6 +20,7 @@ implementations are exact and the ops trace under ``fullgraph=True`` and dynamic
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -99,14 +100,12 @@ def _int8_linear_default(x, CB, SCB, bias, threshold, weight=None):
     return reference.int8_linear(x, CB, SCB, bias, threshold, weight)
 
 
-def _int8_linear_cuda(x, CB, SCB, bias, threshold, weight=None):
-    _check_int8_linear_args(x, CB, SCB, bias, weight, check=_raise_unless)
-    return cuda_kernels.int8_linear_triton(x, CB, SCB, bias, threshold, weight)
-
-
 _CPU_KEYSET = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
 _LIBRARY.impl("int8_linear", _int8_linear_default, "CompositeExplicitAutograd")
-_LIBRARY.impl("int8_linear", _int8_linear_cuda, "CUDA")
+# What a device kernel checks before it runs (eagerly: real tensors, no symbolic shapes).
+check_int8_linear_call = functools.partial(_check_int8_linear_args, check=_raise_unless)
+# Each device's kernels register themselves: the CUDA one here, the CPU library when it loads.
+cuda_kernels.register(_LIBRARY, check_int8_linear_call)
 
 
 @torch.library.register_fake("int8fx::int8_linear", lib=_LIBRARY)

@@ -168,3 +168,10 @@ def test_op_runs_the_torch_path_where_the_library_cannot_load(monkeypatch):
     )
     assert calls == [1]
     assert torch.equal(y, run(x, CB, SCB, None, 6.0, None))
+
+
+def test_each_device_has_its_kernel_registered():
+    # CUDA: kernels.cuda.register binds the Triton path (checked here without a GPU); CPU: the
+    # pure-torch default until the C++ library takes the CPU key.
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("int8fx::int8_linear", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("int8fx::int8_linear", "CompositeExplicitAutograd")

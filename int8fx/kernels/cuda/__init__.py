@@ -5,13 +5,15 @@
 * ``int8_gemv``: small M (decode) in one launch that streams the weight once;
 * ``linear``: the host side that picks between them.
 
-Nothing here imports Triton until the first CUDA call (``int8_linear_triton`` below).
+Nothing here imports Triton until the first CUDA call (``int8_linear_triton`` below);
+``register`` binds that call to the op's CUDA key.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
+import torch
 from torch import Tensor
 
 
@@ -20,3 +22,15 @@ def int8_linear_triton(x: Tensor, CB: Tensor, SCB: Tensor, bias: Optional[Tensor
     from int8fx.kernels.cuda import linear
 
     return linear.linear(x, CB, SCB, bias, threshold, weight)
+
+
+def register(library: torch.library.Library, check_args: Callable[..., None], dispatch_key: str = "CUDA") -> None:
+    """Makes the Triton path the ``dispatch_key`` kernel of ``int8fx::int8_linear`` in ``library``
+    (the ops' fragment, which ``int8fx/ops.py`` defines), checking the arguments with ``check_args``
+    first. The GPU check's dry run also binds it to the CPU key, to run the GPU code interpreted."""
+
+    def int8_linear_cuda(x, CB, SCB, bias, threshold, weight=None):
+        check_args(x, CB, SCB, bias, weight)
+        return int8_linear_triton(x, CB, SCB, bias, threshold, weight)
+
+    library.impl("int8_linear", int8_linear_cuda, dispatch_key)
