@@ -32,7 +32,9 @@ class ParameterPaths:
     def of(self, param: torch.Tensor) -> tuple[str, ...]:
         if self._paths is None or param not in self._paths:
             self._paths = _scan()
-        return self._paths.get(param, ())
+            if param not in self._paths:
+                self._paths[param] = ()  # in no module (a free tensor): do not scan again for it
+        return self._paths[param]
 
     def call_site(self, param: torch.Tensor, call_path: str, param_name: str) -> str:
         """The full path of the module at ``call_path`` within a compiled frame, from a parameter
