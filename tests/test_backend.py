@@ -380,3 +380,18 @@ def test_skip_entries_hold_after_a_graph_break_and_in_graphs_shared_by_layers():
     assert actions == {f"layers.{i}.{name}": "fp" if i == 1 else "int8" for i in range(3) for name in "ab"}
     # Paths are the model's named_modules() names, not the inner frame's ("a", "b").
     assert set(actions) <= {name for name, _ in model.named_modules()}
+
+
+def test_a_shared_graph_compiled_for_a_skipped_layer_still_quantizes_the_others():
+    # The graphs are compiled for layer 0 (their first caller), which skip keeps in fp.
+    torch.manual_seed(0)
+    model = _BrokenStack().requires_grad_(False)
+    expected_model = int8fx.replace_linear(copy.deepcopy(model), threshold=6.0, skip=("layers.0",))
+    backend = int8fx.int8lt(inner="eager", skip=["layers.0"], outlier_weights="int8")
+    x = torch.randn(4, 16) * 4
+    with torch.no_grad():
+        compiled_model = torch.compile(model, backend=backend)
+        for _ in range(2):  # the second call takes the graphs' every-call path
+            assert torch.equal(compiled_model(x), expected_model(x))
+    actions = {layer.module_path: layer.action for report in backend.reports for layer in report.layers}
+    assert actions == {f"layers.{i}.{name}": "fp" if i == 0 else "int8" for i in range(3) for name in "ab"}

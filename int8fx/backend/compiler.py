@@ -56,6 +56,9 @@ class LinearPlan:
     traced: TracedGraph
     accepted: list[passes.LinearMatch]
     frame_paths: dict[int, tuple[str, str]]  # weight input position -> dynamo's call-site path and weight name, in the frame
+    # Positions of weights the skip list keeps in fp, rewritten anyway because the graph was
+    # compiled in an inner frame and may serve other modules too: their calls run in fp.
+    guarded: set[int] = dataclasses.field(default_factory=set)
 
 
 @dataclass
@@ -68,6 +71,7 @@ class RewrittenGraph:
     release_positions: list[int]  # inputs whose fp data the graph no longer reads (release_weights)
     example_inputs: list  # the inner compiler's, the CB/SCB inputs included
     frame_paths: dict[int, tuple[str, str]]  # LinearPlan's
+    guarded: set[int]  # LinearPlan's
 
 
 class Int8LtBackend:
@@ -126,6 +130,7 @@ class Int8LtBackend:
         probe = self._outlier_probe(rewritten.gm, report)  # before inductor sees the graph
         compiled = self._inner_compile(rewritten.gm, rewritten.example_inputs)
         shared = SharedGraphSkips(rewritten.frame_paths, self.config.skip, functools.partial(self._record_shared_module, report))
+        shared.keep_in_fp(rewritten.example_inputs[index] for index in rewritten.guarded)
         runtime = Int8Runtime(compiled, rewritten.quantized_inputs, rewritten.weights, rewritten.release_positions, probe)
         runtime.guard_shared_graph(shared, lambda args: self._inner_compile(gm, args))
         return runtime
@@ -162,20 +167,29 @@ class Int8LtBackend:
             self._record_fp(report, path, traced.names.get(skip.weight, "?"), skip.shape or _linear_shape(skip.node), skip.reason)
         for node in passes.embedding_tables(traced.gm.graph, traced.is_parameter):
             _EMBEDDING_TABLES[traced.input_of(node)] = True
-        accepted, frame_paths = [], {}
+        accepted, frame_paths, guarded = [], {}, set()
         for match in matches:
-            param = traced.input_of(match.weight)
-            frame_paths[traced.position(match.weight)] = (match.module_path, traced.names[match.weight])
+            param, owner, position = traced.input_of(match.weight), traced.owner_of(match.weight), traced.position(match.weight)
+            frame_paths[position] = (match.module_path, traced.names[match.weight])
             # The path in the whole model: after a graph break dynamo's is relative to an inner frame.
-            full_path = PATHS.call_site(traced.owner_of(match.weight), match.module_path, traced.names[match.weight])
+            full_path = PATHS.call_site(owner, match.module_path, traced.names[match.weight])
+            inner_frame = full_path != match.module_path
             match = dataclasses.replace(match, module_path=full_path)
             tied = param in _EMBEDDING_TABLES
-            reason = fp_reason(match, param, self.config, owner=traced.owner_of(match.weight), tied_to_embedding=tied) or fp_for_all
+            reason = fp_reason(match, param, self.config, owner=owner, tied_to_embedding=tied) or fp_for_all
             if reason:
                 self._record_fp(report, match.module_path, traced.names[match.weight], _linear_shape(match.node), reason)
-            else:
+            if not reason:
                 accepted.append(match)
-        return LinearPlan(traced, accepted, frame_paths)
+            elif inner_frame and not fp_for_all and not self._fp_reason_but_skip(match, param, owner, tied):
+                # Only the skip list keeps it in fp, and this graph may serve other modules (every
+                # layer of a class): rewrite it anyway; its own calls run the graph in fp.
+                accepted.append(match)
+                guarded.add(position)
+        return LinearPlan(traced, accepted, frame_paths, guarded)
+
+    def _fp_reason_but_skip(self, match: passes.LinearMatch, param: Any, owner: Any, tied: bool) -> str:
+        return fp_reason(match, param, dataclasses.replace(self.config, skip=()), owner=owner, tied_to_embedding=tied)
 
     def _rewrite_to_int8(self, plan: LinearPlan, report: GraphReport) -> RewrittenGraph:
         """Step 3: the graph rewritten, its weights quantized (once per process), the report written."""
@@ -197,6 +211,8 @@ class Int8LtBackend:
             sqnr = {(q.weight_input_index, q.layout): w.weight_sqnr_db() for q, w in zip(quantized_inputs, weights)}
         for match in plan.accepted:
             index = traced.position(match.weight)
+            if index in plan.guarded:
+                continue  # reported in fp by the plan
             shape = tuple(traced.inputs[index].shape)
             report.layers.append(
                 LayerReport(
@@ -209,8 +225,9 @@ class Int8LtBackend:
             )
             counters["int8fx"]["linears_replaced"] += 1
         release = self._unread_weights(traced, quantized_inputs) if self.config.release_weights else []
+        release = [index for index in release if index not in plan.guarded]  # their fp calls read them
         example_inputs = traced.compile_inputs(passes.appended_inputs((w.CB, w.SCB) for w in weights))
-        return RewrittenGraph(traced.gm, quantized_inputs, weights, release, example_inputs, plan.frame_paths)
+        return RewrittenGraph(traced.gm, quantized_inputs, weights, release, example_inputs, plan.frame_paths, plan.guarded)
 
     # ---------------------------------------------------------------- helpers
 

@@ -50,9 +50,11 @@ class Int8Runtime:
             self.release_positions = []
         for slot, (wanted, weight) in enumerate(zip(self.quantized_inputs, self.weights)):
             param = args[wanted.weight_input_index]
-            if not weight.is_current_for(param):
-                if self.shared is not None and weight.param_ref() is not param and self.shared.stays_fp(param, wanted.weight_input_index):
-                    return self._run_in_fp(args)
+            current = weight.is_current_for(param)
+            other_module = not current and weight.param_ref() is not param
+            if self.shared is not None and (other_module or self.shared.has_fp) and self.shared.stays_fp(param, wanted.weight_input_index):
+                return self._run_in_fp(args)
+            if not current:
                 self.weights[slot] = STORE.get(param, wanted.layout)
         inputs = (*args, *appended_inputs((w.CB, w.SCB) for w in self.weights))
         if self.probe is not None:
@@ -82,6 +84,13 @@ class SharedGraphSkips:
         self.skip = skip
         self.on_new_module = on_new_module  # (full path, matching skip entry or None, weight shape): for the report
         self.decided = WeakIdKeyDictionary()  # parameter -> stays in fp
+        self.has_fp = False  # some module this graph serves runs in fp: check every call
+
+    def keep_in_fp(self, params: Any) -> None:
+        """Modules the plan already reported in fp (the ones the graph was compiled for)."""
+        for param in params:
+            self.decided[param] = True
+            self.has_fp = True
 
     def stays_fp(self, param: Any, input_index: int) -> bool:
         decision = self.decided.get(param)
@@ -89,6 +98,7 @@ class SharedGraphSkips:
             path = PATHS.call_site(param, *self.frame_paths.get(input_index, ("", "")))
             entry = matches_skip(path, self.skip)
             decision = self.decided[param] = entry is not None
+            self.has_fp = self.has_fp or decision
             if entry is not None:
                 log.info("int8lt: %s runs in floating point: its path matches skip entry %r", path, entry)
             self.on_new_module(path, entry, tuple(param.shape))
