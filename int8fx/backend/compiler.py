@@ -131,9 +131,15 @@ class Int8LtBackend:
         compiled = self._inner_compile(rewritten.gm, rewritten.example_inputs)
         shared = SharedGraphSkips(rewritten.frame_paths, self.config.skip, functools.partial(self._record_shared_module, report))
         shared.keep_in_fp(rewritten.example_inputs[index] for index in rewritten.guarded)
-        runtime = Int8Runtime(compiled, rewritten.quantized_inputs, rewritten.weights, rewritten.release_positions, probe)
-        runtime.guard_shared_graph(shared, lambda args: self._inner_compile(gm, args))
-        return runtime
+        return Int8Runtime(
+            compiled,
+            rewritten.quantized_inputs,
+            rewritten.weights,
+            rewritten.release_positions,
+            probe,
+            shared,
+            compile_fp=lambda args: self._inner_compile(gm, args),
+        )
 
     # ---------------------------------------------------------------- steps 1-3
 

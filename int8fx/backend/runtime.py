@@ -26,22 +26,21 @@ class Int8Runtime:
         weights: list[QuantizedWeight],
         release_positions: list[int],
         probe: Optional[Callable[..., None]] = None,
+        shared: Optional["SharedGraphSkips"] = None,
+        compile_fp: Optional[Callable[[list], Callable]] = None,
     ) -> None:
         self.compiled = compiled
         self.probe = probe  # run once, on the first call (backend/probe.py)
-        self.shared: Optional[SharedGraphSkips] = None
-        self.compile_fp: Optional[Callable[[list], Callable]] = None
+        # Before quantizing a parameter other than the compiled ones (another module this graph
+        # serves), ask ``shared``; the calls of a skipped module run ``compile_fp``'s graph.
+        self.shared = shared
+        self.compile_fp = compile_fp
         self.fp_graph: Optional[Callable] = None
         # Released on the first call, not at compile time: dynamo re-checks its guards
         # (shapes and strides of every input) right after compiling.
         self.release_positions = release_positions
         self.quantized_inputs = quantized_inputs
         self.weights = weights
-
-    def guard_shared_graph(self, shared: "SharedGraphSkips", compile_fp: Callable[[list], Callable]) -> None:
-        """Before quantizing a parameter other than the compiled ones (another module served by
-        this graph), ask ``shared``; a call for a skipped module runs ``compile_fp``'s graph."""
-        self.shared, self.compile_fp = shared, compile_fp
 
     def __call__(self, *args: Any) -> Any:
         if self.release_positions:

@@ -62,10 +62,7 @@ def load_config(pretrained_model_name_or_path: str | os.PathLike, threshold: Opt
     saved = saved.to_dict() if hasattr(saved, "to_dict") else saved
     if not saved:
         raise ValueError(f"{pretrained_model_name_or_path} is not an 8-bit checkpoint: its config has no quantization_config")
-    if saved.get("quant_method") == QUANT_METHOD:
-        int8fx_config = Int8fxConfig(**saved)
-    else:
-        int8fx_config = from_bitsandbytes(saved)
+    int8fx_config = _read(saved)
     if threshold is not None:
         int8fx_config = Int8fxConfig(threshold=threshold, skip_modules=int8fx_config.skip_modules)
     config.quantization_config = int8fx_config.to_dict()
@@ -85,7 +82,7 @@ def convert_checkpoint_config(directory: str | os.PathLike, to: Format) -> dict:
     saved = model_config.get("quantization_config")
     if not saved:
         raise ValueError(f"{path} has no quantization_config: not an 8-bit checkpoint")
-    config = Int8fxConfig(**saved) if saved.get("quant_method") == QUANT_METHOD else from_bitsandbytes(saved)
+    config = _read(saved)
     if to == "bitsandbytes":
         model_config["quantization_config"] = to_bitsandbytes(config)
     elif to == "int8fx":
@@ -96,3 +93,8 @@ def convert_checkpoint_config(directory: str | os.PathLike, to: Format) -> dict:
         json.dump(model_config, file, indent=2, sort_keys=True)
         file.write("\n")
     return model_config["quantization_config"]
+
+
+def _read(saved: dict) -> Int8fxConfig:
+    """A checkpoint's ``quantization_config``, int8fx's or bitsandbytes' 8-bit one, as an Int8fxConfig."""
+    return Int8fxConfig(**saved) if saved.get("quant_method") == QUANT_METHOD else from_bitsandbytes(saved)

@@ -74,8 +74,9 @@ def detach_from_checkpoint_files(model: nn.Module) -> int:
     memory of its own, so that the maps (and the file pages they keep resident) can go.
     Returns how many tensors were copied."""
     copied = 0
+    mappings = _safetensors_mappings()
     for tensor in _parameters_and_buffers(model):
-        if tensor.device.type == "cpu" and tensor.numel() and _in_safetensors_mapping(tensor.data_ptr(), tensor.data_ptr() + 1):
+        if tensor.device.type == "cpu" and tensor.numel() and _inside(tensor.data_ptr(), tensor.data_ptr() + 1, mappings):
             view = tensor.data
             tensor.data = view.clone()
             release_file_pages(view)  # one tensor's file pages resident at a time, not the file's
@@ -103,7 +104,11 @@ def _parameters_and_buffers(model: nn.Module) -> Iterator[Tensor]:
 
 def _in_safetensors_mapping(start: int, end: int) -> bool:
     """Whether ``[start, end)`` lies inside one mapping of a ``.safetensors`` file (from /proc/self/maps)."""
-    return any(low <= start and end <= high for low, high in _safetensors_mappings())
+    return _inside(start, end, _safetensors_mappings())
+
+
+def _inside(start: int, end: int, mappings: list[tuple[int, int]]) -> bool:
+    return any(low <= start and end <= high for low, high in mappings)
 
 
 def _safetensors_mappings() -> list[tuple[int, int]]:

@@ -179,9 +179,10 @@ class QuantizeWeight(ConversionOps):
         for name, value in input_dict.items():
             value = value[0] if isinstance(value, list) else value
             CB, SCB = memory.quantize_in_row_blocks(value)
-            memory.release_file_pages(value)  # the fp weight is never read again
-            del value
-            memory.return_freed_memory()  # the fp32 temporaries, before the next weight's
+            if value.device.type == "cpu":
+                memory.release_file_pages(value)  # the fp weight is never read again
+                del value
+                memory.return_freed_memory()  # the fp32 temporaries, before the next weight's
             result[name] = Int8Params(CB, requires_grad=False, has_fp16_weights=False, SCB=SCB)
         return result
 
