@@ -369,31 +369,47 @@ def add_ratios(rows: list[dict]) -> None:
 # ---------------------------------------------------------------- issue 16: loading straight into int8
 
 
-def loading_peak_memory(setup: Setup) -> dict:
+def loading_peak_memory(setup: Setup, on_step: Optional[Callable[[dict], None]] = None) -> dict:
     """The same model saved as sharded bf16 safetensors, then loaded in bf16 and straight into int8
     (``int8fx.Int8fxConfig``, issue 16) on the device: each load's peak and resident device memory,
-    and whether the int8 model's first forward is finite."""
+    whether the int8 model's first forward is finite, and the seconds of each step. ``on_step(data)``
+    after each step, so a time limit keeps what was measured."""
     import tempfile
 
     from transformers import AutoModelForCausalLM
 
-    model = build_model(setup).to(torch.bfloat16)
     data = {}
+
+    def step(name: str, fn: Callable):
+        start = time.perf_counter()
+        result = fn()
+        if setup.device == "cuda":
+            torch.cuda.synchronize()
+        data[f"{name} s"] = time.perf_counter() - start
+        if on_step is not None:
+            on_step(data)
+        return result
+
+    model = build_model(setup).to(torch.bfloat16)
     prompt = torch.randint(0, setup.vocab, (1, 16), generator=torch.Generator().manual_seed(2)).to(setup.device)
     with tempfile.TemporaryDirectory() as folder:
-        model.save_pretrained(folder, max_shard_size="500MB")
+        step("save", lambda: model.save_pretrained(folder, max_shard_size="500MB"))
         del model
         for name, options in (("bf16", {}), ("int8fx", {"quantization_config": int8fx.Int8fxConfig()})):
             if setup.device == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map=setup.device, **options)
+            load = lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map=setup.device, **options)
+            loaded = step(f"{name} load", load)
             if setup.device == "cuda":
                 data[f"{name} load peak GiB"] = torch.cuda.max_memory_allocated() / 2**30
                 data[f"{name} resident GiB"] = torch.cuda.memory_allocated() / 2**30
             with torch.no_grad():
-                data[f"{name} forward finite"] = bool(torch.isfinite(loaded(input_ids=prompt).logits).all())
-            del loaded
+                logits = step(f"{name} first forward", lambda: loaded(input_ids=prompt).logits)
+            data[f"{name} forward finite"] = bool(torch.isfinite(logits).all())
+            del loaded, logits
+            if on_step is not None:
+                on_step(data)
     return data
 
 

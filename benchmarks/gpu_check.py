@@ -18,8 +18,8 @@ CPU cores; Triton compiles about 1-3 s per kernel specialization there):
 | ceilings | 25 | device copy GB/s, bf16 TFLOP/s, int8 TOPS | init 7; 1 GiB copy, 8192^3 bf16 and int8 products, 0.15 s each |
 | pytest | 100 | ``pytest -m gpu``, 8 xdist workers | ~65 tests, ~60 Triton compiles (pinned configs) / 8 workers: 30-50 |
 | bench | 140 | ``bench_linear``, Llama-3-8B shapes | 28 compiles 60; autotune 5; 18 (shape, M) x 5 providers 14; graphs 8; inputs 20 |
-| model | 165 | 1.1 B Llama, bf16 vs int8lt | build 10, references 5, 4 providers x 2 graphs of 15-20 s compile 140, timing 10 |
-| loading | 30 | ``from_pretrained`` into int8 (issue 16) | build and save 0.9 B bf16 shards 10, bf16 load 5, int8fx load 10, forward 2 |
+| model | 150 | 1.1 B Llama, bf16 vs int8lt | build 10, references 5, 4 providers x 2 graphs of 15-20 s compile 125, timing 10 |
+| loading | 45 | ``from_pretrained`` into int8 (issue 16) | build and save 1.1 B bf16 shards 10, bf16 load 5, int8fx load 10, forward with autotuning 15 (30 s ran out on an H200) |
 
 (bench: 8 GEMM and 6 GEMV configs at t=0 and t=6; autotune timing is 24 keys x 8 configs x 25 ms;
 each of the 18 (shape, M) points times 5 providers at about 0.15 s, with CUDA-graph replays.)
@@ -81,8 +81,8 @@ STAGES = (
     Stage("ceilings", 25, "device copy GB/s, bf16 TFLOP/s, int8 TOPS"),
     Stage("pytest", 100, "pytest -m gpu"),
     Stage("bench", 140, "bench_linear, Llama-3-8B shapes"),
-    Stage("model", 165, "1.1 B Llama: bf16 vs int8lt, CUDA graphs"),
-    Stage("loading", 30, "from_pretrained straight into int8 (issue 16)"),
+    Stage("model", 150, "1.1 B Llama: bf16 vs int8lt, CUDA graphs"),
+    Stage("loading", 45, "from_pretrained straight into int8 (issue 16)"),
 )
 TOTAL_BUDGET_S = 480
 MIN_STAGE_S = 5  # a stage is not started with less time than this left
@@ -527,6 +527,59 @@ def annotate(row: dict, graphs: dict, limits: dict) -> None:
     row["pct_matmul_ceiling"] = 100 * row["TOPS"] / (limits["int8_TOPS"] if int8 else limits["bf16_TFLOPs"])
 
 
+BREAKDOWN_CALLS = 10
+
+
+def _profiled_events(fn: Callable, device: str) -> list:
+    """``key_averages`` of ``BREAKDOWN_CALLS`` calls: the GPU kernels on a GPU, the int8fx ops on CPU (dry run)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()  # compiles and autotunes outside the profile
+    activity = ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU
+    with torch.no_grad(), profile(activities=[activity]) as prof:
+        for _ in range(BREAKDOWN_CALLS):
+            fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    if device != "cuda":
+        return [(event.key, event.cpu_time_total, event.count) for event in prof.key_averages() if event.key.startswith("int8fx::")]
+    return [
+        (event.key, getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0), event.count)
+        for event in prof.key_averages()
+        if str(getattr(event, "device_type", "")).endswith("CUDA")
+    ]
+
+
+def kernel_breakdown(bench_linear, shape: str, ms: list[int], device: str) -> list[dict]:
+    """Where an int8fx linear's GPU time goes: µs per call of each kernel it launches, at t=0 and t=6."""
+    import torch
+
+    K, N = (int(v) for v in shape.split("x"))
+    weight = bench_linear.make_weight(K, N)
+    rows = []
+    for M in ms:
+        x = bench_linear.make_activation(M, K, torch.float32, device).to(torch.bfloat16)
+        for threshold in (0.0, 6.0):
+            try:
+                fn, _ = bench_linear.int8fx_linear(x, weight, threshold)
+                events = _profiled_events(fn, device)
+            except Exception as error:  # reported; the timings stand without it
+                print(f"breakdown {shape} M={M} t={threshold:g}: {type(error).__name__}: {str(error)[:200]}")
+                continue
+            for name, total_us, count in events:
+                rows.append({
+                    "shape": shape, "M": M, "threshold": threshold, "kernel": name[:70],
+                    "us_per_call": total_us / BREAKDOWN_CALLS, "launches_per_call": count / BREAKDOWN_CALLS,
+                })
+    return rows
+
+
+def breakdown_markdown(rows: list[dict]) -> str:
+    header = ["shape", "M", "t", "kernel", "µs per call", "launches per call"]
+    return markdown(header, [[r["shape"], r["M"], f"{r['threshold']:g}", r["kernel"], f"{r['us_per_call']:.1f}", f"{r['launches_per_call']:g}"] for r in rows])
+
+
 def stage_bench(ctx: Context) -> int:
     import bench_linear
     from report_table import write_csv
@@ -543,16 +596,20 @@ def stage_bench(ctx: Context) -> int:
         bound_autotuning()
         shapes, ms, reps = GPU_SHAPES, GPU_M, 60  # do_bench: 15 ms warm-up, 60 ms of repetitions
     columns = bench_linear.CSV_COLUMNS + ["graph_ms", "predicted_graph_ms", "roofline_ms", "pct_copy_bw", "pct_matmul_ceiling"]
-    rows = []
+    rows, breakdown = [], []
     for shape in shapes:  # a shape at a time: rows measured before a time limit are kept
         shape_rows = bench_linear.run("cuda", [shape], ms, reps, budget_s=1.0)
         graphs = graph_times(bench_linear, shape, ms, ctx.device)
         for row in shape_rows:
             annotate(row, graphs, limits)
         rows += shape_rows
+        if not breakdown:  # the first shape's kernels, once: enough to see where the time goes
+            breakdown = kernel_breakdown(bench_linear, shape, ms, ctx.device)
+            print(breakdown_markdown(breakdown))
         write_csv(rows, str(ctx.out / "gpu_linear.csv"), columns)
         pivot = pivot_rows(rows)
-        ctx.record("bench", bench_summary(pivot), {"ceilings": source, "pivot": pivot, "autotune": autotune_choices()})
+        data = {"ceilings": source, "pivot": pivot, "autotune": autotune_choices(), "breakdown": breakdown}
+        ctx.record("bench", bench_summary(pivot), data)
     try:
         bench_linear.plot(rows, str(ctx.out / "gpu_linear.png"))
     except Exception as error:  # a plot is a convenience
@@ -670,9 +727,12 @@ def model_summary(rows: list[dict], info: dict) -> str:
 def stage_loading(ctx: Context) -> int:
     import bench_gpu_model
 
-    data = bench_gpu_model.loading_peak_memory(bench_gpu_model.DRY_SETUP if ctx.dry_run else bench_gpu_model.GPU_SETUP)
-    summary = ", ".join(f"{key} {value:.2f}" if isinstance(value, float) else f"{key} {value}" for key, value in data.items())
-    ctx.record("loading", summary, data)
+    def summary(data: dict) -> str:
+        return ", ".join(f"{key} {value:.2f}" if isinstance(value, float) else f"{key} {value}" for key, value in data.items())
+
+    setup = bench_gpu_model.DRY_SETUP if ctx.dry_run else bench_gpu_model.GPU_SETUP
+    data = bench_gpu_model.loading_peak_memory(setup, on_step=lambda partial: ctx.record("loading", summary(partial), dict(partial)))
+    ctx.record("loading", summary(data), data)
     return 0 if all(value for key, value in data.items() if key.endswith("finite")) else 1
 
 

@@ -83,8 +83,12 @@ def quantize_activation(x2d: Tensor, threshold: float) -> tuple[QuantizedRows, T
 
 
 def int8_matmul(CA: Tensor, CB: Tensor) -> Tensor:
-    """Exact ``CA @ CB.T`` in int32 (int64 arithmetic, then narrowed: no overflow for K < 2**17)."""
-    return (CA.long() @ CB.long().t()).to(torch.int32)
+    """Exact ``CA @ CB.T`` in int32 (no overflow for K < 2**17).
+
+    The products run in float64, which every device multiplies (CUDA has no int64 matmul) and
+    which is exact here: each term is an integer of at most 127**2 and every partial sum stays
+    far below 2**53, so no rounding happens in any summation order."""
+    return (CA.double() @ CB.double().t()).to(torch.int32)
 
 
 def dequantize_output(C32: Tensor, SCA: Tensor, SCB: Tensor) -> Tensor:
@@ -140,6 +144,66 @@ def int8_linear_input_grad(grad_output: Tensor, CB: Tensor, SCB: Tensor) -> Tens
     """``dX = dY @ dequant(W)`` in ``grad_output``'s dtype (quantized weights get no gradient)."""
     weight = dequantize_rows(CB, SCB).to(grad_output.dtype)
     return grad_output @ weight
+
+
+# ---------------------------------------------------------------- MoE experts
+#
+# An MoE layer stores its experts' weights as one 3-D tensor ``[E, N, K]`` and sends each token
+# (row of ``x``) to a few of them. LLM.int8() of the experts is LLM.int8() of each expert's
+# ``nn.Linear`` equivalent ``W[e]``, applied to the rows routed to that expert: scales per output
+# row of each expert, and per row of ``x``; outlier columns found among that expert's rows only.
+
+
+def quantize_experts(weight: Tensor) -> QuantizedRows:
+    """Per expert and output row of ``weight [E, N, K]``: ``CB [E, N, K]`` int8, ``SCB [E, N]`` fp32.
+
+    Row-wise quantization treats each row alone, so this is ``quantize_weight`` on the
+    ``[E * N, K]`` stack of every expert's rows."""
+    if weight.dim() != 3:
+        raise ValueError(f"expert weights must be 3-D [experts, out_features, in_features], got {tuple(weight.shape)}")
+    E, N, K = weight.shape
+    data, absmax = quantize_weight(weight.reshape(E * N, K))
+    return QuantizedRows(data.reshape(E, N, K), absmax.reshape(E, N))
+
+
+def int8_grouped_linear(
+    x: Tensor,
+    CB: Tensor,
+    SCB: Tensor,
+    expert_ids: Tensor,
+    bias: Optional[Tensor] = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    weight: Optional[Tensor] = None,
+) -> Tensor:
+    """Row ``m`` of ``x [M, K]`` through expert ``expert_ids[m]``'s linear: ``int8_linear`` of
+    ``CB[e] [N, K]`` (``SCB[e]``, ``bias[e]``, ``weight[e]``) on the rows routed to ``e``.
+
+    ``expert_ids[m] == E`` routes row ``m`` to no expert: its output row is zero.
+    """
+    out = x.new_zeros(x.shape[0], CB.shape[1])
+    for expert in range(CB.shape[0]):
+        rows = (expert_ids == expert).nonzero().flatten()
+        if rows.numel() == 0:
+            continue
+        out[rows] = int8_linear(
+            x[rows],
+            CB[expert],
+            SCB[expert],
+            None if bias is None else bias[expert],
+            threshold,
+            None if weight is None else weight[expert],
+        )
+    return out
+
+
+def int8_grouped_linear_input_grad(grad_output: Tensor, CB: Tensor, SCB: Tensor, expert_ids: Tensor) -> Tensor:
+    """``dX[m] = dY[m] @ dequant(W[expert_ids[m]])`` (zero for rows routed to no expert)."""
+    grad_x = grad_output.new_zeros(grad_output.shape[0], CB.shape[2])
+    for expert in range(CB.shape[0]):
+        rows = (expert_ids == expert).nonzero().flatten()
+        if rows.numel():
+            grad_x[rows] = int8_linear_input_grad(grad_output[rows], CB[expert], SCB[expert])
+    return grad_x
 
 
 def sqnr_db(reference: Tensor, approximation: Tensor) -> float:

@@ -6,7 +6,7 @@
 # (RUN_COMMAND, RUN_TIMEOUT_S and RUN_CARRY in benchmarks/gpu_check.py; a test keeps them equal
 # to this line.) Six stages, each in its own process under its own time limit, 8 minutes in all:
 #
-#   env 10 s | ceilings 25 s | pytest -m gpu 100 s | bench_linear 140 s | model 185 s | loading 10 s
+#   env 10 s | ceilings 25 s | pytest -m gpu 100 s | bench_linear 140 s | model 150 s | loading 45 s
 #
 # (the plan behind each budget is in benchmarks/gpu_check.py's docstring). Everything lands in
 # $OUT (gpu_check.log, results.json, summary.md, gpu_linear.csv/.png, gpu_model.csv); the summary

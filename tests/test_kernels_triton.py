@@ -28,6 +28,7 @@ from typing import Optional
 import pytest
 import torch
 import triton
+import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from int8fx import reference
@@ -333,6 +334,29 @@ def test_nan_row_stays_nan(M, threshold):
     x[1, 5] = float("nan")
     y = cuda_linear.linear(x, CB, SCB, bias, threshold, weight if threshold > 0 else None)
     assert torch.isnan(y[1]).all() and torch.isfinite(y[torch.arange(M) != 1]).all()
+
+
+@triton.jit
+def _round_to_bf16_kernel(v_ptr, out_ptr, N: tl.constexpr):
+    offsets = tl.arange(0, N)
+    tl.store(out_ptr + offsets, cuda_gemm.round_to(tl.load(v_ptr + offsets), tl.bfloat16))
+
+
+def test_round_to_bf16_keeps_every_nan():
+    # GPUs write NaN as 0x7FFFFFFF, whose payload the hand rounding carried into the sign bit: -0.
+    bits = torch.tensor([0x7FFFFFFF, 0x7FC00000, -1, 0x3F808000, 0x3F818000, 0x7F800000, 0x3F800001, 0], dtype=torch.int32)
+    v = bits.view(torch.float32)
+    out = torch.empty(v.shape, dtype=torch.bfloat16)
+    _round_to_bf16_kernel[(1,)](v, out, N=v.numel())
+    assert torch.isnan(out[:3]).all()
+    assert torch.equal(out[3:], v[3:].to(torch.bfloat16))  # ties to even, either way; Inf stays Inf
+
+
+def test_autotuning_keys_hold_the_specializations():
+    # A config tuned without the outlier path must not be reused with it (same N, K): it may not
+    # fit the GPU's shared memory there, which an H200 showed.
+    assert {"EPILOGUE", "HAS_THRESHOLD", "OUTLIER_W_FROM_CB"} <= set(cuda_gemv._int8_gemv_kernel.keys)
+    assert {"EPILOGUE", "HAS_OUTLIERS", "OUTLIER_W_FROM_CB"} <= set(cuda_gemm._int8_gemm_kernel.keys)
 
 
 def test_int8_linear_empty_batch():
@@ -795,3 +819,5 @@ def test_kernels_compile_for_hopper(kernel, hopper_ptx):
         assert "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8" in ptx  # Hopper int8 tensor cores
     if kernel == "gemv":
         assert "mma.sync.aligned.m16n8k32" in ptx and ".s32.s8.s8.s32" in ptx  # 16-row int8 MMA
+    if kernel in ("gemm", "gemv"):
+        assert ".f32.bf16.bf16" in ptx  # the outlier product on bf16 tensor cores, not widened to fp32

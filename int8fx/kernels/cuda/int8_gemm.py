@@ -46,12 +46,15 @@ def round_to(v, dtype: tl.constexpr):
 
     bf16 is rounded by hand because the interpreter truncates fp32 -> bf16 casts (GPUs
     round to nearest even either way): add half a bf16 ulp minus one, plus the bit that
-    breaks ties to even, and keep the top 16 bits (NaN payloads aside).
+    breaks ties to even, and keep the top 16 bits. NaN goes through the plain cast: the
+    add carries out of a NaN's payload (NVIDIA's canonical NaN is 0x7FFFFFFF), which made
+    it -0 on an H200.
     """
     if dtype == tl.bfloat16:
         bits = v.to(tl.uint32, bitcast=True)
         bits += 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(v != v, v.to(tl.bfloat16), rounded)
     else:
         return v.to(dtype)
 
@@ -74,16 +77,26 @@ def outlier_weight_tile(
         return tl.load(w_ptr + rn[None, :] * stride_wn + cols[:, None] * stride_wk, mask=mask, other=0.0).to(tl.float32)
 
 
+# On a GPU the outlier product of fp16 / bf16 inputs runs on the tensor cores in that dtype: each
+# product of two such values is exact in the fp32 accumulator, so only the summation order differs
+# from the reference. The interpreter cannot multiply bf16 tiles and takes the fp32 route.
+NATIVE_OUTLIER_DOT = tl.constexpr(not INTERPRETING)
+
+
 @triton.jit
 def outlier_dot(x_tile, w_tile, acc):
     """``acc + x_tile @ w_tile`` with ``w_tile`` rounded to ``x_tile``'s dtype first.
 
-    Products of two fp16/bf16/fp32 values are formed and summed in fp32 ("ieee": no TF32).
-    Operands are widened to fp32 because the interpreter cannot multiply bf16 tiles; on a
-    GPU this runs on FMA units, which is cheap for the few outlier columns.
+    Products of two fp16/bf16/fp32 values are formed and summed in fp32 (fp32 inputs as
+    "ieee": no TF32). The fp32 route (fp32 inputs; every input in the interpreter) costs two
+    to four times the shared memory of the native one: an H200 ran out of it with a tuned
+    GEMV tile.
     """
-    w_tile = round_to(w_tile, x_tile.dtype).to(tl.float32)
-    return tl.dot(x_tile.to(tl.float32), w_tile, acc, input_precision="ieee")
+    w_tile = round_to(w_tile, x_tile.dtype)
+    if NATIVE_OUTLIER_DOT and x_tile.dtype != tl.float32:
+        return tl.dot(x_tile, w_tile, acc, out_dtype=tl.float32)
+    else:
+        return tl.dot(x_tile.to(tl.float32), w_tile.to(tl.float32), acc, input_precision="ieee")
 
 
 # ---------------------------------------------------------------- configs
@@ -145,7 +158,13 @@ def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
     return pid_m, pid_n
 
 
-@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune_configs})
+# The key holds the specializations besides the sizes: a tile tuned without the outlier epilogue
+# may not fit in shared memory with it (seen on an H200 with the GEMV kernel).
+@triton.autotune(
+    configs=_gemm_configs(),
+    key=["M_BUCKET", "N", "K", "EPILOGUE", "HAS_OUTLIERS", "OUTLIER_W_FROM_CB"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)
 @triton.jit
 def _int8_gemm_kernel(
     # pointers
