@@ -393,19 +393,19 @@ def loading_peak_memory(setup: Setup, on_step: Optional[Callable[[dict], None]] 
     model = build_model(setup).to(torch.bfloat16)
     prompt = torch.randint(0, setup.vocab, (1, 16), generator=torch.Generator().manual_seed(2)).to(setup.device)
     with tempfile.TemporaryDirectory() as folder:
-        step("save", lambda: model.save_pretrained(folder, max_shard_size="500MB"))
+        step("save", functools.partial(model.save_pretrained, folder, max_shard_size="500MB"))
         del model
         for name, options in (("bf16", {}), ("int8fx", {"quantization_config": int8fx.Int8fxConfig()})):
             if setup.device == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            load = lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map=setup.device, **options)
+            load = functools.partial(AutoModelForCausalLM.from_pretrained, folder, dtype=torch.bfloat16, device_map=setup.device, **options)
             loaded = step(f"{name} load", load)
             if setup.device == "cuda":
                 data[f"{name} load peak GiB"] = torch.cuda.max_memory_allocated() / 2**30
                 data[f"{name} resident GiB"] = torch.cuda.memory_allocated() / 2**30
             with torch.no_grad():
-                logits = step(f"{name} first forward", lambda: loaded(input_ids=prompt).logits)
+                logits = step(f"{name} first forward", functools.partial(loaded, input_ids=prompt)).logits
             data[f"{name} forward finite"] = bool(torch.isfinite(logits).all())
             del loaded, logits
             if on_step is not None:

@@ -110,6 +110,17 @@ def int8fx_linear(x: torch.Tensor, weight: torch.Tensor, threshold: float, fp_we
     return (lambda: torch.ops.int8fx.int8_linear(x, CB, SCB, None, threshold, W)), CB.nbytes + SCB.nbytes + x.nbytes
 
 
+def fused_gemv(x: torch.Tensor, weight: torch.Tensor, threshold: float) -> tuple[Optional[Provider], int]:
+    """The CUDA path's fused small-M kernel (``int8_gemv``), which ``int8_linear`` does not dispatch:
+    measured so that it can replace quantize + GEMM at decode sizes the day it is faster."""
+    from int8fx.kernels.cuda import int8_gemv
+
+    if x.shape[0] > int8_gemv.MAX_M:
+        return None, 0
+    CB, SCB = torch.ops.int8fx.quantize_weight(weight.to(x.device))
+    return (lambda: int8_gemv.int8_linear_small_m(x, CB, SCB, None, threshold, None)), CB.nbytes + SCB.nbytes + x.nbytes
+
+
 def fp_inductor(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> tuple[Provider, int]:
     """``torch.compile`` of an ``nn.Linear`` in ``dtype`` (inductor's CPU GEMM choice)."""
     layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=x.device, dtype=dtype)
@@ -154,6 +165,7 @@ def providers(device: str) -> dict[str, Callable]:
             "torchao int8 dyn": lambda x, w: torchao_linear(bf16(x), w),
             "int8fx t=0": lambda x, w: int8fx_linear(bf16(x), w, 0.0),
             "int8fx t=6": lambda x, w: int8fx_linear(bf16(x), w, 6.0),
+            "int8fx fused gemv t=6": lambda x, w: fused_gemv(bf16(x), w, 6.0),
         }
     else:
         found = {

@@ -41,6 +41,10 @@ class Int8LtConfig:
         quantize_routers: MoE routers (linears whose output picks experts through top-k) stay in
             floating point unless this is True: an int8 error that flips an expert choice
             changes that token's whole expert output, for a few FLOPs saved.
+        quantize_experts: MoE experts stored as one 3-D parameter (transformers 5.x's
+            ``experts.gate_up_proj`` / ``down_proj``, run through ``grouped_mm`` or ``batched_mm``)
+            become int8 per expert and output row, each expert's rows quantized and decomposed
+            on their own; False keeps them in floating point.
         quantize_tied_heads: a linear whose weight is also an input embedding's (a tied output
             head, whatever its name: ``lm_head``, Whisper's ``proj_out``) stays in floating point
             unless this is True: the embedding keeps the fp weight anyway, so int8 saves no memory
@@ -69,6 +73,7 @@ class Int8LtConfig:
     trainable_weights: TrainableWeights = "keep_fp"
     min_features: int = 1
     quantize_routers: bool = False
+    quantize_experts: bool = True
     quantize_tied_heads: bool = False
     report_outliers: bool = True
     release_weights: bool = False
@@ -95,7 +100,7 @@ class Int8LtConfig:
         _check_choice("inner", self.inner, ("inductor", "eager"))
         if self.mode is not None:
             _check_choice("mode", self.mode, INDUCTOR_MODES)
-        for name in ("quantize_routers", "quantize_tied_heads", "report_outliers"):
+        for name in ("quantize_routers", "quantize_experts", "quantize_tied_heads", "report_outliers"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.release_weights, bool):

@@ -4,6 +4,9 @@
 * ``int8fx::int8_linear(x, CB, SCB, bias, threshold, weight) -> y``: the LLM.int8()
   mixed-precision linear. ``weight`` is the optional fp weight ``[N, K]`` used for the
   outlier columns (more accurate than the dequantized int8 columns bitsandbytes uses).
+* ``int8fx::int8_grouped_linear(x, CB, SCB, expert_ids, bias, threshold, weight) -> y``: MoE
+  experts, ``CB [E, N, K]``: each row of ``x`` through its expert's ``int8_linear``, with the
+  outlier columns found among the rows routed to that expert.
 
 This module holds the contracts: schemas, argument checks, fake kernels, autograd and
 the pure-torch default (``reference``, any device). The device kernels live in
@@ -144,3 +147,120 @@ def _int8_linear_autograd(keyset, x, CB, SCB, bias, threshold, weight=None):
 
 
 _LIBRARY.impl("int8_linear", _int8_linear_autograd, "Autograd", with_keyset=True)
+
+
+# ---------------------------------------------------------------- int8_grouped_linear
+#
+# MoE experts. No kernel of its own: one ``int8_linear`` call per expert that has rows, on those
+# rows, so every device runs its own int8_linear kernel (C++ on CPU, Triton on CUDA) and the
+# numerics are exactly those of the per-expert linear. A ``custom_op``: its Python wrapper costs
+# little next to a loop over experts.
+
+
+def _check_int8_grouped_linear_args(
+    x: Tensor,
+    CB: Tensor,
+    SCB: Tensor,
+    expert_ids: Tensor,
+    bias: Optional[Tensor],
+    weight: Optional[Tensor],
+    check: Callable = torch._check,
+) -> None:
+    check(CB.dim() == 3 and CB.dtype == torch.int8, lambda: f"CB must be a 3-D int8 tensor [E, N, K], got {CB.dtype} {tuple(CB.shape)}")
+    E, N, K = CB.shape
+    check(x.is_floating_point(), lambda: f"int8_grouped_linear expects a floating-point input, got {x.dtype}")
+    check(x.dim() == 2 and x.shape[1] == K, lambda: f"input must be 2-D [rows, {K}] (K from CB), got {tuple(x.shape)}")
+    check(SCB.shape == (E, N) and SCB.dtype == torch.float32, lambda: f"SCB must be fp32 [{E}, {N}], got {SCB.dtype} {tuple(SCB.shape)}")
+    check(
+        expert_ids.shape == (x.shape[0],) and expert_ids.dtype in (torch.int32, torch.int64),
+        lambda: f"expert_ids must be int32/int64 [{x.shape[0]}] (one per input row), got {expert_ids.dtype} {tuple(expert_ids.shape)}",
+    )
+    if bias is not None:
+        check(bias.shape == (E, N), lambda: f"bias must be [{E}, {N}], got {tuple(bias.shape)}")
+    if weight is not None:
+        check(weight.shape == (E, N, K), lambda: f"weight must be [{E}, {N}, {K}], got {tuple(weight.shape)}")
+
+
+check_int8_grouped_linear_call = functools.partial(_check_int8_grouped_linear_args, check=_raise_unless)
+
+
+def _rows_per_expert(expert_ids: Tensor, num_experts: int) -> list[tuple[int, Tensor]]:
+    """``(expert, row indices)`` for every expert with rows; raises on an id outside ``[0, E]``
+    (``E``: the row goes to no expert). One host sync for the whole call."""
+    # Shifted by one, so that every negative id lands in bin 0 and one bincount counts it all.
+    counts = torch.bincount(expert_ids.clamp(min=-1) + 1, minlength=num_experts + 2).tolist()
+    _raise_unless(
+        counts[0] == 0 and len(counts) == num_experts + 2,
+        lambda: (
+            f"expert_ids must lie in [0, {num_experts}] ({num_experts}: routed to no expert), "
+            f"got values in [{int(expert_ids.min())}, {int(expert_ids.max())}]"
+        ),
+    )
+    order = torch.argsort(expert_ids, stable=True)
+    groups, start = [], 0
+    for expert, count in enumerate(counts[1 : num_experts + 1]):
+        if count:
+            groups.append((expert, order[start : start + count]))
+        start += count
+    return groups
+
+
+# cudagraph_unsafe: counting each expert's rows syncs with the host, which a CUDA graph cannot
+# capture: inductor keeps it out of its CUDA graphs ("reduce-overhead"), in a partition of its own
+# or by not graphing that graph.
+@torch.library.custom_op("int8fx::int8_grouped_linear", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
+def int8_grouped_linear(
+    x: Tensor,
+    CB: Tensor,
+    SCB: Tensor,
+    expert_ids: Tensor,
+    bias: Optional[Tensor],
+    threshold: float,
+    weight: Optional[Tensor] = None,
+) -> Tensor:
+    """LLM.int8() MoE experts: row ``m`` of ``x [M, K]`` through ``int8_linear`` with ``CB[e]``,
+    ``SCB[e]``, ``bias[e]`` and ``weight[e]`` (the fp expert weights ``[E, N, K]``, for the
+    outlier columns), ``e = expert_ids[m]``; the outlier columns of each expert are found among
+    its own rows. ``expert_ids[m] == E`` gives a zero row. Output ``[M, N]`` in ``x``'s dtype."""
+    check_int8_grouped_linear_call(x, CB, SCB, expert_ids, bias, weight)
+    out = x.new_zeros(x.shape[0], CB.shape[1])
+    for expert, rows in _rows_per_expert(expert_ids, CB.shape[0]):
+        y = int8_linear(
+            x.index_select(0, rows),
+            CB[expert],
+            SCB[expert],
+            None if bias is None else bias[expert],
+            threshold,
+            None if weight is None else weight[expert],
+        )
+        out.index_copy_(0, rows, y)
+    return out
+
+
+@int8_grouped_linear.register_fake
+def _(x, CB, SCB, expert_ids, bias, threshold, weight=None):
+    _check_int8_grouped_linear_args(x, CB, SCB, expert_ids, bias, weight)
+    return x.new_empty((x.shape[0], CB.shape[1]))
+
+
+def _grouped_setup_context(ctx, inputs, output) -> None:
+    _x, CB, SCB, expert_ids, bias, _threshold, _weight = inputs
+    ctx.save_for_backward(CB, SCB, expert_ids)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _grouped_backward(ctx, grad_output: Tensor):
+    """Gradients for the input and the bias only, as for ``int8_linear``: quantized weights are frozen."""
+    CB, SCB, expert_ids = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = reference.int8_grouped_linear_input_grad(grad_output, CB, SCB, expert_ids)
+    if ctx.needs_input_grad[4]:
+        routed = expert_ids < CB.shape[0]  # rows that went to no expert add to no bias
+        grad_bias = grad_output.new_zeros(CB.shape[:2], dtype=torch.float32)
+        grad_bias.index_add_(0, expert_ids[routed].long(), grad_output[routed].float())
+        grad_bias = grad_bias.to(ctx.bias_dtype)
+    return grad_x, None, None, None, grad_bias, None, None
+
+
+int8_grouped_linear.register_autograd(_grouped_backward, setup_context=_grouped_setup_context)

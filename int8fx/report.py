@@ -31,13 +31,14 @@ class LayerReport:
 
     module_path: str
     weight: str  # the parameter's name, e.g. "model.embed_tokens.weight" for a tied lm_head
-    shape: tuple[int, int]  # (out_features, in_features)
+    shape: tuple[int, int]  # (out_features, in_features); MoE experts: each expert's
     action: str  # "int8" or "fp"
     reason: str = ""
     weight_sqnr_db: float = float("nan")
     # int8 layers: the input's outlier columns and largest |x| on the graph's first call
     # (``Int8LtConfig.report_outliers``); None until that call, or when not recorded.
     outliers: Optional["OutlierStat"] = None
+    experts: Optional[int] = None  # MoE experts stored as one [experts, out, in] parameter: how many
 
 
 @dataclass
@@ -124,6 +125,7 @@ def layer_rows(report: GraphReport, outliers: Optional[OutlierStats] = None) -> 
                 "weight": layer.weight,
                 "out_features": layer.shape[0] or None,
                 "in_features": layer.shape[1] or None,  # the backend does not record it for fp layers
+                "experts": layer.experts,
                 "action": layer.action,
                 "reason": layer.reason,
                 "weight_sqnr_db": None if math.isnan(layer.weight_sqnr_db) else layer.weight_sqnr_db,
@@ -135,7 +137,8 @@ def layer_rows(report: GraphReport, outliers: Optional[OutlierStats] = None) -> 
 
 
 def _shape_text(layer: LayerReport) -> str:
-    return " x ".join(str(d) if d else "?" for d in layer.shape)
+    text = " x ".join(str(d) if d else "?" for d in layer.shape)
+    return text if layer.experts is None else f"{layer.experts} experts x {text}"
 
 
 def _sqnr_text(value: float) -> str:

@@ -39,14 +39,23 @@ def version_of(tensor: Tensor, owner: Optional[Tensor] = None) -> Optional[tuple
 
 
 def _as_out_in(param: Tensor, layout: WeightLayout) -> Tensor:
+    """``[..., N, K]``: a linear's weight, or MoE experts' ``[E, N, K]``."""
     weight = param.detach()
-    return weight if layout == "out_in" else weight.t()
+    return weight if layout == "out_in" else weight.transpose(-2, -1)
+
+
+def _quantize_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """``quantize_weight`` of a ``[N, K]`` weight, or of each expert of a ``[E, N, K]`` stack:
+    rows are quantized one by one, so the experts' rows are quantized as one ``[E * N, K]`` matrix."""
+    *leading, K = weight.shape
+    CB, SCB = torch.ops.int8fx.quantize_weight(weight.reshape(-1, K))
+    return CB.reshape(*leading, K), SCB.reshape(leading)
 
 
 @dataclass
 class QuantizedWeight:
-    CB: Tensor  # int8 [N, K]
-    SCB: Tensor  # fp32 [N]
+    CB: Tensor  # int8 [N, K] (MoE experts: [E, N, K])
+    SCB: Tensor  # fp32 [N] (MoE experts: [E, N])
     version: Optional[tuple]
     param_ref: weakref.ref
     layout: WeightLayout
@@ -66,7 +75,9 @@ class QuantizedWeight:
         param = self.param_ref()
         if param is None or is_released(param):
             return float("nan")
-        return reference.sqnr_db(_as_out_in(param, self.layout), reference.dequantize_rows(self.CB, self.SCB))
+        K = self.CB.shape[-1]
+        dequantized = reference.dequantize_rows(self.CB.reshape(-1, K), self.SCB.reshape(-1))
+        return reference.sqnr_db(_as_out_in(param, self.layout).reshape(-1, K), dequantized)
 
 
 class QuantizedWeightStore:
@@ -93,7 +104,7 @@ class QuantizedWeightStore:
     @staticmethod
     def _quantize(param: Tensor, layout: WeightLayout, owner: Optional[Tensor]) -> QuantizedWeight:
         with torch.no_grad():
-            CB, SCB = torch.ops.int8fx.quantize_weight(_as_out_in(param, layout))
+            CB, SCB = _quantize_rows(_as_out_in(param, layout))
         if CB.is_cuda:
             # CUDA graphs (mode="reduce-overhead") may then read them in place, like parameters;
             # requantization writes into the same memory.
@@ -106,7 +117,7 @@ class QuantizedWeightStore:
     @staticmethod
     def _requantize(entry: QuantizedWeight, param: Tensor) -> None:
         with torch.no_grad():
-            CB, SCB = torch.ops.int8fx.quantize_weight(_as_out_in(param, entry.layout))
+            CB, SCB = _quantize_rows(_as_out_in(param, entry.layout))
             if CB.device == entry.CB.device:
                 # In place: compiled graphs (and CUDA graphs) keep reading the same tensors.
                 entry.CB.copy_(CB)

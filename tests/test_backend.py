@@ -395,3 +395,37 @@ def test_a_shared_graph_compiled_for_a_skipped_layer_still_quantizes_the_others(
             assert torch.equal(compiled_model(x), expected_model(x))
     actions = {layer.module_path: layer.action for report in backend.reports for layer in report.layers}
     assert actions == {f"layers.{i}.{name}": "fp" if i == 0 else "int8" for i in range(3) for name in "ab"}
+
+
+def test_inductor_sees_weights_and_quantized_tensors_as_static_inputs(monkeypatch):
+    # Inductor's CUDA graphs copy every non-static input on each replay, and skip a graph that
+    # mutates one (a KV cache's in-place update): on an H200, mode="reduce-overhead" ran no
+    # int8lt graph as a CUDA graph. The static inputs reach inductor from dynamo's placeholders.
+    import torch._functorch.aot_autograd as aot_autograd
+
+    found = []
+    metadata_from_dynamo = aot_autograd._try_get_metadata_from_dynamo
+
+    def spy(mod, *args, **kwargs):
+        result = metadata_from_dynamo(mod, *args, **kwargs)
+        found.append(([n.name for n in mod.graph.nodes if n.op == "placeholder"], result[1]))
+        return result
+
+    monkeypatch.setattr(aot_autograd, "_try_get_metadata_from_dynamo", spy)
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(64, 32)
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x):
+            self.calls.add_(1)  # an input mutated in place, as a KV cache's update
+            return self.fc(x).relu()
+
+    model = Counting().requires_grad_(False)
+    torch.compile(model, backend="int8lt")(torch.randn(4, 64))
+    ((names, static),) = found
+    dynamic = {names[i] for i in range(len(names)) if i not in static}
+    assert len(dynamic) == 1 and "x" in dynamic.pop()  # only the activation
+    assert {"calls", "fc_weight", "fc_bias", "fc_weight_cb", "fc_weight_scb"} == {names[i] for i in static}, names

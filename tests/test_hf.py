@@ -167,7 +167,8 @@ def test_skip_modules_keep_layers_in_fp_and_unknown_names_warn(fp_checkpoint, ca
     assert "'model.layers.0.mlp' matches" not in caplog.text
 
 
-def test_moe_experts_and_routers_are_reported_in_fp(tmp_path):
+def test_moe_routers_are_reported_in_fp_and_experts_load_in_int8(tmp_path):
+    # The experts themselves: tests/test_hf_moe.py.
     config = transformers.Qwen3MoeConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=1,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
@@ -176,7 +177,8 @@ def test_moe_experts_and_routers_are_reported_in_fp(tmp_path):
     transformers.Qwen3MoeForCausalLM(config).save_pretrained(tmp_path)
     model = load_int8(tmp_path)
     reasons = model.hf_quantizer.fp_modules
-    assert reasons["model.layers.0.mlp.experts"].startswith("MoE experts")
+    assert "model.layers.0.mlp.experts" not in reasons and model.hf_quantizer.int8_experts == ["model.layers.0.mlp.experts"]
+    assert model.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.int8
     assert reasons["model.layers.0.mlp.gate"] == "Qwen3MoeTopKRouter is not an nn.Linear"
     assert len(int8_layers(model)) == 4  # q, k, v, o
     with torch.no_grad():

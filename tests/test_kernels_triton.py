@@ -159,7 +159,7 @@ def assert_quantization_matches(x2d, threshold, CA, SCA, outliers) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("threshold", [0.0, THRESHOLD])
-@pytest.mark.parametrize("M, K", [(1, 8), (70, 300)])
+@pytest.mark.parametrize("M, K", [(1, 8), (70, 300), (3, 2100)], ids=["tiny", "several tiles", "flags compacted in 3 blocks"])
 def test_quantize_activation_bit_exact(M, K, dtype, threshold):
     x = make_activation(M, K, dtype)
     assert_quantization_matches(x, threshold, *cuda_quantize.quantize_activation(x, threshold))
@@ -171,6 +171,16 @@ def test_quantize_activation_outlier_extremes(case):
     result = cuda_quantize.quantize_activation(x, THRESHOLD)
     assert_quantization_matches(x, THRESHOLD, *result)
     assert int(result.outliers.count) == (300 if case == "all-outlier row" else 0)
+
+
+def test_outlier_columns_across_compaction_blocks():
+    # Outlier columns on both sides of each 1024-column compaction block, seen by different row blocks.
+    x = make_activation(70, 2100, torch.bfloat16, outliers=False)
+    for row, column in ((0, 0), (69, 1023), (40, 1024), (5, 2047), (33, 2048), (1, 2099)):
+        x[row, column] = -THRESHOLD
+    result = cuda_quantize.quantize_activation(x, THRESHOLD)
+    assert_quantization_matches(x, THRESHOLD, *result)
+    assert int(result.outliers.count) == 6
 
 
 def test_quantize_activation_strided_input():
@@ -689,25 +699,26 @@ def _gpu_compile_cases() -> dict:
             cuda_quantize._row_stats_kernel,
             {
                 "x_ptr": "*bf16",
-                "absmax_ptr": "*fp32",
+                "partial_absmax_ptr": "*fp32",
                 "column_flag_ptr": "*i32",
                 **int32("M", "K", "stride_xm", "stride_xk"),
                 "threshold": "fp32",
             },
-            {"HAS_THRESHOLD": True, "BLOCK_M": 8, "BLOCK_K": 256},
+            {"HAS_THRESHOLD": True, "ONE_ROW_BLOCK": False, "BLOCK_M": 32, "BLOCK_K": 256},
         ),
         "quantize": (
             cuda_quantize._quantize_kernel,
             {
                 "x_ptr": "*bf16",
-                "absmax_ptr": "*fp32",
+                "partial_absmax_ptr": "*fp32",
                 "column_flag_ptr": "*i32",
                 "ca_ptr": "*i8",
+                "sca_ptr": "*fp32",
                 "outlier_index_ptr": "*i32",
                 "outlier_count_ptr": "*i32",
-                **int32("M", "K", "stride_xm", "stride_xk", "stride_cam"),
+                **int32("M", "K", "num_chunks", "stride_xm", "stride_xk", "stride_cam"),
             },
-            {"HAS_THRESHOLD": True, "BLOCK_M": 8, "BLOCK_K": 256},
+            {"HAS_THRESHOLD": True, "CHUNKS": 16, "BLOCK_M": 32, "BLOCK_K": 256, "COMPACT_BLOCK": 1024},
         ),
         "gemm": (
             cuda_gemm._int8_gemm_kernel,
@@ -760,16 +771,29 @@ def _gpu_compile_cases() -> dict:
                 "scb_ptr": "*fp32",
                 "bias_ptr": "*bf16",
                 "w_ptr": "*bf16",
+                "partial_absmax_ptr": "*fp32",
+                "column_flag_ptr": "*i32",
                 **int32(
-                    "M", "N", "K", "stride_xm", "stride_xk", "stride_bn", "stride_bk", "stride_om", "stride_on", "stride_wn", "stride_wk"
+                    "M",
+                    "N",
+                    "K",
+                    "num_chunks",
+                    "stride_xm",
+                    "stride_xk",
+                    "stride_bn",
+                    "stride_bk",
+                    "stride_om",
+                    "stride_on",
+                    "stride_wn",
+                    "stride_wk",
                 ),
-                "threshold": "fp32",
             },
             {
                 "EPILOGUE": True,
                 "HAS_THRESHOLD": True,
                 "HAS_BIAS": True,
                 "OUTLIER_W_FROM_CB": False,
+                "CHUNKS": 16,
                 "BLOCK_M": 16,
                 "BLOCK_N": 32,
                 "BLOCK_K": 256,
@@ -811,7 +835,7 @@ def test_kernels_compile_for_hopper(kernel, hopper_ptx):
     # The interpreter never runs Triton's GPU compiler; this does (through ptxas, for sm_90),
     # catching type and lowering errors, and checks the instructions the numerics rely on.
     ptx = (hopper_ptx / f"{kernel}.ptx").read_text()
-    if kernel in ("row_stats", "gemv"):
+    if kernel == "row_stats":
         assert "max.NaN.f32" in ptx  # the row absmax keeps NaN (plain max.f32 drops it: a NaN row came out finite)
     if kernel in ("quantize", "gemv"):
         assert "div.rn.f32" in ptx  # the IEEE division the reference's scales need

@@ -333,6 +333,58 @@ def scenario_meta(mesh):
     return {"outcome": outcome, "report": _report(backend), "errors": [r.error for r in backend.reports]}
 
 
+def scenario_transformers_tp_plan(mesh):
+    """transformers' own tensor parallelism (``distributed_config`` with the model's ``tp_plan``):
+    an ``Int8fxConfig`` load refuses it clearly; the fp load with the plan, compiled with int8lt,
+    quantizes each rank's shard."""
+    import tempfile
+
+    import torch.distributed as dist
+    import transformers
+
+    import int8fx
+    from int8fx import reference
+
+    rank = dist.get_rank()
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))  # what torchrun would set
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    )  # fmt: skip
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    with tempfile.TemporaryDirectory() as own_folder:
+        # One checkpoint for both ranks: under torch.distributed, save_pretrained writes on rank 0 only.
+        folder = [own_folder]
+        dist.broadcast_object_list(folder, src=0)
+        folder = folder[0]
+        if rank == 0:
+            torch.manual_seed(0)
+            transformers.LlamaForCausalLM(config).save_pretrained(folder)
+        dist.barrier()
+        plan = transformers.DistributedConfig(tp_plan="auto")
+        try:
+            transformers.AutoModelForCausalLM.from_pretrained(folder, distributed_config=plan, quantization_config=int8fx.Int8fxConfig())
+            refused = "loaded"
+        except Exception as error:  # noqa: BLE001  (the test checks which)
+            refused = f"{type(error).__name__}: {error}"
+        sharded = transformers.AutoModelForCausalLM.from_pretrained(folder, distributed_config=plan).requires_grad_(False)
+        single = transformers.AutoModelForCausalLM.from_pretrained(folder).requires_grad_(False)
+        dist.barrier()  # rank 0's folder outlives every load
+    fp32 = single(ids).logits
+    _reset()
+    run, backend = _compile(sharded)
+    out = run(ids).logits
+    _reset()
+    one_process = _compile(single)[0](ids).logits
+    return {
+        "refused": refused,
+        "report": _report(backend),
+        "tp_vs_fp32": reference.sqnr_db(fp32, out),
+        "single_vs_fp32": reference.sqnr_db(fp32, one_process),
+        "tp_vs_single": reference.sqnr_db(one_process, out),
+    }
+
+
 SCENARIOS = {
     name[len("scenario_") :]: fn
     for name, fn in list(globals().items())
@@ -471,3 +523,16 @@ def test_sharded_parameters_on_the_meta_device_stay_in_fp_with_a_reason(ranks):
 def test_under_a_minute(ranks):
     total = sum(value for key, value in ranks[0].items() if key.endswith("_s"))
     assert total < 60, {key: round(value, 1) for key, value in ranks[0].items() if key.endswith("_s")}
+
+
+def test_transformers_tp_plan_loads_fp_and_compiles_each_shard_to_int8(ranks):
+    for result in _results(ranks, "transformers_tp_plan"):
+        assert result["refused"].startswith("NotImplementedError") and "int8lt" in result["refused"], result["refused"]
+        report = {row[0]: row for row in result["report"]}
+        assert report.pop("lm_head")[2] == "fp"
+        assert len(report) == 14 and all(row[2] == "int8" for row in report.values()), report
+        assert report["model.layers.0.self_attn.q_proj"][1] == (32, 64)  # each rank's shard: N / 2
+        assert report["model.layers.0.mlp.down_proj"][1] == (64, 64)  # rowwise: K / 2
+        # The bounds of the module docstring: rowwise layers quantize their own K slice.
+        assert result["tp_vs_fp32"] >= result["single_vs_fp32"] - 1.0, result
+        assert result["tp_vs_single"] >= result["single_vs_fp32"] - 6.0, result

@@ -34,7 +34,7 @@ from int8fx.backend.module_paths import PATHS
 from int8fx.backend.policy import fp_reason
 from int8fx.backend.probe import OutlierProbe, side_effect
 from int8fx.backend.runtime import Int8Runtime, SharedGraphSkips
-from int8fx.backend.trace import TracedGraph, has_tensor_subclass_inputs, trace_through_aot, trace_to_aten
+from int8fx.backend.trace import TracedGraph, has_tensor_subclass_inputs, keep_dynamo_input_metadata, trace_through_aot, trace_to_aten
 from int8fx.config import Int8LtConfig
 from int8fx.report import GraphReport, LayerReport, write_graph_dump
 from int8fx.weights import RELEASE_HINT, STORE, QuantizedWeight, ReleasedWeightError, is_released
@@ -44,7 +44,7 @@ log = logging.getLogger("int8fx")
 # Every parameter any graph read as an embedding table. A tied head is often compiled in a later
 # graph than its embedding (after a graph break): the tensor, not the graph, says it is tied.
 _EMBEDDING_TABLES: WeakIdKeyDictionary = WeakIdKeyDictionary()
-_ALREADY_INT8 = "already int8 (int8fx.nn.Linear8bitLt, or loaded with int8fx.Int8fxConfig)"
+_ALREADY_INT8 = "already int8 (int8fx.nn.Linear8bitLt or Int8Experts, or loaded with int8fx.Int8fxConfig)"
 # AOTAutograd traced this graph with a backward: its forward's saved tensors are fixed by then.
 _TRAINING_GRAPH = "tensor-parallel graph traced for training (with a backward): int8 replaces linears in inference graphs only"
 
@@ -77,12 +77,14 @@ class RewrittenGraph:
 class Int8LtBackend:
     """``torch.compile(model, backend=Int8LtBackend(config))``; ``int8fx.int8lt(...)`` builds one.
 
-    ``reports`` holds one ``GraphReport`` per graph this backend compiled.
+    ``reports`` holds one ``GraphReport`` per graph this backend compiled; ``unseen_weights(model)``
+    lists the linears of ``model`` that no graph brought to the backend (they ran eagerly).
     """
 
     def __init__(self, config: Optional[Int8LtConfig] = None) -> None:
         self.config = config or Int8LtConfig()
         self.reports: list[GraphReport] = []
+        self._graph_parameters = WeakIdKeyDictionary()  # every parameter some graph took as an input
 
     def __repr__(self) -> str:
         return f"Int8LtBackend({self.config})"
@@ -98,6 +100,9 @@ class Int8LtBackend:
         report = GraphReport(index=len(self.reports))
         self.reports.append(report)
         inputs = list(example_inputs)
+        for value in inputs:
+            if isinstance(value, torch.nn.Parameter):
+                self._graph_parameters[value] = True
         if not any(isinstance(x, torch.nn.Parameter) and x.dim() >= 2 for x in inputs):
             self._dump(report)  # no weight matrix (nor stack of them, as MoE experts): nothing to rewrite or report
             return self._inner_compile(gm, inputs)
@@ -128,6 +133,7 @@ class Int8LtBackend:
         if rewritten is None:
             return self._inner_compile(gm, inputs)
         probe = self._outlier_probe(rewritten.gm, report)  # before inductor sees the graph
+        keep_dynamo_input_metadata(gm, rewritten.gm)
         compiled = self._inner_compile(rewritten.gm, rewritten.example_inputs)
         shared = SharedGraphSkips(rewritten.frame_paths, self.config.skip, functools.partial(self._record_shared_module, report))
         shared.keep_in_fp(rewritten.example_inputs[index] for index in rewritten.guarded)
@@ -164,13 +170,17 @@ class Int8LtBackend:
         matches, skipped = passes.find_linears(traced.gm.graph, traced.is_parameter)
         for layer in passes.find_int8_linears(traced.gm.graph, traced.is_parameter):
             path = PATHS.call_site(traced.owner_of(layer.weight), layer.module_path, traced.names.get(layer.weight, ""))
-            report.layers.append(LayerReport(path, traced.names.get(layer.weight, "?"), layer.shape, "int8", _ALREADY_INT8))
+            name, experts = traced.names.get(layer.weight, "?"), _experts_in(traced.input_of(layer.weight))
+            report.layers.append(LayerReport(path, name, layer.shape, "int8", _ALREADY_INT8, experts=experts))
             counters["int8fx"]["linears_already_int8"] += 1
         for skip in skipped:
             path = skip.module_path
+            experts = None
             if skip.weight is not None:
                 path = PATHS.call_site(traced.owner_of(skip.weight), skip.module_path, traced.names.get(skip.weight, ""))
-            self._record_fp(report, path, traced.names.get(skip.weight, "?"), skip.shape or _linear_shape(skip.node), skip.reason)
+                experts = _experts_in(traced.input_of(skip.weight))
+            shape = skip.shape or _linear_shape(skip.node)
+            self._record_fp(report, path, traced.names.get(skip.weight, "?"), shape, skip.reason, experts=experts)
         for node in passes.embedding_tables(traced.gm.graph, traced.is_parameter):
             _EMBEDDING_TABLES[traced.input_of(node)] = True
         accepted, frame_paths, guarded = [], {}, set()
@@ -184,7 +194,8 @@ class Int8LtBackend:
             tied = param in _EMBEDDING_TABLES
             reason = fp_reason(match, param, self.config, owner=owner, tied_to_embedding=tied) or fp_for_all
             if reason:
-                self._record_fp(report, match.module_path, traced.names[match.weight], _linear_shape(match.node), reason)
+                name, shape = traced.names[match.weight], _match_shape(match)
+                self._record_fp(report, match.module_path, name, shape, reason, experts=_experts_in(param))
             if not reason:
                 accepted.append(match)
             elif inner_frame and not fp_for_all and not self._fp_reason_but_skip(match, param, owner, tied):
@@ -219,14 +230,14 @@ class Int8LtBackend:
             index = traced.position(match.weight)
             if index in plan.guarded:
                 continue  # reported in fp by the plan
-            shape = tuple(traced.inputs[index].shape)
             report.layers.append(
                 LayerReport(
                     match.module_path,
                     traced.names[match.weight],
-                    shape if match.layout == "out_in" else shape[::-1],
+                    _match_shape(match),
                     "int8",
                     weight_sqnr_db=sqnr[(index, match.layout)],
+                    experts=_experts_in(traced.inputs[index]),
                 )
             )
             counters["int8fx"]["linears_replaced"] += 1
@@ -274,8 +285,10 @@ class Int8LtBackend:
         reason = f"module path matches skip entry {entry!r}: the graph it shares with other modules runs in fp for it"
         self._record_fp(report, path, f"{path}.weight", shape, reason)
 
-    def _record_fp(self, report: GraphReport, path: str, weight: str, shape: tuple[int, int], reason: str) -> None:
-        report.layers.append(LayerReport(path, weight, shape, "fp", reason))
+    def _record_fp(
+        self, report: GraphReport, path: str, weight: str, shape: tuple[int, int], reason: str, experts: Optional[int] = None
+    ) -> None:
+        report.layers.append(LayerReport(path, weight, shape, "fp", reason, experts=experts))
         counters["int8fx"]["linears_skipped"] += 1
         log.info("int8lt: kept %s (%s) in floating point: %s", path or "<root>", weight, reason)
 
@@ -301,10 +314,30 @@ class Int8LtBackend:
             )
         log.info("int8lt: graph %d: %d linears to int8, %d kept in floating point", report.index, len(report.replaced), len(report.skipped))
 
+    def unseen_weights(self, model: torch.nn.Module) -> list[LayerReport]:
+        """The floating-point linear weights of ``model`` (``nn.Linear`` weights and MoE expert stacks)
+        that no graph compiled by this backend took as an input, each as an fp ``LayerReport``.
+
+        Dynamo runs a frame it cannot compile eagerly (a loop over ``nonzero()``'s result, as
+        transformers' ``eager`` MoE experts; a ``torch.compiler.disable``'d function), so no
+        backend ever sees those linears: without this list they would stay in fp unreported.
+        Call it after the model has run (``model``: the compiled module or the original)."""
+        model = getattr(model, "_orig_mod", model)
+        unseen = []
+        for path, module in model.named_modules():
+            for name, param in module.named_parameters(recurse=False):
+                if _is_linear_weight(module, name, param) and param not in self._graph_parameters:
+                    experts = int(param.shape[0]) if param.dim() == 3 else None
+                    shape = tuple(int(d) for d in param.shape[-2:])
+                    full_name = f"{path}.{name}" if path else name
+                    unseen.append(LayerReport(path, full_name, shape, "fp", _NEVER_IN_A_GRAPH, experts=experts))
+        return unseen
+
     def _variant(self, config: Int8LtConfig) -> "Int8LtBackend":
         """A backend with ``config`` that writes its reports into this one's ``reports``."""
         variant = Int8LtBackend(config)
         variant.reports = self.reports
+        variant._graph_parameters = self._graph_parameters
         return variant
 
     def _inner_compile(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
@@ -315,6 +348,34 @@ class Int8LtBackend:
 
         patches = torch._inductor.list_mode_options(self.config.mode) if self.config.mode else {}
         return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+_NEVER_IN_A_GRAPH = (
+    "never reached the backend: its module ran eagerly (dynamo fell back to eager for a frame it "
+    "could not compile, e.g. a loop over data-dependent indices, or a disabled function)"
+)
+
+
+def _is_linear_weight(module: torch.nn.Module, name: str, param: torch.Tensor) -> bool:
+    """An fp ``nn.Linear`` weight, or an fp MoE expert stack (a 3-D parameter of an experts module)."""
+    if not param.is_floating_point():
+        return False  # already int8 (bitsandbytes-style modules)
+    if isinstance(module, torch.nn.Linear):
+        return name == "weight"
+    return param.dim() == 3 and "expert" in type(module).__name__.lower()
+
+
+def _match_shape(match: passes.LinearMatch) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a matched linear (MoE experts: of each expert)."""
+    if match.is_experts:
+        return passes.match_linear.expert_shape(match)
+    stored = tuple(int(d) for d in match.weight.meta["val"].shape)
+    return stored if match.layout == "out_in" else stored[::-1]
+
+
+def _experts_in(param: Any) -> Optional[int]:
+    """How many experts a 3-D MoE weight ``[E, N, K]`` holds; None for any other weight."""
+    return int(param.shape[0]) if isinstance(param, torch.Tensor) and param.dim() == 3 else None
 
 
 def _linear_shape(node: fx.Node) -> tuple[int, int]:

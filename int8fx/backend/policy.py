@@ -28,6 +28,8 @@ def fp_reason(
         # Top-k is discontinuous: int8 noise that flips an expert choice changes that token's
         # whole MoE output, and a router's few FLOPs are not worth the risk.
         return "MoE router: its output picks experts through top-k (quantize_routers=True quantizes it)"
+    if match.is_experts and not config.quantize_experts:
+        return "MoE experts: quantize_experts=False"
     if tied_to_embedding and not config.quantize_tied_heads:
         # The embedding keeps reading the fp weight, so an int8 copy only adds memory; and the
         # output head is where int8 error reaches the logits directly.
@@ -36,7 +38,7 @@ def fp_reason(
         return "weight is on the meta device (no data to quantize)"
     if not param.is_floating_point():
         return f"weight dtype {param.dtype} is not floating point"
-    if min(param.shape) < config.min_features:
+    if min(param.shape[-2:]) < config.min_features:  # MoE experts [E, N, K]: each expert's N and K
         return f"smaller than min_features={config.min_features}"
     if owner.requires_grad and torch.is_grad_enabled() and config.trainable_weights == "keep_fp":
         return "weight requires grad while grad is enabled (use torch.no_grad() or trainable_weights='freeze')"

@@ -91,6 +91,38 @@ def trace_to_aten(gm: fx.GraphModule, example_inputs: list) -> TracedGraph:
     return TracedGraph(aten_gm, fake_mode, list(example_inputs), placeholders, names)
 
 
+# What dynamo tags a tensor with when its address is fixed (parameters, marked caches); AOTAutograd
+# reads it from a placeholder's ``tensor_dict`` to tell inductor which inputs are static.
+_STATIC_INPUT = {"_dynamo_static_input_type": "unguarded"}
+
+
+def keep_dynamo_input_metadata(dynamo_gm: fx.GraphModule, aten_gm: fx.GraphModule) -> None:
+    """Gives ``aten_gm`` (the re-traced, rewritten graph) the input metadata of the dynamo graph it
+    came from, so that inductor knows its static inputs: the parameters, the caches a model
+    marked static, and the appended ``CB`` / ``SCB`` (quantized once, never moved).
+
+    Without it AOTAutograd sees a graph not captured by dynamo and treats every input as
+    dynamic: on an H200, ``mode="reduce-overhead"`` then skipped CUDA graphs for every int8lt
+    graph ("mutated inputs": a KV cache's in-place update), and a CUDA graph would have copied
+    every weight on each replay. A no-op for graphs that are not dynamo's (the AOTAutograd path).
+    """
+    dynamo_inputs = [n for n in dynamo_gm.graph.nodes if n.op == "placeholder"]
+    aten_inputs = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
+    is_dynamo_graph = "dynamo_compile_id" in dynamo_gm.meta and hasattr(dynamo_gm, "_param_name_to_source")
+    owns_tensors = any(True for _ in aten_gm.named_parameters()) or any(True for _ in aten_gm.named_buffers())
+    if not is_dynamo_graph or owns_tensors or len(aten_inputs) < len(dynamo_inputs):
+        return
+    for node, original in zip(aten_inputs, dynamo_inputs):  # make_fx keeps the input order
+        node._dynamo_source = getattr(original, "_dynamo_source", None)
+        if "tensor_dict" in original.meta:
+            node.meta["tensor_dict"] = original.meta["tensor_dict"]
+    for node in aten_inputs[len(dynamo_inputs) :]:  # the appended CB / SCB
+        node._dynamo_source = None
+        node.meta["tensor_dict"] = dict(_STATIC_INPUT)
+    aten_gm.meta["dynamo_compile_id"] = dynamo_gm.meta["dynamo_compile_id"]
+    aten_gm._param_name_to_source = {}  # it owns no parameters: they are all inputs
+
+
 def source_name(node: fx.Node) -> str:
     """Dynamo's name for where a graph input came from, e.g. ``L['self']._modules['fc']._parameters['weight']``."""
     source = getattr(node, "_dynamo_source", None) or getattr(node.meta.get("grapharg"), "source", None)

@@ -312,6 +312,11 @@ def _run_explain(args: argparse.Namespace) -> int:
     print(f"{label}: {backend.config}")
     print(f"outlier columns (|x| >= {args.threshold:g}) in the eager run: {report.outlier_summary(outliers)}\n")
     print(report.format_layer_table(backend.reports, outliers))
+    unseen = backend.unseen_weights(model)
+    if unseen:
+        print(f"\n{len(unseen)} linear weight(s) never reached the backend and stay in fp ({unseen[0].reason}):")
+        for layer in unseen:
+            print(f"  {layer.weight} {list(layer.shape)}" + (f" x {layer.experts} experts" if layer.experts else ""))
     if args.graphs:
         for graph in backend.reports:
             print(f"\n# graph {graph.index} before the rewrite\n{graph.before}\n\n# graph {graph.index} after the rewrite\n{graph.after}")

@@ -1,9 +1,10 @@
 """CUDA kernels of the int8fx ops: Triton, one file per kernel.
 
-* ``quantize_activation``: row statistics, outlier columns and int8 rows (M > 16);
+* ``quantize_activation``: row statistics, outlier columns and int8 rows;
 * ``int8_gemm``: int8 tensor-core GEMM with the dequantization, outlier and bias epilogue;
-* ``int8_gemv``: small M (decode) in one launch that streams the weight once;
-* ``linear``: the host side that picks between them.
+* ``int8_gemv``: small M (decode) with the quantization inside its K loop: measured, not
+  dispatched (slower than quantize + GEMM on an H200, see ``linear``);
+* ``linear``: the host side that runs them.
 
 Nothing here imports Triton until the first CUDA call (``int8_linear_triton`` below);
 ``register`` binds that call to the op's CUDA key.

@@ -106,8 +106,8 @@ def _gemm_configs() -> list[triton.Config]:
 
     Shared memory per stage is ``(BLOCK_M + BLOCK_N) * BLOCK_K`` bytes (48 KiB for
     128x256); configs that do not fit a GPU fail to compile and the autotuner skips them.
-    Not yet measured on a GPU: the list spans the usual int8 GEMM shapes and the autotuner
-    picks per (M bucket, N, K).
+    The list spans the usual int8 GEMM shapes and the autotuner picks per (M bucket, N, K);
+    an H200's picks are in benchmarks/README.md.
     """
     if INTERPRETING:
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 4}, num_warps=4)]
@@ -128,13 +128,21 @@ def _gemm_configs() -> list[triton.Config]:
         # small M (17 to 32): deeper K steps keep the weight stream going
         config(32, 128, 256, 3, 4),
         config(32, 64, 256, 4, 4),
+        # M up to 128 streams the weight: narrow N tiles give enough programs to fill the SMs
+        # (on an H200 at M = 64, 4096x4096, the best of the above took 10 µs, 1.6 TB/s)
+        config(64, 64, 256, 4, 4),
+        config(32, 32, 512, 3, 4),
+        # decode (M <= 16): one 16-row MMA tile, the weight streamed once
+        config(16, 64, 256, 4, 4),
+        config(16, 32, 512, 3, 4),
     ]
 
 
 def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drops tiles taller than the M bucket: their extra rows would be pure waste."""
+    """Drops tiles taller than the M bucket (their extra rows would be pure waste) and the 16-row
+    decode tiles above M = 16 (they would stream the weight once per 16 rows)."""
     m_bucket = named_args["M_BUCKET"]
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(m_bucket, 32)]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(m_bucket, 32) and (m_bucket <= 16 or c.kwargs["BLOCK_M"] > 16)]
     return kept or configs
 
 

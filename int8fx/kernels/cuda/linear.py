@@ -1,10 +1,11 @@
 """CUDA LLM.int8() linear: the host side that picks the Triton kernels.
 
-* ``M <= 16`` (decode): ``int8_gemv``, one launch that quantizes, multiplies and
-  finishes the output while streaming the int8 weight once.
-* larger ``M``: ``quantize_activation`` (row stats + quantize, outlier columns
-  compacted on device) then ``int8_gemm`` (int8 MMA with the dequant, outlier and
-  bias epilogue fused).
+Every M takes ``quantize_activation`` (row stats, then the quantized rows, outlier columns
+compacted on device) then ``int8_gemm`` (int8 MMA with the dequant, outlier and bias epilogue
+fused). ``int8_gemv``, the fused small-M kernel that quantizes inside its K loop, is not used:
+on an H200 it took 46 µs at M = 16 (4096x4096, threshold 6) where quantize + GEMM took 20 µs at
+M = 64, its K loop bound by latency rather than by the weight's bytes. ``bench_linear``'s
+``int8fx fused gemv`` provider keeps measuring it, for the day a GEMV beats the GEMM path.
 
 Nothing syncs with the host, so the path is safe under CUDA graphs. Called by the "cuda"
 kernel of ``int8fx::int8_linear`` (``int8fx/ops.py``), which checks the arguments.
@@ -16,7 +17,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from int8fx.kernels.cuda import int8_gemm, int8_gemv, quantize_activation
+from int8fx.kernels.cuda import int8_gemm, quantize_activation
 
 
 def linear(
@@ -30,9 +31,6 @@ def linear(
     """``x [..., K]`` times ``CB [N, K]`` int8 with row scales ``SCB [N]``; see ``reference.int8_linear``."""
     N, K = CB.shape
     x2d = x.reshape(-1, K)
-    if x2d.shape[0] <= int8_gemv.MAX_M:
-        out = int8_gemv.int8_linear_small_m(x2d, CB, SCB, bias, threshold, weight)
-    else:
-        CA, SCA, outliers = quantize_activation.quantize_activation(x2d, threshold)
-        out = int8_gemm.int8_gemm(CA, SCA, CB, SCB, bias, x2d, outliers, weight)
+    CA, SCA, outliers = quantize_activation.quantize_activation(x2d, threshold)
+    out = int8_gemm.int8_gemm(CA, SCA, CB, SCB, bias, x2d, outliers, weight)
     return out.reshape(*x.shape[:-1], N)

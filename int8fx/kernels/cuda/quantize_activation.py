@@ -1,19 +1,26 @@
 """Activation quantization fused with outlier detection (Triton, CUDA path).
 
 From ``X [M, K]`` (fp16 / bf16 / fp32) it produces, in two launches that each read ``X``
-once (plus a memset of the ``K`` column flags):
+once (plus a memset of the ``K`` column flags where several row blocks share a column):
 
-1. ``_row_stats_kernel``: per row, the absmax over the *non-outlier elements* (``SCA``,
-   fp32, not divided by 127) and a flag for every outlier column. A program sees only its
-   rows, so it marks a column by storing 1 into the shared flag: every writer writes the
-   same value, so the race is benign and no atomics are needed.
-2. ``_quantize_kernel``: ``CA = round(x * (127 / SCA))`` as int8, outlier columns zeroed.
-   Program 0 also compacts the flags into the sorted outlier column indices and their
-   count. The GEMM reads both on device, so nothing syncs with the host (CUDA graphs and
-   torch.compile stay happy) and the fp outlier GEMM needs no separate launch.
+1. ``_row_stats_kernel``: one program per ``[BLOCK_M, BLOCK_K]`` tile of ``X``. It writes
+   its rows' absmax over the *non-outlier elements* of its columns (a partial absmax,
+   ``[K chunks, M]`` fp32) and marks its outlier columns in a flag array. Programs that
+   share a column store 1 into the same flag: every writer writes the same value, so the
+   race is benign and no atomics are needed.
+2. ``_quantize_kernel``: one program per tile again. It reduces its rows' partial absmax
+   (``SCA``, fp32, not divided by 127), writes ``CA = round(x * (127 / SCA))`` as int8 with
+   the outlier columns zeroed. One extra program compacts the flags into the sorted outlier
+   column indices and their count. The GEMM reads both on device, so nothing syncs with the
+   host (CUDA graphs and torch.compile stay happy) and the fp outlier GEMM needs no launch.
 
-Numerics are bit-identical to ``int8fx.reference.quantize_activation``; the two jit
-helpers below are shared with the small-M kernel so both paths quantize identically.
+Every program does one tile (no loop over K): an H200 showed the earlier design, one program
+per 8 rows looping over K, latency-bound at 0.4 TB/s with outliers (88 µs at M = 4096,
+K = 4096, where the copy rate allows 12). The small-M kernel runs launch 1 alone and reduces
+the partials itself (``activation_stats``).
+
+Numerics are bit-identical to ``int8fx.reference.quantize_activation``; the jit helpers
+below are shared with the small-M kernel so both paths quantize identically.
 """
 
 from __future__ import annotations
@@ -31,11 +38,12 @@ from int8fx import reference
 INT8_MAX = tl.constexpr(float(reference.INT8_MAX))
 INT8_MAX_SQUARED = tl.constexpr(float(reference.INT8_MAX**2))
 
-# Memory-bound kernels: a tile of 8 rows x 256 columns (2048 elements, 16 per thread with
-# 4 warps) keeps loads wide and gives M / 8 programs, enough to fill a GPU from M = 1024.
-# Not tuned on hardware yet; the interpreter runs the same sizes.
-BLOCK_M = 8
+# Memory-bound kernels: a tile of 32 rows x 256 columns (8192 elements, 64 per thread with 4
+# warps) per program; K = 4096 at M = 64 is 2 x 16 programs, at M = 4096 2048 of them. The
+# small-M path uses 16-row tiles (all of its rows). Flags are compacted 1024 at a time.
+BLOCK_M = 32
 BLOCK_K = 256
+COMPACT_BLOCK = 1024
 NUM_WARPS = 4
 
 
@@ -50,6 +58,13 @@ class QuantizedActivation(NamedTuple):
     CA: Tensor  # int8 [M, K], outlier columns zeroed
     SCA: Tensor  # fp32 [M], absmax over the non-outlier elements of each row
     outliers: Optional[OutlierColumns]  # None when threshold <= 0
+
+
+class ActivationStats(NamedTuple):
+    """What ``_row_stats_kernel`` leaves on the device for a kernel that quantizes ``X`` itself."""
+
+    partial_absmax: Tensor  # fp32 [K chunks, M]: each row's absmax over one BLOCK_K chunk
+    column_flag: Optional[Tensor]  # int32 [K], 1 for an outlier column; None when threshold <= 0
 
 
 # ---------------------------------------------------------------- shared jit helpers
@@ -96,66 +111,85 @@ def quantize_values(x32, inverse_scale):
     return rounded.to(tl.int8)
 
 
+@triton.jit
+def reduce_partial_absmax(partial_ptr, rows, row_ok, M, num_chunks, CHUNKS: tl.constexpr):
+    """The absmax of ``rows`` over their ``num_chunks`` partials (``[num_chunks, M]``, row stride
+    ``M``), NaN where any partial is NaN (``tl.max`` would drop it). ``CHUNKS``: a power of two
+    at least ``num_chunks``."""
+    chunks = tl.arange(0, CHUNKS)
+    mask = (chunks < num_chunks)[:, None] & row_ok[None, :]
+    partial = tl.load(partial_ptr + chunks[:, None] * M + rows[None, :], mask=mask, other=0.0)
+    row_max = tl.max(partial, axis=0)
+    row_has_nan = tl.max((partial != partial).to(tl.int32), axis=0) > 0
+    return tl.where(row_has_nan, float("nan"), row_max)
+
+
 # ---------------------------------------------------------------- kernels
 
 @triton.jit
 def _row_stats_kernel(
-    x_ptr, absmax_ptr, column_flag_ptr,
+    x_ptr, partial_absmax_ptr, column_flag_ptr,
     M, K, stride_xm, stride_xk,
     threshold,
-    HAS_THRESHOLD: tl.constexpr,
+    HAS_THRESHOLD: tl.constexpr, ONE_ROW_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    pid_k = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     row_ok = rows < M
+    col_ok = cols < K
     threshold = tl.cast(threshold, tl.float32)  # fp64 when launched from inductor code
-    absmax = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        mask = row_ok[:, None] & (cols < K)[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
-        magnitude = tl.abs(x.to(tl.float32))
-        if HAS_THRESHOLD:
-            is_outlier = magnitude >= threshold
-            magnitude = tl.where(is_outlier, 0.0, magnitude)
-            column_hit = tl.max(is_outlier.to(tl.int32), axis=0) > 0
-            tl.store(column_flag_ptr + cols, tl.full([BLOCK_K], 1, tl.int32), mask=column_hit)
-        absmax = update_row_absmax(absmax, magnitude)
-    tl.store(absmax_ptr + rows, absmax, mask=row_ok)
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    magnitude = tl.abs(x.to(tl.float32))
+    if HAS_THRESHOLD:
+        is_outlier = magnitude >= threshold
+        magnitude = tl.where(is_outlier, 0.0, magnitude)
+        column_hit = tl.max(is_outlier.to(tl.int32), axis=0)
+        if ONE_ROW_BLOCK:  # this program is its columns' only writer: no memset needed
+            tl.store(column_flag_ptr + cols, column_hit, mask=col_ok)
+        else:  # the flags were zeroed; only hits are written (the benign race)
+            tl.store(column_flag_ptr + cols, column_hit, mask=col_ok & (column_hit > 0))
+    absmax = update_row_absmax(tl.zeros([BLOCK_M], dtype=tl.float32), magnitude)
+    tl.store(partial_absmax_ptr + pid_k * M + rows, absmax, mask=row_ok)
 
 
 @triton.jit
 def _quantize_kernel(
-    x_ptr, absmax_ptr, column_flag_ptr, ca_ptr, outlier_index_ptr, outlier_count_ptr,
-    M, K, stride_xm, stride_xk, stride_cam,
-    HAS_THRESHOLD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, partial_absmax_ptr, column_flag_ptr, ca_ptr, sca_ptr, outlier_index_ptr, outlier_count_ptr,
+    M, K, num_chunks, stride_xm, stride_xk, stride_cam,
+    HAS_THRESHOLD: tl.constexpr, CHUNKS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, COMPACT_BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    inverse_scale = row_inverse_scale(tl.load(absmax_ptr + rows, mask=row_ok, other=0.0))
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    if pid_m == tl.cdiv(M, BLOCK_M):  # the extra row of programs (threshold > 0 only)
+        if HAS_THRESHOLD:  # compiled only where the flag pointers exist
+            if pid_k == 0:
+                _compact_columns(column_flag_ptr, outlier_index_ptr, outlier_count_ptr, K, COMPACT_BLOCK)
+    else:
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        row_ok = rows < M
         col_ok = cols < K
+        absmax = reduce_partial_absmax(partial_absmax_ptr, rows, row_ok, M, num_chunks, CHUNKS)
+        if pid_k == 0:
+            tl.store(sca_ptr + rows, absmax, mask=row_ok)
         mask = row_ok[:, None] & col_ok[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
-        q = quantize_values(x.to(tl.float32), inverse_scale[:, None])
+        q = quantize_values(x.to(tl.float32), row_inverse_scale(absmax)[:, None])
         if HAS_THRESHOLD:
             is_column = tl.load(column_flag_ptr + cols, mask=col_ok, other=0) > 0
             q = tl.where(is_column[None, :], 0, q).to(tl.int8)
         tl.store(ca_ptr + rows[:, None] * stride_cam + cols[None, :], q, mask=mask)
-    if HAS_THRESHOLD:
-        if pid == 0:
-            _compact_columns(column_flag_ptr, outlier_index_ptr, outlier_count_ptr, K, BLOCK_K)
 
 
 @triton.jit
-def _compact_columns(column_flag_ptr, outlier_index_ptr, outlier_count_ptr, K, BLOCK_K: tl.constexpr):
+def _compact_columns(column_flag_ptr, outlier_index_ptr, outlier_count_ptr, K, BLOCK: tl.constexpr):
     """Writes the flagged column indices, ascending, and their count (an exclusive scan)."""
     count = 0
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK):
+        cols = k0 + tl.arange(0, BLOCK)
         flag = tl.load(column_flag_ptr + cols, mask=cols < K, other=0)
         slot = count + tl.cumsum(flag, axis=0) - flag
         tl.store(outlier_index_ptr + slot, cols, mask=flag > 0)
@@ -165,6 +199,30 @@ def _compact_columns(column_flag_ptr, outlier_index_ptr, outlier_count_ptr, K, B
 
 # ---------------------------------------------------------------- host entry
 
+def chunk_count(K: int) -> int:
+    """How many ``BLOCK_K`` chunks the partial absmax of a row has."""
+    return triton.cdiv(K, BLOCK_K)
+
+
+def activation_stats(x2d: Tensor, threshold: float, block_m: int = BLOCK_M) -> ActivationStats:
+    """Launch 1 alone: partial row absmax and outlier column flags of ``x2d [M, K]`` (``M > 0``)."""
+    M, K = x2d.shape
+    row_blocks = triton.cdiv(M, block_m)
+    partial_absmax = torch.empty((chunk_count(K), M), dtype=torch.float32, device=x2d.device)
+    column_flag = None
+    if threshold > 0:
+        allocate = torch.empty if row_blocks == 1 else torch.zeros
+        column_flag = allocate(K, dtype=torch.int32, device=x2d.device)
+    _row_stats_kernel[(row_blocks, chunk_count(K))](
+        x2d, partial_absmax, column_flag,
+        M, K, x2d.stride(0), x2d.stride(1),
+        float(threshold),
+        HAS_THRESHOLD=threshold > 0, ONE_ROW_BLOCK=row_blocks == 1,
+        BLOCK_M=block_m, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS,
+    )
+    return ActivationStats(partial_absmax, column_flag)
+
+
 def quantize_activation(x2d: Tensor, threshold: float) -> QuantizedActivation:
     """Row-wise int8 quantization of ``x2d [M, K]`` around its outlier columns."""
     M, K = x2d.shape
@@ -172,26 +230,21 @@ def quantize_activation(x2d: Tensor, threshold: float) -> QuantizedActivation:
     has_threshold = threshold > 0
     SCA = torch.empty(M, dtype=torch.float32, device=device)
     CA = torch.empty((M, K), dtype=torch.int8, device=device)
-    column_flag = outliers = None
+    outliers = None
     if has_threshold:
-        column_flag = torch.zeros(K, dtype=torch.int32, device=device)
         outliers = OutlierColumns(torch.empty(K, dtype=torch.int32, device=device), torch.empty(1, dtype=torch.int32, device=device))
     if M == 0:  # no program would run to write the count
         if outliers is not None:
             outliers.count.zero_()
         return QuantizedActivation(CA, SCA, outliers)
-    grid = (triton.cdiv(M, BLOCK_M),)
-    _row_stats_kernel[grid](
-        x2d, SCA, column_flag,
-        M, K, x2d.stride(0), x2d.stride(1),
-        float(threshold),
-        HAS_THRESHOLD=has_threshold, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS,
-    )
+    stats = activation_stats(x2d, threshold)
+    grid = (triton.cdiv(M, BLOCK_M) + int(has_threshold), chunk_count(K))
     _quantize_kernel[grid](
-        x2d, SCA, column_flag, CA,
+        x2d, stats.partial_absmax, stats.column_flag, CA, SCA,
         None if outliers is None else outliers.index,
         None if outliers is None else outliers.count,
-        M, K, x2d.stride(0), x2d.stride(1), CA.stride(0),
-        HAS_THRESHOLD=has_threshold, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS,
+        M, K, chunk_count(K), x2d.stride(0), x2d.stride(1), CA.stride(0),
+        HAS_THRESHOLD=has_threshold, CHUNKS=triton.next_power_of_2(chunk_count(K)),
+        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, COMPACT_BLOCK=COMPACT_BLOCK, num_warps=NUM_WARPS,
     )
     return QuantizedActivation(CA, SCA, outliers)
