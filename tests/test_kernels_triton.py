@@ -691,7 +691,28 @@ def _compile_for_gpu(kernel, signature: dict, constexprs: dict, capability: int)
     return triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": 4, "num_stages": 3})
 
 
+_OUTLIER_POINTERS = ("column_flag_ptr", "outlier_index_ptr", "outlier_count_ptr")
+
+
 def _gpu_compile_cases() -> dict:
+    """Per kernel, the fully-featured specialization (bf16 input, outliers, bias, fp weight) and the
+    one without a threshold (``<kernel>_no_threshold``), whose outlier pointers are ``None``: the
+    interpreter never runs the branches one specialization skips, and an H200 found a call through
+    a ``None`` pointer there that only the GPU compiler saw."""
+    cases = _outlier_compile_cases()
+    for name, (kernel, signature, constexprs) in list(cases.items()):
+        flag = "HAS_OUTLIERS" if "HAS_OUTLIERS" in constexprs else "HAS_THRESHOLD"
+        pointers = {arg: None for arg in _OUTLIER_POINTERS if arg in signature}
+        kept = {arg: kind for arg, kind in signature.items() if arg not in pointers and arg != "threshold"}
+        cases[f"{name}_no_threshold"] = (kernel, kept, {**constexprs, flag: False, **pointers, **_threshold_constexpr(signature)})
+    return cases
+
+
+def _threshold_constexpr(signature: dict) -> dict:
+    return {"threshold": 0.0} if "threshold" in signature else {}
+
+
+def _outlier_compile_cases() -> dict:
     """One fully-featured specialization per kernel (bf16 input, outliers, bias, fp weight)."""
     int32 = lambda *names: {name: "i32" for name in names}
     return {
@@ -826,6 +847,15 @@ def hopper_ptx(tmp_path_factory) -> Path:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_nvidia_compiler(), reason="this Triton has no NVIDIA backend")
+@pytest.mark.parametrize("kernel", ["row_stats", "quantize", "gemm", "gemv"])
+def test_kernels_compile_without_a_threshold_for_hopper(kernel, hopper_ptx):
+    # Threshold 0: the outlier pointers are None, and no branch may still reach them.
+    ptx = (hopper_ptx / f"{kernel}_no_threshold.ptx").read_text()
+    assert ".entry" in ptx
 
 
 @pytest.mark.slow
