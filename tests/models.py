@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import functools
+import types
 
 import torch
 import torch.nn.functional as F
@@ -104,4 +106,37 @@ def reference_int8(model: nn.Module, threshold: float, skip=("lm_head",)) -> nn.
             full = f"{path}.{name}" if path else name
             if isinstance(child, nn.Linear) and not matches_skip(full, tuple(skip)):
                 setattr(module, name, ReferenceLinear(child, threshold))
+    return model
+
+
+# ---------------------------------------------------------------- MoE references
+
+
+def experts_forward(linear):
+    """A transformers 5.x experts ``forward(hidden_states, top_k_index, top_k_weights)`` computing
+    each expert's two products with ``linear(x, w)`` on the tokens routed to it: the per-expert
+    ``nn.Linear`` equivalent that int8 experts are tested against."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for e in range(self.gate_up_proj.shape[0]):
+            token, slot = (top_k_index == e).nonzero(as_tuple=True)
+            if token.numel() == 0:
+                continue
+            gate, up = linear(hidden_states[token], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = linear(self.act_fn(gate) * up, self.down_proj[e])
+            out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
+        return out
+
+    return forward
+
+
+def with_reference_linears(model, linear):
+    """``model`` with every ``nn.Linear`` but ``lm_head`` and every experts module computed by
+    ``linear(x, w)`` (routers and ``lm_head`` stay fp)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name != "lm_head":
+            module.forward = functools.partial(linear, w=module.weight)
+        if name.endswith("mlp.experts"):
+            module.forward = types.MethodType(experts_forward(linear), module)
     return model

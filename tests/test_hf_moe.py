@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import types
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ import torch
 import int8fx
 from int8fx import reference
 from int8fx.nn import Int8Experts, convert_experts_
+from tests.models import with_reference_linears
 
 transformers = pytest.importorskip("transformers", reason="needs transformers (scripts/install_demo.sh)")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -118,30 +118,8 @@ def reference_linear(x, weight, threshold, outlier_part=True):
     return out.to(x.dtype).reshape(*x.shape[:-1], -1)
 
 
-def reference_experts(threshold, outlier_part):
-    """An experts ``forward``: each expert's two products as LLM.int8() linears on its own tokens."""
-
-    def forward(self, hidden_states, top_k_index, top_k_weights):
-        out = torch.zeros_like(hidden_states)
-        for e in range(self.gate_up_proj.shape[0]):
-            token, slot = (top_k_index == e).nonzero(as_tuple=True)
-            if token.numel() == 0:
-                continue
-            gate, up = reference_linear(hidden_states[token], self.gate_up_proj[e], threshold, outlier_part).chunk(2, dim=-1)
-            y = reference_linear(self.act_fn(gate) * up, self.down_proj[e], threshold, outlier_part)
-            out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
-        return out
-
-    return forward
-
-
 def as_reference(model, threshold=6.0, outlier_part=True):
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name != "lm_head":
-            module.forward = lambda x, w=module.weight: reference_linear(x, w, threshold, outlier_part)
-        if name.endswith("mlp.experts"):
-            module.forward = types.MethodType(reference_experts(threshold, outlier_part), module)
-    return model
+    return with_reference_linears(model, lambda x, w: reference_linear(x, w, threshold, outlier_part))
 
 
 # ---------------------------------------------------------------- loading

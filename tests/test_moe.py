@@ -9,14 +9,13 @@ quantized linear through ``reference.int8_linear`` too.
 
 from __future__ import annotations
 
-import types
-
 import pytest
 import torch
 
 import int8fx
 import int8fx.ops  # noqa: F401  (registers torch.ops.int8fx)
 from int8fx import reference
+from tests.models import with_reference_linears
 
 DTYPES = [torch.float32, torch.bfloat16]
 E, N, K = 4, 12, 40
@@ -208,32 +207,10 @@ def _reference_linear(x, weight, threshold):
     return reference.int8_linear(x, CB, SCB, None, threshold, weight)
 
 
-def _reference_experts(threshold):
-    """An experts ``forward``: each expert's two products as ``nn.Linear`` LLM.int8() on its own tokens."""
-
-    def forward(self, hidden_states, top_k_index, top_k_weights):
-        out = torch.zeros_like(hidden_states)
-        for e in range(self.gate_up_proj.shape[0]):
-            token, slot = (top_k_index == e).nonzero(as_tuple=True)
-            if token.numel() == 0:
-                continue
-            gate, up = _reference_linear(hidden_states[token], self.gate_up_proj[e], threshold).chunk(2, dim=-1)
-            y = _reference_linear(self.act_fn(gate) * up, self.down_proj[e], threshold)
-            out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
-        return out
-
-    return forward
-
-
 def as_reference(model, threshold=6.0):
     """``model`` run as int8lt should run it: attention linears and experts in LLM.int8() (the
     reference), routers and ``lm_head`` in fp."""
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name != "lm_head":
-            module.forward = lambda x, w=module.weight: _reference_linear(x, w, threshold)
-        if name.endswith("mlp.experts"):
-            module.forward = types.MethodType(_reference_experts(threshold), module)
-    return model
+    return with_reference_linears(model, lambda x, w: _reference_linear(x, w, threshold))
 
 
 PROMPTS = [

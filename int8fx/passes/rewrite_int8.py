@@ -37,16 +37,6 @@ def appended_inputs(quantized: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> l
     return [tensor for CB, SCB in quantized for tensor in (CB, SCB)]
 
 
-def _set_val(node: fx.Node, fake_mode, fn, *args) -> None:
-    """Fills ``node.meta['val']`` by running ``fn`` on the fake values of ``args``."""
-
-    def fake(a):
-        return a.meta["val"] if isinstance(a, fx.Node) else a
-
-    with fake_mode:
-        node.meta["val"] = fn(*[fake(a) for a in args])
-
-
 def _call(graph: fx.Graph, fake_mode, target, args: tuple, kwargs: Optional[dict] = None) -> fx.Node:
     """A new ``call_function`` node (at the graph's insertion point) with its fake ``meta['val']``."""
     node = graph.call_function(target, args, kwargs or {})
@@ -126,16 +116,22 @@ def _replace_one(
     # Re-read the operands: an earlier replacement may have become this node's input.
     x, _weight_operand, bias, _how = linear_operands(node)
     with graph.inserting_before(node):
-        outlier_weight: Optional[fx.Node] = None
-        if fp_outlier_weights:
-            outlier_weight = match.weight
-            if match.layout == "in_out":
-                outlier_weight = graph.call_function(aten.t.default, (match.weight,))
-                _set_val(outlier_weight, fake_mode, aten.t.default, match.weight)
+        outlier_weight = _outlier_weight(graph, match, fp_outlier_weights, fake_mode)
         args = (x, cb, scb, bias, threshold, outlier_weight)
-        replacement = graph.call_function(torch.ops.int8fx.int8_linear.default, args)
-    _set_val(replacement, fake_mode, torch.ops.int8fx.int8_linear.default, *args)
+        replacement = _call(graph, fake_mode, torch.ops.int8fx.int8_linear.default, args)
     _take_place_of(graph, node, replacement, replacement, match.module_path)
+
+
+def _outlier_weight(graph: fx.Graph, match: LinearMatch, fp_outlier_weights: bool, fake_mode) -> Optional[fx.Node]:
+    """The fp weight for the outlier columns, ``[..., N, K]`` (transposed when stored ``[..., K, N]``);
+    None where the op dequantizes ``CB``'s columns instead."""
+    if not fp_outlier_weights:
+        return None
+    if match.layout == "out_in":
+        return match.weight
+    if match.is_experts:
+        return _call(graph, fake_mode, aten.transpose.int, (match.weight, -2, -1))
+    return _call(graph, fake_mode, aten.t.default, (match.weight,))
 
 
 def _take_place_of(graph: fx.Graph, node: fx.Node, replacement: fx.Node, op_node: fx.Node, module_path: str) -> None:
@@ -161,11 +157,7 @@ def _replace_experts(
     node, routing = match.node, match.routing
     x = experts_input(node)
     with graph.inserting_before(node):
-        outlier_weight: Optional[fx.Node] = None
-        if fp_outlier_weights:
-            outlier_weight = match.weight
-            if match.layout == "in_out":
-                outlier_weight = _call(graph, fake_mode, aten.transpose.int, (match.weight, -2, -1))
+        outlier_weight = _outlier_weight(graph, match, fp_outlier_weights, fake_mode)
         expert_ids = routing.node if routing.kind == "expert_ids" else _expert_of_each_row(graph, x, routing.node, fake_mode)
         args = (x, cb, scb, expert_ids, None, threshold, outlier_weight)
         op_node = _call(graph, fake_mode, torch.ops.int8fx.int8_grouped_linear.default, args)
