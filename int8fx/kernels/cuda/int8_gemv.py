@@ -8,10 +8,14 @@ Launch 1 is ``quantize_activation``'s row-statistics kernel on 16-row tiles: one
 per ``BLOCK_K`` chunk of ``X`` writes its rows' partial absmax and its outlier columns' flags.
 Launch 2 (this kernel) reduces the partials to each row's scale, then quantizes each ``X``
 tile on the fly in its main loop, zeroes the flagged columns and multiplies them in fp
-instead. ``CA`` never reaches global memory. (The first version computed the row statistics
-in every program, re-reading all of ``X`` before its K loop: on an H200 that streamed the
-weight at 0.9 TB/s, 19 µs for 4096x4096 at M = 1.) Quantization uses the same jit helpers as
+instead. ``CA`` never reaches global memory. Quantization uses the same jit helpers as
 ``quantize_activation``, so ``CA`` and ``SCA`` are bit-identical to the reference.
+
+Not dispatched by ``linear``: on an H200 (4096x4096, M = 1) this version took 28 µs at
+threshold 0 and 45 µs at 6, the first one (row statistics in every program) 19 and 38, where
+quantize + GEMM took 20 µs at M = 64. The K loop, which quantizes in registers before each
+MMA, is bound by latency rather than by the weight's bytes. ``bench_linear``'s
+``int8fx fused gemv t=6`` provider keeps measuring it.
 
 Not done: split-K. When ``N / BLOCK_N`` is below the GPU's SM count (small models) part of
 the GPU idles; split-K would fix that at the cost of a reduction (workspace or atomics).
