@@ -173,7 +173,10 @@ def providers(device: str) -> dict[str, Callable]:
             "bf16 eager": lambda x, w: fp_linear(x, w, torch.bfloat16),
             "bf16 inductor": lambda x, w: fp_inductor(x, w, torch.bfloat16),
             "_int_mm": lambda x, w: int_mm(x, w, dequant=False),
-            **{f"int8fx gemm {kernel}": functools.partial(int8fx_gemm, kernel=kernel) for kernel in ("avx2", "avx512_vnni", "amx")},
+            **{
+                f"int8fx gemm {kernel}": functools.partial(int8fx_gemm, kernel=kernel)
+                for kernel in ("avx2", "avx512_vnni", "avx512_vnni_panels", "amx")
+            },
             "bnb t=0": lambda x, w: bnb_linear(x, w, 0.0),
             "bnb t=6": lambda x, w: bnb_linear(x, w, 6.0),
             "torchao int8 dyn": lambda x, w: torchao_linear(x, w),

@@ -27,6 +27,7 @@ from int8fx.kernels.cpu import build, torch_path
 KERNEL_FLAGS = {
     "avx2": {"avx2"},
     "avx512_vnni": {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"},
+    "avx512_vnni_panels": {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"},
     "amx": {"amx_tile", "amx_int8"},
 }
 
@@ -49,7 +50,7 @@ def library():
 needs_library = pytest.mark.usefixtures("library")
 
 
-@pytest.fixture(params=["avx2", "avx512_vnni", "amx", "onednn"])
+@pytest.fixture(params=["avx2", "avx512_vnni", "avx512_vnni_panels", "amx", "onednn"])
 def kernel(request, library):
     """Each GEMM kernel in turn; one this CPU cannot run skips, saying what it needs."""
     name = request.param
@@ -79,10 +80,12 @@ def thread_count(threads: int):
 
 @pytest.mark.parametrize("K", [1, 7, 33, 64, 65, 300, 2081])
 def test_gemm_matches_reference_on_odd_shapes(kernel, K):
-    # K around the 32- and 64-byte vector steps; M and N around every kernel's tiles
-    # (2 x 6 and 1 x 8 for AVX2, 4 x 6 and 1 x 8 for VNNI, 32 x 32 for AMX). At K = 2081,
-    # N = 129 spans two L2 blocks of B rows, so two threads share the work.
-    for M in (0, 1, 3, 5, 17, 33, 64):
+    # K around the 32- and 64-byte vector steps and the 4-byte groups of the VNNI panels;
+    # M and N around every kernel's tiles (2 x 6 and 1 x 8 for AVX2, 4 x 4 and 1 x 8 for
+    # VNNI, 6 x 64 for VNNI panels, whose packing moves 16 rows x 64 bytes at a time,
+    # 32 x 32 for AMX): M = 8, 17, 33, 64 leave 2, 5, 3, 4 rows past the last 6-row tile.
+    # At K = 2081, N = 129 spans two L2 blocks of B rows, so two threads share the work.
+    for M in (0, 1, 3, 5, 8, 17, 33, 64):
         for N in (1, 5, 17, 64, 129):
             CA, CB = random_int8(M, K, seed=M * K + N, low=-128), random_int8(N, K, seed=N)
             assert torch.equal(cpu.int8_gemm(CA, CB, kernel), reference.int8_matmul(CA, CB)), (M, K, N)
@@ -198,9 +201,9 @@ def test_dispatch_choice_for_this_machine():
     decode, prefill_small_k, prefill_large_k = cpu.chosen_kernel(1, 4096), cpu.chosen_kernel(512, 576), cpu.chosen_kernel(32, 4096)
     if "amx" in kernels:  # Sapphire Rapids and later: tiles once there are rows to fill them
         assert (decode, prefill_small_k, cpu.chosen_kernel(31, 4096)) == ("avx512_vnni", "amx", "avx512_vnni")
-    elif "avx512_vnni" in kernels:  # Zen 4, Ice Lake: own kernel at small M, oneDNN's at large M
-        assert (decode, cpu.chosen_kernel(15, 576), prefill_small_k) == ("avx512_vnni", "avx512_vnni", "onednn")
-        assert prefill_large_k == "avx512_vnni" and (cpu.chosen_kernel(64, 4096), cpu.chosen_kernel(96, 4096)) == ("avx512_vnni", "onednn")
+    elif "avx512_vnni" in kernels:  # Zen 4, Ice Lake: dot-product tiles at small M, packed panels from 12 rows
+        assert (decode, cpu.chosen_kernel(11, 576), cpu.chosen_kernel(12, 576)) == ("avx512_vnni", "avx512_vnni", "avx512_vnni_panels")
+        assert prefill_small_k == prefill_large_k == "avx512_vnni_panels"
     else:  # AVX2 only (Zen 3): oneDNN's int8 GEMM is a slow generic loop there
         assert {decode, prefill_small_k, prefill_large_k} == {"avx2"}
 

@@ -9,14 +9,15 @@ so a compiled graph's call goes from the dispatcher straight to C++.
 The GEMM kernel is chosen once per process from CPUID (``isa.cpp``), per call by the shape
 (``linear_op.cpp``'s ``choose_gemm``, with the measurements behind it):
 
-===============  ==========================================  ==================================
-kernel           needs                                       used for
-===============  ==========================================  ==================================
-``amx``          AMX-INT8 (Sapphire Rapids and later)        M >= 32, if its self-check passed
-``avx512_vnni``  AVX-512 F/BW/VL + VNNI (Zen 4, Ice Lake+)   M < 16, and M <= 64 when K >= 64 M
-``onednn``       the same (``torch._int_mm``)                larger M on VNNI CPUs without AMX
-``avx2``         AVX2 (Zen 3, Haswell+)                      every M where there is no VNNI
-===============  ==========================================  ==================================
+======================  ==========================================  ===============================
+kernel                  needs                                       used for
+======================  ==========================================  ===============================
+``amx``                 AMX-INT8 (Sapphire Rapids and later)        M >= 32, if its self-check passed
+``avx512_vnni_panels``  AVX-512 F/BW/VL + VNNI (Zen 4, Ice Lake+)   M >= 12 (below AMX's rows)
+``avx512_vnni``         the same                                    M < 12
+``avx2``                AVX2 (Zen 3, Haswell+)                      every M where there is no VNNI
+``onednn``              ``torch._int_mm``                           never chosen; for comparisons
+======================  ==========================================  ===============================
 
 Every kernel is exact int32 arithmetic, bit-identical with ``reference.int8_matmul``.
 
@@ -40,7 +41,7 @@ from int8fx.kernels.cpu import build, torch_path  # noqa: F401  (torch_path: the
 
 log = logging.getLogger("int8fx")
 
-KERNELS = ("amx", "avx512_vnni", "avx2")  # best first
+KERNELS = ("amx", "avx512_vnni_panels", "avx512_vnni", "avx2")  # best first
 
 
 def _cpu_flags() -> frozenset[str]:

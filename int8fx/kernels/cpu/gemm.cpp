@@ -8,7 +8,9 @@
 // threads instead.
 
 #include <algorithm>
+#include <cstdint>
 #include <memory>
+#include <vector>
 
 #include <ATen/Parallel.h>
 
@@ -22,8 +24,6 @@ constexpr int64_t kMinStreamBytes = 64 * 1024;  // few rows of A: the least weig
 constexpr int64_t kStreamingRows = 16;  // below this many rows of A, the weight is streamed once
 constexpr int64_t kRowsPerTask = 64;  // rows of A per task (a multiple of every tile's rows)
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 using Sweep = void (*)(const GemmProblem&, int64_t, int64_t, int64_t, int64_t, const GemmOutput&);
 
 // Blocks of B rows are a multiple of the kernel's tile width, so that only the last one
@@ -32,6 +32,7 @@ int64_t tile_columns(Kernel kernel, int64_t M) {
   switch (kernel) {
     case Kernel::kAmx: return 16;
     case Kernel::kAvx512Vnni: return M == 1 ? 8 : 4;
+    case Kernel::kAvx512VnniPanels: return kPanelColumns;
     case Kernel::kAvx2: break;
   }
   return M == 1 ? 8 : 6;
@@ -39,11 +40,31 @@ int64_t tile_columns(Kernel kernel, int64_t M) {
 
 Sweep sweep_of(Kernel kernel) {
   switch (kernel) {
-    case Kernel::kAvx512Vnni: return sweep_avx512_vnni;
+    case Kernel::kAvx512Vnni:
+    case Kernel::kAvx512VnniPanels: return sweep_avx512_vnni;  // (panels: gemm_by_panels instead)
     case Kernel::kAmx: return sweep_amx;
     case Kernel::kAvx2: break;
   }
   return sweep_avx2;
+}
+
+// The panel kernel (gemm_avx512.cpp): tasks are (a panel of 64 rows of B) x (a chunk of
+// rows of A), numbered panel first, so that a thread's consecutive tasks share a panel and
+// it packs each panel it meets once, into a buffer of its own.
+void gemm_by_panels(const GemmProblem& p, const GemmOutput& out) {
+  constexpr int64_t kRowsPerPanelTask = 48;  // a multiple of the 6-row tile
+  const int64_t panels = ceil_div(p.N, kPanelColumns), m_chunks = ceil_div(p.M, kRowsPerPanelTask);
+  at::parallel_for(0, panels * m_chunks, 1, [&](int64_t first, int64_t last) {
+    std::vector<uint8_t> storage(panel_bytes(p.K) + 63);
+    uint8_t* panel = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t(63));
+    int64_t packed = -1;
+    for (int64_t task = first; task < last; ++task) {
+      const int64_t n0 = task / m_chunks * kPanelColumns, m0 = task % m_chunks * kRowsPerPanelTask;
+      if (n0 != packed) pack_panel_avx512_vnni(p.B, p.N, p.K, n0, panel);
+      packed = n0;
+      sweep_panel_avx512_vnni(p, panel, m0, std::min(p.M, m0 + kRowsPerPanelTask), n0, out);
+    }
+  });
 }
 
 }  // namespace
@@ -55,7 +76,7 @@ void int8_gemm(Kernel kernel, const int8_t* A, const int8_t* B, int64_t M, int64
   // once here, not once per tile.
   std::unique_ptr<int32_t[]> a_row_sums;
   std::unique_ptr<int8_t[]> a_packed;
-  if (kernel == Kernel::kAvx512Vnni) {
+  if (kernel == Kernel::kAvx512Vnni || kernel == Kernel::kAvx512VnniPanels) {
     a_row_sums.reset(new int32_t[M]);
     row_sums_avx512_vnni(A, M, K, a_row_sums.get());
   } else if (kernel == Kernel::kAmx) {
@@ -63,6 +84,10 @@ void int8_gemm(Kernel kernel, const int8_t* A, const int8_t* B, int64_t M, int64
     pack_activation_amx(A, M, K, a_packed.get());
   }
   const GemmProblem problem{A, B, M, N, K, a_row_sums.get(), a_packed.get()};
+  if (kernel == Kernel::kAvx512VnniPanels) {
+    gemm_by_panels(problem, out);
+    return;
+  }
   const Sweep sweep = sweep_of(kernel);
   const int64_t threads = at::get_num_threads();
   int64_t n_blocks, m_chunk;

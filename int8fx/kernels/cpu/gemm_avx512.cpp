@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "kernels.h"
 
@@ -113,6 +114,154 @@ void sweep_avx512_vnni(const GemmProblem& p, int64_t m0, int64_t m1, int64_t n0,
     sweep<1, 8>(p, m0, m1, n0, n1, out);
   } else {
     sweep<4, 4>(p, m0, m1, n0, n1, out);
+  }
+}
+
+// ---------------------------------------------------------------- panels (large M)
+//
+// With many rows of A the dot-product tiles above spend too much on their horizontal
+// reductions (one per output, after only K / 64 steps: 9 at K = 576) and re-read both
+// operands from L1 for every 16 products. The panel kernel is the other classic shape:
+// 64 rows of B are packed as 64 consecutive bytes per group of 4 k (b + 128, unsigned,
+// one lane per row of B), so a vpdpbusd multiplies 4 bytes of a row of A, broadcast, by 16
+// outputs at once, and the 16 int32 lanes of an accumulator are 16 finished outputs of one
+// row: no reduction. A tile is 6 rows of A x 64 outputs (24 accumulators, 4 panel vectors
+// and the broadcast: 29 of the 32 zmm registers). Each thread packs the panel it works on
+// into a buffer of its own (64 x K bytes: 36 KiB at K = 576, 256 KiB at K = 4096, kept in
+// L2) and runs every row of its chunk of A against it, so each panel is packed about once
+// per call, however large M is.
+//
+// K not a multiple of 4: the last group of a row of A is read into zeroed bytes, so the
+// packed padding (b = 0) meets zero activations. Panel rows past N are padding too; their
+// outputs are computed and dropped.
+
+namespace {
+
+constexpr int kPanelRows = 6;                         // rows of A per tile
+constexpr uint32_t kOffsetBytes = 0x80808080u;         // b XOR 0x80 = b + 128 as unsigned, in every byte
+
+inline int32_t group_of(const int8_t* row, int64_t g) {  // bytes 4g..4g+3 of a row
+  int32_t bytes;
+  std::memcpy(&bytes, row + 4 * g, 4);
+  return bytes;
+}
+
+inline int32_t last_group_of(const int8_t* row, int64_t K) {  // the partial group, zero-filled
+  int32_t bytes = 0;
+  std::memcpy(&bytes, row + K / 4 * 4, K % 4);
+  return bytes;
+}
+
+// acc += vpdpbusd(b, a) in place. GCC 12's intrinsic copies the accumulator to a fresh
+// register for every product, which at 24 accumulators spills them to the stack on every
+// step (measured 1.6x slower); the instruction itself accumulates in place.
+__attribute__((always_inline)) inline void dpbusd_into(__m512i& acc, __m512i b, __m512i a) {
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(b), "v"(a));
+}
+
+// One group of 4 k: the 4 panel vectors times the MR rows' broadcast bytes. (The loops are
+// unrolled so that every accumulator is a register of its own.)
+template <int MR>
+__attribute__((always_inline)) inline void panel_step(__m512i (&acc)[MR][4], const uint8_t* b, const int32_t (&a)[MR]) {
+  __m512i bv[4];
+  _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) bv[j] = _mm512_load_si512(b + 64 * j);
+  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
+    const __m512i ai = _mm512_set1_epi32(a[i]);
+    _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) dpbusd_into(acc[i][j], bv[j], ai);
+  }
+}
+
+template <int MR>
+void panel_tile(const GemmProblem& p, const uint8_t* panel, int64_t m, int64_t n0, const GemmOutput& out) {
+  const int64_t K = p.K, full_groups = K / 4;
+  const int8_t* a_rows = p.A + m * K;
+  __m512i acc[MR][4];
+  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
+    _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_si512();
+  const uint8_t* b = panel;
+  for (int64_t g = 0; g < full_groups; ++g, b += kPanelBytesPerGroup) {
+    int32_t a[MR];
+    _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) a[i] = group_of(a_rows + i * K, g);
+    panel_step<MR>(acc, b, a);
+  }
+  if (K % 4) {
+    int32_t a[MR];
+    for (int i = 0; i < MR; ++i) a[i] = last_group_of(a_rows + i * K, K);
+    panel_step<MR>(acc, b, a);
+  }
+  // Every accumulator is stored before the first call to `out`: indexing them across a
+  // call would make the compiler keep them in memory through the loop over K.
+  alignas(64) int32_t values[MR][kPanelColumns];
+  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
+    const __m512i correction = _mm512_set1_epi32(int32_t(uint32_t(p.a_row_sums[m + i]) << 7));  // 128 * sum(a), mod 2^32
+    _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) _mm512_store_si512(values[i] + 16 * j, _mm512_sub_epi32(acc[i][j], correction));
+  }
+  const int count = int(std::min<int64_t>(kPanelColumns, p.N - n0));
+  for (int i = 0; i < MR; ++i) out(m + i, n0, values[i], count);
+}
+
+}  // namespace
+
+namespace {
+
+// Rows r0..r0+15 of B (row r at rows[r]), bytes k0..k0+63 of each: 16 x 16 groups of 4
+// bytes transposed in registers, group g of the 16 rows stored at lanes[(k0 / 4 + g) * 64 + r0].
+void pack_16x16_groups(const int8_t* const* rows, int64_t k0, uint32_t* lanes, int64_t r0) {
+  const __m512i offset = _mm512_set1_epi32(int(kOffsetBytes));
+  __m512i u[4][4];  // u[q][c], 128-bit lane L: group 4L + c of rows 4q..4q+3
+  for (int q = 0; q < 4; ++q) {
+    __m512i r[4];
+    for (int i = 0; i < 4; ++i) r[i] = _mm512_xor_si512(_mm512_loadu_si512(rows[4 * q + i] + k0), offset);
+    const __m512i t0 = _mm512_unpacklo_epi32(r[0], r[1]), t1 = _mm512_unpackhi_epi32(r[0], r[1]);
+    const __m512i t2 = _mm512_unpacklo_epi32(r[2], r[3]), t3 = _mm512_unpackhi_epi32(r[2], r[3]);
+    u[q][0] = _mm512_unpacklo_epi64(t0, t2);
+    u[q][1] = _mm512_unpackhi_epi64(t0, t2);
+    u[q][2] = _mm512_unpacklo_epi64(t1, t3);
+    u[q][3] = _mm512_unpackhi_epi64(t1, t3);
+  }
+  uint32_t* out = lanes + k0 / 4 * kPanelColumns + r0;
+  for (int c = 0; c < 4; ++c) {  // a 4 x 4 transpose of 128-bit lanes: lane L of u[q][c] to lane q of group 4L + c
+    const __m512i x0 = _mm512_shuffle_i32x4(u[0][c], u[1][c], 0x44), x1 = _mm512_shuffle_i32x4(u[0][c], u[1][c], 0xEE);
+    const __m512i x2 = _mm512_shuffle_i32x4(u[2][c], u[3][c], 0x44), x3 = _mm512_shuffle_i32x4(u[2][c], u[3][c], 0xEE);
+    _mm512_store_si512(out + (0 + c) * kPanelColumns, _mm512_shuffle_i32x4(x0, x2, 0x88));
+    _mm512_store_si512(out + (4 + c) * kPanelColumns, _mm512_shuffle_i32x4(x0, x2, 0xDD));
+    _mm512_store_si512(out + (8 + c) * kPanelColumns, _mm512_shuffle_i32x4(x1, x3, 0x88));
+    _mm512_store_si512(out + (12 + c) * kPanelColumns, _mm512_shuffle_i32x4(x1, x3, 0xDD));
+  }
+}
+
+}  // namespace
+
+// Blocks of 16 rows x 64 bytes go through registers; the rest (K's tail past a multiple of
+// 64, a block of fewer than 16 rows at N's edge) one group at a time.
+void pack_panel_avx512_vnni(const int8_t* B, int64_t N, int64_t K, int64_t n0, uint8_t* panel) {
+  const int64_t groups = ceil_div(K, 4), full_groups = K / 4, rows = std::min<int64_t>(kPanelColumns, N - n0);
+  uint32_t* lanes = reinterpret_cast<uint32_t*>(panel);  // lanes[g * 64 + r]: row r, group g
+  const int64_t vector_bytes = rows == kPanelColumns ? K / 64 * 64 : 0;
+  for (int64_t r0 = 0; r0 < rows && vector_bytes > 0; r0 += 16) {
+    const int8_t* block[16];
+    for (int i = 0; i < 16; ++i) block[i] = B + (n0 + r0 + i) * K;
+    for (int64_t k0 = 0; k0 < vector_bytes; k0 += 64) pack_16x16_groups(block, k0, lanes, r0);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int8_t* row = B + (n0 + r) * K;
+    for (int64_t g = vector_bytes / 4; g < full_groups; ++g) lanes[g * kPanelColumns + r] = uint32_t(group_of(row, g)) ^ kOffsetBytes;
+    if (K % 4) lanes[full_groups * kPanelColumns + r] = uint32_t(last_group_of(row, K)) ^ kOffsetBytes;
+  }
+  for (int64_t r = rows; r < kPanelColumns; ++r)
+    for (int64_t g = 0; g < groups; ++g) lanes[g * kPanelColumns + r] = kOffsetBytes;  // b = 0
+}
+
+void sweep_panel_avx512_vnni(const GemmProblem& p, const uint8_t* panel, int64_t m0, int64_t m1, int64_t n0, const GemmOutput& out) {
+  int64_t m = m0;
+  for (; m + kPanelRows <= m1; m += kPanelRows) panel_tile<kPanelRows>(p, panel, m, n0, out);
+  switch (m1 - m) {
+    case 5: panel_tile<5>(p, panel, m, n0, out); break;
+    case 4: panel_tile<4>(p, panel, m, n0, out); break;
+    case 3: panel_tile<3>(p, panel, m, n0, out); break;
+    case 2: panel_tile<2>(p, panel, m, n0, out); break;
+    case 1: panel_tile<1>(p, panel, m, n0, out); break;
+    default: break;
   }
 }
 

@@ -71,7 +71,8 @@ bool can_run(Kernel kernel) {
   const CpuFeatures& f = cpu_features();
   switch (kernel) {
     case Kernel::kAvx2: return f.avx2;
-    case Kernel::kAvx512Vnni: return f.avx512_vnni;
+    case Kernel::kAvx512Vnni:
+    case Kernel::kAvx512VnniPanels: return f.avx512_vnni;
     case Kernel::kAmx: return f.amx_int8;
   }
   return false;
@@ -81,6 +82,7 @@ const char* kernel_name(Kernel kernel) {
   switch (kernel) {
     case Kernel::kAvx2: return "avx2";
     case Kernel::kAvx512Vnni: return "avx512_vnni";
+    case Kernel::kAvx512VnniPanels: return "avx512_vnni_panels";
     case Kernel::kAmx: return "amx";
   }
   return "?";

@@ -27,8 +27,8 @@ enum class Kernel : int {
   kAvx2 = 0,        // vpmaddubsw + vpmaddwd with the sign trick (gemm_avx2.cpp)
   kAvx512Vnni = 1,  // vpdpbusd with an offset weight (gemm_avx512.cpp)
   kAmx = 2,         // AMX-INT8 tiles, large M only (gemm_amx.cpp)
+  kAvx512VnniPanels = 3,  // vpdpbusd on packed panels of B, large M (gemm_avx512.cpp)
 };
-constexpr int kKernelCount = 3;
 const char* kernel_name(Kernel kernel);
 
 // Which kernels this CPU (and its OS) can run, read from CPUID and XGETBV once.
@@ -190,10 +190,22 @@ struct GemmProblem {
   const int8_t* a_packed;
 };
 
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The AVX-512 VNNI panel kernel's packed B: 64 rows of B (a panel), then for each group of
+// 4 bytes of K the 64 rows' 4 bytes each, offset by 128 (gemm_avx512.cpp).
+constexpr int64_t kPanelColumns = 64;
+constexpr int64_t kPanelBytesPerGroup = kPanelColumns * 4;
+inline int64_t panel_bytes(int64_t K) { return ceil_div(K, 4) * kPanelBytesPerGroup; }
+
 // Rows [m0, m1) of A against rows [n0, n1) of B, each kernel's own tiles (one thread).
 void sweep_avx2(const GemmProblem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, const GemmOutput& out);
 void sweep_avx512_vnni(const GemmProblem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, const GemmOutput& out);
 void sweep_amx(const GemmProblem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, const GemmOutput& out);
+// Packs rows [n0, n0 + 64) of B into `panel` (panel_bytes(K), 64-byte aligned), then runs
+// rows [m0, m1) of A against it.
+void pack_panel_avx512_vnni(const int8_t* B, int64_t N, int64_t K, int64_t n0, uint8_t* panel);
+void sweep_panel_avx512_vnni(const GemmProblem& p, const uint8_t* panel, int64_t m0, int64_t m1, int64_t n0, const GemmOutput& out);
 void row_sums_avx512_vnni(const int8_t* A, int64_t M, int64_t K, int32_t* sums);
 int64_t amx_packed_bytes(int64_t M, int64_t K);
 void pack_activation_amx(const int8_t* A, int64_t M, int64_t K, int8_t* packed);

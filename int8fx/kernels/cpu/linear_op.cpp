@@ -38,40 +38,41 @@ namespace {
 // ---------------------------------------------------------------- which GEMM
 
 // The int8 GEMMs a call can use: the kernels of gemm*.cpp, or oneDNN's through at::_int_mm.
-enum class Gemm { kAuto, kAvx2, kAvx512Vnni, kAmx, kOneDnn };
+enum class Gemm { kAuto, kAvx2, kAvx512Vnni, kAvx512VnniPanels, kAmx, kOneDnn };
 
 Gemm parse_gemm(const std::string& name) {
   if (name == "auto") return Gemm::kAuto;
   if (name == "avx2") return Gemm::kAvx2;
   if (name == "avx512_vnni") return Gemm::kAvx512Vnni;
+  if (name == "avx512_vnni_panels") return Gemm::kAvx512VnniPanels;
   if (name == "amx") return Gemm::kAmx;
   if (name == "onednn") return Gemm::kOneDnn;
-  TORCH_CHECK(false, "unknown CPU int8 kernel '", name, "'; expected auto, avx2, avx512_vnni, amx or onednn");
+  TORCH_CHECK(false, "unknown CPU int8 kernel '", name, "'; expected auto, avx2, avx512_vnni, avx512_vnni_panels, amx or onednn");
 }
 
-// The choice for an [M, K] x [K, N] product on this CPU, from measurements
-// (benchmarks/README.md, AMD EPYC Zen 4, 2 threads, int8 GEMM ms, int8fx / oneDNN):
-// * oneDNN's GEMM (at::_int_mm) repacks the whole weight on every call (about 3 ms for
-//   4096 x 4096), then runs near the VNNI peak; int8fx's AVX-512 kernel reads CB as it is.
-//   Its kernel wins below M = 16 everywhere, and up to M = 64 when K is large
-//   (4096 x 4096: 1.5 / 4.0 at M = 32, 3.0 / 5.3 at M = 64, 6.5 / 6.6 at M = 96;
-//   576 x 1536: 0.11 / 0.10 at M = 24);
+// The choice for an [M, K] x [K, N] product on this CPU, from measurements (AMD EPYC Zen 4,
+// 2 threads, ms for the bare int8 GEMM, benchmarks/README.md has the op's):
+// * below 12 rows the dot-product tiles (avx512_vnni), which read CB as it is, win
+//   (4096 x 4096 at M = 8: 0.50 against 0.58 for panels, 3.2 for oneDNN);
+// * from 12 rows the panel kernel, which packs 64 rows of CB at a time, wins or ties
+//   everywhere, oneDNN (at::_int_mm) included: oneDNN repacks the whole weight on every
+//   call (about 3 ms for 4096 x 4096) and returns int32 for a pass of its own
+//   (4096 x 4096: 0.79 / 0.83 / 3.4 at M = 12, 19.9 / 24.8 / 22.4 at M = 512;
+//   576 x 1536 at M = 512: 1.13 / 1.96 / 1.12);
 // * the AMX tiles need rows enough to fill them (16 per tile, two tiles per pass).
 // Without VNNI, oneDNN's int8 GEMM is a slow generic loop: AVX2 machines keep int8fx's.
-Gemm choose_gemm(int64_t M, int64_t K) {
-  constexpr int64_t kAmxMinRows = 32, kVnniMaxRows = 64, kVnniMinKPerRow = 64;
+Gemm choose_gemm(int64_t M, int64_t /*K: no choice depends on it today*/) {
+  constexpr int64_t kAmxMinRows = 32, kPanelMinRows = 12;
   const CpuFeatures& cpu = cpu_features();
   if (cpu.amx_int8 && M >= kAmxMinRows) return Gemm::kAmx;
-  if (cpu.avx512_vnni) {
-    const bool own_kernel = M < 16 || (M <= kVnniMaxRows && M * kVnniMinKPerRow <= K);
-    return own_kernel ? Gemm::kAvx512Vnni : Gemm::kOneDnn;
-  }
+  if (cpu.avx512_vnni) return M < kPanelMinRows ? Gemm::kAvx512Vnni : Gemm::kAvx512VnniPanels;
   return Gemm::kAvx2;
 }
 
 Kernel kernel_of(Gemm gemm) {
   switch (gemm) {
     case Gemm::kAvx512Vnni: return Kernel::kAvx512Vnni;
+    case Gemm::kAvx512VnniPanels: return Kernel::kAvx512VnniPanels;
     case Gemm::kAmx: return Kernel::kAmx;
     default: return Kernel::kAvx2;
   }
@@ -258,7 +259,7 @@ std::string amx_self_check_op() {
 
 std::string kernels_op() {
   std::string names;
-  for (Kernel kernel : {Kernel::kAmx, Kernel::kAvx512Vnni, Kernel::kAvx2}) {
+  for (Kernel kernel : {Kernel::kAmx, Kernel::kAvx512VnniPanels, Kernel::kAvx512Vnni, Kernel::kAvx2}) {
     if (!can_run(kernel)) continue;
     if (!names.empty()) names += ",";
     names += kernel_name(kernel);
