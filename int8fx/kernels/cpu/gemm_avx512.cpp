@@ -29,8 +29,16 @@ namespace {
 constexpr int kStep = 64;  // bytes of K per vector
 
 inline __m512i load(const int8_t* p) { return _mm512_loadu_si512(p); }
+// A full mask is a plain load (the compiler drops it); a partial one zero-fills.
 inline __m512i load_tail(const int8_t* p, __mmask64 mask) { return _mm512_maskz_loadu_epi8(mask, p); }
 inline __mmask64 tail_mask(int64_t bytes) { return (__mmask64(1) << bytes) - 1; }  // bytes < 64
+
+// acc += vpdpbusd(b, a) in place. GCC 12's intrinsic copies the accumulator to a fresh
+// register for every product, which at 24 accumulators spills them to the stack on every
+// step (measured 1.6x slower); the instruction itself accumulates in place.
+__attribute__((always_inline)) inline void dpbusd_into(__m512i& acc, __m512i b, __m512i a) {
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(b), "v"(a));
+}
 
 // Rows m..m+MR of A against rows n..n+NR of B: MR * NR accumulators of 16 int32 lanes
 // (16 of the 32 zmm registers at 4 x 4, plus 4 rows of A, one of B and the offset).
@@ -41,38 +49,34 @@ void tile(const GemmProblem& p, int64_t m, int64_t n, const GemmOutput& out) {
   const int8_t* b_rows = p.B + n * K;
   const __m512i offset = _mm512_set1_epi8(char(0x80));
   __m512i acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_si512();
+  _Pragma("GCC unroll 4") for (int i = 0; i < MR; ++i)
+    _Pragma("GCC unroll 8") for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_si512();
   // One row of A (decode) streams the weight: fetch the next tile's rows of B ahead, the
   // hardware prefetcher does not ramp up on rows only K bytes long.
   const char* next_tile = reinterpret_cast<const char*>(b_rows + NR * K);
+  const auto step = [&](int64_t k, __mmask64 mask) __attribute__((always_inline)) {
+    __m512i a[MR];
+    _Pragma("GCC unroll 4") for (int i = 0; i < MR; ++i) a[i] = load_tail(a_rows + i * K + k, mask);
+    _Pragma("GCC unroll 8") for (int j = 0; j < NR; ++j) {
+      const __m512i b = _mm512_xor_si512(load_tail(b_rows + j * K + k, mask), offset);
+      _Pragma("GCC unroll 4") for (int i = 0; i < MR; ++i) dpbusd_into(acc[i][j], b, a[i]);
+    }
+  };
   int64_t k = 0;
   for (; k + kStep <= K; k += kStep) {
     if (MR == 1) {
       for (int line = 0; line < NR * kStep; line += 64) _mm_prefetch(next_tile + k * NR + line, _MM_HINT_T0);
     }
-    __m512i a[MR];
-    for (int i = 0; i < MR; ++i) a[i] = load(a_rows + i * K + k);
-    for (int j = 0; j < NR; ++j) {
-      const __m512i b = _mm512_xor_si512(load(b_rows + j * K + k), offset);
-      for (int i = 0; i < MR; ++i) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], b, a[i]);
-    }
+    step(k, ~__mmask64(0));
   }
-  if (k < K) {
-    const __mmask64 mask = tail_mask(K - k);
-    __m512i a[MR];
-    for (int i = 0; i < MR; ++i) a[i] = load_tail(a_rows + i * K + k, mask);
-    for (int j = 0; j < NR; ++j) {
-      const __m512i b = _mm512_xor_si512(load_tail(b_rows + j * K + k, mask), offset);
-      for (int i = 0; i < MR; ++i) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], b, a[i]);
-    }
+  if (k < K) step(k, tail_mask(K - k));
+  // Every sum is taken before the first call to `out` (see panel_tile).
+  int32_t sums[MR][NR];
+  _Pragma("GCC unroll 4") for (int i = 0; i < MR; ++i) {
+    const uint32_t correction = uint32_t(p.a_row_sums[m + i]) << 7;  // 128 * sum(a), mod 2^32
+    _Pragma("GCC unroll 8") for (int j = 0; j < NR; ++j) sums[i][j] = int32_t(uint32_t(_mm512_reduce_add_epi32(acc[i][j])) - correction);
   }
-  for (int i = 0; i < MR; ++i) {
-    const int32_t correction = int32_t(uint32_t(p.a_row_sums[m + i]) << 7);  // 128 * sum(a), mod 2^32
-    int32_t sums[NR];
-    for (int j = 0; j < NR; ++j) sums[j] = int32_t(uint32_t(_mm512_reduce_add_epi32(acc[i][j])) - uint32_t(correction));
-    out(m + i, n, sums, NR);
-  }
+  for (int i = 0; i < MR; ++i) out(m + i, n, sums[i], NR);
 }
 
 template <int R, int NR>
@@ -150,13 +154,6 @@ inline int32_t last_group_of(const int8_t* row, int64_t K) {  // the partial gro
   int32_t bytes = 0;
   std::memcpy(&bytes, row + K / 4 * 4, K % 4);
   return bytes;
-}
-
-// acc += vpdpbusd(b, a) in place. GCC 12's intrinsic copies the accumulator to a fresh
-// register for every product, which at 24 accumulators spills them to the stack on every
-// step (measured 1.6x slower); the instruction itself accumulates in place.
-__attribute__((always_inline)) inline void dpbusd_into(__m512i& acc, __m512i b, __m512i a) {
-  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(b), "v"(a));
 }
 
 // One group of 4 k: the 4 panel vectors times the MR rows' broadcast bytes. (The loops are

@@ -51,21 +51,25 @@ Gemm parse_gemm(const std::string& name) {
 }
 
 // The choice for an [M, K] x [K, N] product on this CPU, from measurements (AMD EPYC Zen 4,
-// 2 threads, ms for the bare int8 GEMM, benchmarks/README.md has the op's):
-// * below 12 rows the dot-product tiles (avx512_vnni), which read CB as it is, win
-//   (4096 x 4096 at M = 8: 0.50 against 0.58 for panels, 3.2 for oneDNN);
-// * from 12 rows the panel kernel, which packs 64 rows of CB at a time, wins or ties
-//   everywhere, oneDNN (at::_int_mm) included: oneDNN repacks the whole weight on every
-//   call (about 3 ms for 4096 x 4096) and returns int32 for a pass of its own
-//   (4096 x 4096: 0.79 / 0.83 / 3.4 at M = 12, 19.9 / 24.8 / 22.4 at M = 512;
-//   576 x 1536 at M = 512: 1.13 / 1.96 / 1.12);
+// 2 threads, ms for the bare int8 GEMM; benchmarks/README.md has the whole op's):
+// * the dot-product tiles (avx512_vnni) read CB as it is, and reduce each output once at
+//   the end, which a long K amortizes: they win below 12 rows, and below 32 when K >= 1024
+//   (dot / panels at M = 8, 24: 0.48 / 0.61, 1.22 / 1.22 on 4096 x 4096; 0.025 / 0.036,
+//   0.064 / 0.070 on 1536 x 576; but 0.032 / 0.033, 0.082 / 0.064 on 576 x 1536);
+// * the panel kernel packs 64 rows of CB at a time and wins or ties from there, oneDNN
+//   (at::_int_mm) included: oneDNN repacks the whole weight on every call (about 3 ms for
+//   4096 x 4096) and returns int32 for a pass of its own (panels / dot / oneDNN at M = 512:
+//   19.9 / 24.8 / 22.4 on 4096 x 4096, 1.13 / 1.96 / 1.12 on 576 x 1536);
 // * the AMX tiles need rows enough to fill them (16 per tile, two tiles per pass).
 // Without VNNI, oneDNN's int8 GEMM is a slow generic loop: AVX2 machines keep int8fx's.
-Gemm choose_gemm(int64_t M, int64_t /*K: no choice depends on it today*/) {
-  constexpr int64_t kAmxMinRows = 32, kPanelMinRows = 12;
+Gemm choose_gemm(int64_t M, int64_t K) {
+  constexpr int64_t kAmxMinRows = 32, kPanelMinRows = 12, kPanelMinRowsLongK = 32, kLongK = 1024;
   const CpuFeatures& cpu = cpu_features();
   if (cpu.amx_int8 && M >= kAmxMinRows) return Gemm::kAmx;
-  if (cpu.avx512_vnni) return M < kPanelMinRows ? Gemm::kAvx512Vnni : Gemm::kAvx512VnniPanels;
+  if (cpu.avx512_vnni) {
+    const bool dot_products = M < kPanelMinRows || (K >= kLongK && M < kPanelMinRowsLongK);
+    return dot_products ? Gemm::kAvx512Vnni : Gemm::kAvx512VnniPanels;
+  }
   return Gemm::kAvx2;
 }
 
