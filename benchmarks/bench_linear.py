@@ -347,6 +347,9 @@ def main() -> None:
     gpu = args.device == "cuda"
     if args.threads:
         torch.set_num_threads(args.threads)
+    # Every compiled provider is a new nn.Linear sharing one forward: past dynamo's default
+    # of 8 recompiles (3 shapes x 6 batch sizes is 18), the later ones silently ran eager.
+    torch._dynamo.config.recompile_limit = 1024
     shapes = args.shapes or (SMOKE_SHAPES if args.smoke else GPU_SHAPES if gpu else CPU_SHAPES)
     ms = args.m or (SMOKE_M if args.smoke else GPU_M if gpu else CPU_M)
     reps = args.reps or (1 if args.smoke else 100 if gpu else 10)
