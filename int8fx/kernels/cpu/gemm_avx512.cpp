@@ -168,6 +168,32 @@ __attribute__((always_inline)) inline void panel_step(__m512i (&acc)[MR][4], con
   }
 }
 
+// GemmOutput's dequantization, 16 outputs per step: the same fp32 operations in the same
+// order in every lane, so the same bits. (GemmOutput takes int32 values from memory, 8 at a
+// time; this keeps them in registers. The outlier part computed in the epilogue, only used
+// at small M, still goes through GemmOutput.)
+template <int MR>
+__attribute__((always_inline)) inline void dequantize_panel_rows(const __m512i (&acc)[MR][4], const GemmProblem& p, int64_t m,
+                                                                 int64_t n0, int count, const GemmOutput& out) {
+  const __m512 divisor = _mm512_set1_ps(kInt8MaxSquared);
+  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
+    const __m512i correction = _mm512_set1_epi32(int32_t(uint32_t(p.a_row_sums[m + i]) << 7));
+    const __m512 sa = _mm512_set1_ps(out.SCA[m + i]);
+    float* row = out.out + (m + i) * out.ldc + n0;
+    _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) {
+      const int left = count - 16 * j;
+      if (left <= 0) break;
+      const __mmask16 mask = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+      const __m512 value = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][j], correction));
+      const __m512 scb = _mm512_maskz_loadu_ps(mask, out.SCB + n0 + 16 * j);
+      __m512 y = _mm512_div_ps(_mm512_mul_ps(value, _mm512_mul_ps(sa, scb)), divisor);
+      if (out.add_outliers) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, row + 16 * j));
+      if (out.bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, out.bias + n0 + 16 * j));
+      _mm512_mask_storeu_ps(row + 16 * j, mask, y);
+    }
+  }
+}
+
 template <int MR>
 void panel_tile(const GemmProblem& p, const uint8_t* panel, int64_t m, int64_t n0, const GemmOutput& out) {
   const int64_t K = p.K, full_groups = K / 4;
@@ -186,6 +212,11 @@ void panel_tile(const GemmProblem& p, const uint8_t* panel, int64_t m, int64_t n
     for (int i = 0; i < MR; ++i) a[i] = last_group_of(a_rows + i * K, K);
     panel_step<MR>(acc, b, a);
   }
+  const int count = int(std::min<int64_t>(kPanelColumns, p.N - n0));
+  if (!out.c32 && !out.outliers) {
+    dequantize_panel_rows<MR>(acc, p, m, n0, count, out);
+    return;
+  }
   // Every accumulator is stored before the first call to `out`: indexing them across a
   // call would make the compiler keep them in memory through the loop over K.
   alignas(64) int32_t values[MR][kPanelColumns];
@@ -193,7 +224,6 @@ void panel_tile(const GemmProblem& p, const uint8_t* panel, int64_t m, int64_t n
     const __m512i correction = _mm512_set1_epi32(int32_t(uint32_t(p.a_row_sums[m + i]) << 7));  // 128 * sum(a), mod 2^32
     _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) _mm512_store_si512(values[i] + 16 * j, _mm512_sub_epi32(acc[i][j], correction));
   }
-  const int count = int(std::min<int64_t>(kPanelColumns, p.N - n0));
   for (int i = 0; i < MR; ++i) out(m + i, n0, values[i], count);
 }
 
