@@ -170,8 +170,21 @@ __attribute__((always_inline)) inline void panel_step(__m512i (&acc)[MR][4], con
 
 // GemmOutput's dequantization, 16 outputs per step: the same fp32 operations in the same
 // order in every lane, so the same bits. (GemmOutput takes int32 values from memory, 8 at a
-// time; this keeps them in registers. The outlier part computed in the epilogue, only used
-// at small M, still goes through GemmOutput.)
+// time; this keeps them in registers.) An outlier part computed here reads the outlier
+// columns gathered beforehand, 16 outputs of one column at a time; without them (small M,
+// where the epilogue reads the weight's row just streamed) it goes through GemmOutput.
+// OutlierColumns::sum for outputs n..n+15 of row m, from the gathered columns.
+inline __m512 outlier_sum16(const OutlierColumns& outliers, int64_t m, int64_t n, __mmask16 mask) {
+  const float* x = outliers.X + m * outliers.K;
+  __m512 y = _mm512_setzero_ps();
+  for (int64_t o = 0; o < outliers.count; ++o) {
+    const __m512 w = _mm512_maskz_loadu_ps(mask, outliers.gathered + o * outliers.N + n);
+    const __m512 product = _mm512_mul_ps(_mm512_set1_ps(x[outliers.columns[o]]), w);
+    y = o == 0 ? product : _mm512_add_ps(y, product);
+  }
+  return y;
+}
+
 template <int MR>
 __attribute__((always_inline)) inline void dequantize_panel_rows(const __m512i (&acc)[MR][4], const GemmProblem& p, int64_t m,
                                                                  int64_t n0, int count, const GemmOutput& out) {
@@ -188,6 +201,7 @@ __attribute__((always_inline)) inline void dequantize_panel_rows(const __m512i (
       const __m512 scb = _mm512_maskz_loadu_ps(mask, out.SCB + n0 + 16 * j);
       __m512 y = _mm512_div_ps(_mm512_mul_ps(value, _mm512_mul_ps(sa, scb)), divisor);
       if (out.add_outliers) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, row + 16 * j));
+      if (out.outliers) y = _mm512_add_ps(y, outlier_sum16(*out.outliers, m + i, n0 + 16 * j, mask));
       if (out.bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, out.bias + n0 + 16 * j));
       _mm512_mask_storeu_ps(row + 16 * j, mask, y);
     }
@@ -213,7 +227,7 @@ void panel_tile(const GemmProblem& p, const uint8_t* panel, int64_t m, int64_t n
     panel_step<MR>(acc, b, a);
   }
   const int count = int(std::min<int64_t>(kPanelColumns, p.N - n0));
-  if (!out.c32 && !out.outliers) {
+  if (!out.c32 && (!out.outliers || out.outliers->gathered)) {
     dequantize_panel_rows<MR>(acc, p, m, n0, count, out);
     return;
   }

@@ -78,6 +78,15 @@ struct OutlierColumns {
   const int8_t* CB;
   const float* SCB;
   int64_t N;
+  // Set by gather_outlier_columns' caller: [count, N], scaled(n, o) at [o * N + n], for
+  // kernels that add the outlier part 16 outputs at a time (the VNNI panels).
+  const float* gathered = nullptr;
+
+  // The weight's element for output n and outlier o: W[n, columns[o]], or CB's dequantized.
+  float scaled(int64_t n, int64_t o) const {
+    const float scale = W.data ? 1.0f : SCB[n] / kInt8Max;
+    return raw(n, columns[o]) * scale;
+  }
 
   // W[n, k] for the fp weight, CB[n, k] (not yet scaled) without one.
   float raw(int64_t n, int64_t k) const {
@@ -90,10 +99,9 @@ struct OutlierColumns {
     }
   }
   float sum(int64_t m, int64_t n) const {
-    const float scale = W.data ? 1.0f : SCB[n] / kInt8Max;
     const float* x = X + m * K;
-    float y = x[columns[0]] * (raw(n, columns[0]) * scale);
-    for (int64_t o = 1; o < count; ++o) y = y + x[columns[o]] * (raw(n, columns[o]) * scale);
+    float y = x[columns[0]] * scaled(n, 0);
+    for (int64_t o = 1; o < count; ++o) y = y + x[columns[o]] * scaled(n, o);
     return y;
   }
   // sum() for outputs n..n+3, each lane rounding as sum() does.
@@ -225,5 +233,9 @@ std::vector<int64_t> quantize_activation(const float* X, int64_t M, int64_t K, b
 // out [M, N] = the outlier part of every row and output (OutlierColumns::sum) in a pass of
 // its own, column by column (meant for a handful of columns). (outliers.cpp)
 void outlier_part(const OutlierColumns& outliers, int64_t M, float* out);
+
+// gathered [count, N] = every OutlierColumns::scaled value, one contiguous row per outlier
+// column. (outliers.cpp)
+void gather_outlier_columns(const OutlierColumns& outliers, float* gathered);
 
 }  // namespace int8fx

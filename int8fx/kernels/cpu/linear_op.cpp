@@ -25,6 +25,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <memory>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -141,6 +142,14 @@ bool outliers_in_the_gemm(int64_t M, Gemm gemm) { return M < kFusedOutlierMaxRow
 // tuned: the next thing to measure if outlier-heavy prefill matters.)
 bool outliers_by_blas(int64_t M, int64_t count) { return M >= 16 && count >= 8; }
 
+// The VNNI panels add a handful of outlier columns as they dequantize, 16 outputs at a
+// time, from the columns gathered first ([count, N]: the weight is read once, not once per
+// row of X): no pass of its own over the output (at M = 512 that pass and the re-read
+// cost threshold 6 up to 1.25x threshold 0 with the bench's cold caches).
+bool outliers_in_the_panels(int64_t M, int64_t count, Gemm gemm) {
+  return gemm == Gemm::kAvx512VnniPanels && !outliers_by_blas(M, count);
+}
+
 // out [M, N] = X[:, columns] @ W_cols^T by an fp32 matmul, W_cols from the fp weight or,
 // without one, the dequantized CB columns (CB * (SCB / 127), as reference.dequantize_rows).
 void outlier_part_blas(const at::Tensor& x32, std::vector<int64_t>& columns, const std::optional<at::Tensor>& weight,
@@ -193,10 +202,16 @@ at::Tensor linear_with(Gemm gemm, const at::Tensor& x, const at::Tensor& CB, con
   dequantize.SCA = SCA.data_ptr<float>();
   dequantize.SCB = SCB_c.data_ptr<float>();
   dequantize.bias = bias.has_value() ? bias32.data_ptr<float>() : nullptr;
-  const OutlierColumns outliers{x32.data_ptr<float>(), K, columns.data(), int64_t(columns.size()), fp_weight,
-                                CB_c.data_ptr<int8_t>(), SCB_c.data_ptr<float>(), N};
+  OutlierColumns outliers{x32.data_ptr<float>(), K, columns.data(), int64_t(columns.size()), fp_weight,
+                          CB_c.data_ptr<int8_t>(), SCB_c.data_ptr<float>(), N};
+  std::unique_ptr<float[]> gathered;
   if (columns.empty()) {
     // nothing to add
+  } else if (outliers_in_the_panels(M, outliers.count, gemm)) {
+    gathered.reset(new float[outliers.count * N]);
+    gather_outlier_columns(outliers, gathered.get());
+    outliers.gathered = gathered.get();
+    dequantize.outliers = &outliers;
   } else if (outliers_in_the_gemm(M, gemm)) {
     dequantize.outliers = &outliers;
     dequantize.prefetch_rows_ahead = kOutlierPrefetchRows;

@@ -23,12 +23,7 @@ void outlier_part(const OutlierColumns& outliers, int64_t M, float* out) {
   const float* X = outliers.X;
   // The columns transposed to [count, N], so each outlier adds one contiguous row.
   std::unique_ptr<float[]> columns_t(new float[count * N]);
-  at::parallel_for(0, N, 256, [&](int64_t first, int64_t last) {
-    for (int64_t n = first; n < last; ++n) {
-      const float scale = outliers.W.data ? 1.0f : outliers.SCB[n] / kInt8Max;
-      for (int64_t o = 0; o < count; ++o) columns_t[o * N + n] = outliers.raw(n, columns[o]) * scale;
-    }
-  });
+  gather_outlier_columns(outliers, columns_t.get());
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(N * count, 1));
   at::parallel_for(0, M, grain, [&](int64_t first, int64_t last) {
     for (int64_t m = first; m < last; ++m) {
@@ -41,6 +36,14 @@ void outlier_part(const OutlierColumns& outliers, int64_t M, float* out) {
         for (int64_t n = 0; n < N; ++n) row[n] += x * w[n];
       }
     }
+  });
+}
+
+void gather_outlier_columns(const OutlierColumns& outliers, float* gathered) {
+  const int64_t N = outliers.N, count = outliers.count;
+  at::parallel_for(0, N, 256, [&](int64_t first, int64_t last) {
+    for (int64_t n = first; n < last; ++n)
+      for (int64_t o = 0; o < count; ++o) gathered[o * N + n] = outliers.scaled(n, o);
   });
 }
 
