@@ -21,7 +21,9 @@ CPU cores; Triton compiles about 1-3 s per kernel specialization there):
 | model | 150 | 1.1 B Llama, bf16 vs int8lt | build 10, references 5, 4 providers x 2 graphs of 15-20 s compile 125, timing 10 |
 | loading | 45 | ``from_pretrained`` into int8 (issue 16) | save 1.1 B bf16 shards 10, loads 15, forward + autotuning 15 (30 s ran out) |
 
-(bench: 12 GEMM and 6 GEMV configs at t=0 and t=6; autotune timing is 24 keys x 12 configs x 25 ms;
+(pytest: alongside, on 4 threads, the host CPU's int8 kernel tests, library build 30 + tests 20;
+then 10 of its budget's last 15 s time one 4096x4096 linear on that CPU.
+bench: 12 GEMM and 6 GEMV configs at t=0 and t=6; autotune timing is 24 keys x 12 configs x 25 ms;
 each of the 18 (shape, M) points times 5 providers at about 0.15 s, with CUDA-graph replays.)
 
 Everything goes under ``--out`` ($OUT on the GPU machine; at most 8 files come back from there):
@@ -79,7 +81,7 @@ class Stage:
 STAGES = (
     Stage("env", 10, "GPU, SMs, clocks, versions"),
     Stage("ceilings", 25, "device copy GB/s, bf16 TFLOP/s, int8 TOPS"),
-    Stage("pytest", 100, "pytest -m gpu"),
+    Stage("pytest", 100, "pytest -m gpu; the host CPU's int8 kernels alongside"),
     Stage("bench", 140, "bench_linear, Llama-3-8B shapes"),
     Stage("model", 150, "1.1 B Llama: bf16 vs int8lt, CUDA graphs"),
     Stage("loading", 45, "from_pretrained straight into int8 (issue 16)"),
@@ -311,6 +313,23 @@ def package_version(name: str) -> Optional[str]:
         return None
 
 
+def host_cpu() -> dict:
+    """The GPU machine's own CPU: its int8 kernels are tested and timed in the pytest stage (a GPU
+    host may be the first AMX machine any session gets)."""
+    model, flags = "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name") and model == "unknown":
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+    return {"model": model, "isa": [flag for flag in wanted if flag in flags], "cores": os.cpu_count()}
+
+
 def stage_env(ctx: Context) -> int:
     import torch
     import triton
@@ -323,6 +342,7 @@ def stage_env(ctx: Context) -> int:
         "transformers": package_version("transformers"),
         "numpy": package_version("numpy"),
         "cpu_count": os.cpu_count(),
+        "host_cpu": host_cpu(),
         "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"),
         "dry_run": ctx.dry_run,
     }
@@ -402,12 +422,54 @@ def gpu_test_files() -> list[str]:
     return sorted(str(path.relative_to(ROOT)) for path in (ROOT / "tests").glob("test_*.py") if "mark.gpu" in path.read_text())
 
 
-def stage_pytest(ctx: Context) -> int:
-    """``pytest -m gpu``."""
+CPU_TEST_FILE = "tests/test_cpu_kernels.py"
+CPU_TEST_THREADS = 4  # beside 8 xdist workers compiling Triton kernels on 16 cores
+HOST_BENCH_S = 15  # what the host CPU's timings need, kept free at the end of the stage
+
+
+def junit_counts(path: str) -> tuple[dict, list[str]]:
+    """(tests, failures, errors, skipped) and the failed test ids of a pytest junit file."""
     import xml.etree.ElementTree as ElementTree
 
+    if not os.path.exists(path):
+        return {}, []
+    root = ElementTree.parse(path).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    counts = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
+    failed = [
+        f"{case.get('classname')}::{case.get('name')}"
+        for case in suite.iter("testcase")
+        if case.find("failure") is not None or case.find("error") is not None
+    ]
+    return counts, failed
+
+
+def counts_summary(counts: dict, returncode: Optional[int]) -> str:
+    passed = counts.get("tests", 0) - counts.get("failures", 0) - counts.get("errors", 0) - counts.get("skipped", 0)
+    failed = counts.get("failures", 0) + counts.get("errors", 0)
+    return f"{passed} passed, {failed} failed, {counts.get('skipped', 0)} skipped (exit {returncode})"
+
+
+def start_cpu_kernel_tests(dry_run: bool, junit: str, log_path: str) -> subprocess.Popen:
+    """The CPU library's tests on the GPU machine's own CPU, in the background: each kernel its
+    ISA allows (AMX on an Intel host) against the reference, and the dispatch for that CPU. The
+    dry run keeps to the dispatch tests: the suite runs the whole file anyway."""
+    command = [sys.executable, "-m", "pytest", CPU_TEST_FILE, "-q", "-p", "no:cacheprovider", "--timeout=90", f"--junitxml={junit}"]
+    if dry_run:
+        command += ["-k", "dispatch_choice or cpuid"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(CPU_TEST_THREADS))
+    print("$ " + " ".join(command[1:]) + "   (in the background, output after pytest -m gpu's)")
+    with open(log_path, "w") as log:
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def stage_pytest(ctx: Context) -> int:
+    """``pytest -m gpu``; alongside, the host CPU's kernel tests, then its int8 kernels timed."""
+    start = time.monotonic()
+    deadline = start + next(stage.budget_s for stage in STAGES if stage.name == "pytest") - HOST_BENCH_S
     with tempfile.TemporaryDirectory() as tmp:
-        junit = os.path.join(tmp, "pytest.xml")
+        junit, cpu_junit, cpu_log = (os.path.join(tmp, name) for name in ("pytest.xml", "cpu.xml", "cpu.log"))
+        cpu_tests = start_cpu_kernel_tests(ctx.dry_run, cpu_junit, cpu_log)
         command = [
             sys.executable,
             "-m",
@@ -430,23 +492,70 @@ def stage_pytest(ctx: Context) -> int:
             env.update(TRITON_INTERPRET="1", INT8FX_GPU_TESTS_ON_CPU="1")
         print("$ " + " ".join(command[1:]))
         returncode = subprocess.run(command, cwd=ROOT, env=env).returncode
-        counts, failed = {}, []
-        if os.path.exists(junit):
-            root = ElementTree.parse(junit).getroot()
-            suite = root if root.tag == "testsuite" else root.find("testsuite")
-            counts = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
-            failed = [
-                f"{case.get('classname')}::{case.get('name')}"
-                for case in suite.iter("testcase")
-                if case.find("failure") is not None or case.find("error") is not None
-            ]
-    passed = counts.get("tests", 0) - counts.get("failures", 0) - counts.get("errors", 0) - counts.get("skipped", 0)
-    summary = (
-        f"{passed} passed, {counts.get('failures', 0) + counts.get('errors', 0)} failed, "
-        f"{counts.get('skipped', 0)} skipped (exit {returncode})"
+        counts, failed = junit_counts(junit)
+        ctx.record("pytest", counts_summary(counts, returncode), {"counts": counts, "failed": failed[:40], "returncode": returncode})
+        try:
+            cpu_returncode = cpu_tests.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            cpu_tests.kill()
+            cpu_returncode = None
+        with open(cpu_log) as log:
+            print("---- host CPU kernel tests\n" + "".join(log.readlines()[-15:]))
+        cpu_counts, cpu_failed = junit_counts(cpu_junit)
+    host = {"cpu": host_cpu(), "counts": cpu_counts, "failed": cpu_failed[:40], "returncode": cpu_returncode}
+    host["summary"] = counts_summary(cpu_counts, cpu_returncode) if cpu_returncode is not None else "killed: out of time"
+    summary = counts_summary(counts, returncode) + f"; host CPU kernels: {host['summary']}"
+    ctx.record("pytest", summary, {"counts": counts, "failed": failed[:40], "returncode": returncode, "host": host})
+    host.update(host_cpu_bench(ctx.dry_run))
+    ctx.record("pytest", summary, {"counts": counts, "failed": failed[:40], "returncode": returncode, "host": host})
+    ok = returncode == 0 and cpu_returncode in (0, 5)  # 5: nothing collected (no C++ compiler there)
+    return 0 if ok else 1
+
+
+def host_cpu_bench(dry_run: bool) -> dict:
+    """One 4096x4096 linear on the host CPU, all its threads, ms medians: fp32 and bf16
+    ``F.linear`` (oneDNN/MKL; AMX-BF16 where there is one), each int8 GEMM kernel bare, and the
+    op at thresholds 0 and 6 with the kernel it picks. Nothing where the library does not load."""
+    import torch
+    import torch.nn.functional as F
+
+    from int8fx import reference
+    from int8fx.kernels import cpu
+
+    if not cpu.load():
+        print("host CPU: the int8fx CPU library did not load; no timings")
+        return {"bench": [], "note": "library not loaded"}
+    K = N = 128 if dry_run else 4096
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(N, K, generator=generator) * K**-0.5
+    CB, SCB = reference.quantize_weight(weight)
+    weight_bf16 = weight.bfloat16()
+
+    def providers(M: int) -> dict[str, Callable]:
+        x = torch.randn(M, K, generator=generator).clamp_(-4, 4)
+        x[:, : max(1, K // 1000)] = 10.0  # outlier columns at threshold 6
+        x_bf16, A = x.bfloat16(), torch.randint(-127, 128, (M, K), generator=generator, dtype=torch.int8)
+        found = {"fp32 F.linear": lambda: F.linear(x, weight), "bf16 F.linear": lambda: F.linear(x_bf16, weight_bf16)}
+        for kernel in (*cpu.kernels(), "onednn"):
+            found[f"gemm {kernel}"] = lambda kernel=kernel: cpu.int8_gemm(A, CB, kernel)
+        for threshold in (0.0, 6.0):
+            found[f"int8fx t={threshold:g}"] = lambda t=threshold: cpu.int8_linear_cpu(x, CB, SCB, None, t, None)
+        return found
+
+    rows = []
+    for M in (1, 17) if dry_run else (1, 16, 128, 512):
+        entry = {"M": M, "chosen": cpu.chosen_kernel(M, K)}
+        for name, fn in providers(M).items():
+            entry[name] = round(median_s(fn, "cpu", reps=3 if dry_run else 15) * 1e3, 4)
+        rows.append(entry)
+    header = list(rows[0])
+    table = markdown(header, [[row[key] for key in header] for row in rows])
+    info = (
+        f"{K}x{N} linear, {host_cpu()['model']}, {torch.get_num_threads()} threads, "
+        f"kernels {','.join(cpu.kernels())}, AMX self-check: {cpu.amx_self_check()}"
     )
-    ctx.record("pytest", summary, {"counts": counts, "failed": failed[:40], "returncode": returncode})
-    return 0 if returncode == 0 else 1
+    print(f"host CPU (ms): {info}\n{table}")
+    return {"bench": rows, "bench_info": info, "bench_table": table}
 
 
 # ---------------------------------------------------------------- stage: bench
@@ -935,6 +1044,9 @@ def final_report(state: dict, names: list[str]) -> str:
     model_table = stages.get("model", {}).get("data", {}).get("table")
     if model_table:
         parts.append("\n### Model (bench_gpu_model)\n\n" + model_table)
+    host = stages.get("pytest", {}).get("data", {}).get("host", {})
+    if host.get("bench_table"):
+        parts.append(f"\n### Host CPU (ms): {host['bench_info']}\n\n" + host["bench_table"])
     parts.append("\n### Targets (issue 14)\n\n" + markdown(["target", "measured", "met"], [list(t) for t in targets(state)]))
     stage_rows = []
     for stage in STAGES:

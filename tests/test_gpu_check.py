@@ -106,6 +106,16 @@ def test_dry_run_passes_every_stage(dry_run):
     assert counts["skipped"] <= 5
 
 
+def test_dry_run_tests_and_times_the_host_cpu_kernels(dry_run):
+    out, result = dry_run
+    host = json.loads((out / "results.json").read_text())["stages"]["pytest"]["data"]["host"]
+    assert host["cpu"]["isa"] and host["returncode"] == 0 and host["counts"]["tests"] >= 2
+    for row in host["bench"]:  # every kernel this CPU runs, oneDNN's, the op at both thresholds
+        assert {"gemm onednn", "int8fx t=0", "int8fx t=6", "bf16 F.linear"} <= set(row)
+        assert all(row[key] > 0 for key in row if key not in ("M", "chosen"))
+    assert "### Host CPU (ms)" in result.stdout
+
+
 def test_dry_run_output_comes_back_from_the_device(dry_run):
     out, _ = dry_run
     files = [path for path in out.rglob("*") if path.is_file()]
