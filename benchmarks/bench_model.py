@@ -112,6 +112,13 @@ def int8lt_t6_lm_head(model: nn.Module) -> Callable:
     return torch.compile(copy.deepcopy(model), backend=int8fx.int8lt(skip=(), quantize_tied_heads=True))
 
 
+def int8lt_t6_int8_outliers(model: nn.Module) -> Callable:
+    # bitsandbytes' algorithm: the outlier columns multiply the dequantized int8 weight, which the
+    # GEMM has just streamed, instead of the fp weight, whose scattered columns come from memory
+    # at every decode step.
+    return torch.compile(copy.deepcopy(model), backend=int8fx.int8lt(outlier_weights="int8"))
+
+
 # command-line name -> (name in the table, builder)
 PROVIDERS: dict[str, tuple[str, Callable[[nn.Module], Callable]]] = {
     "fp32-eager": ("fp32 eager", fp32_eager),
@@ -121,6 +128,7 @@ PROVIDERS: dict[str, tuple[str, Callable[[nn.Module], Callable]]] = {
     "torchao-int8": ("torchao int8 dyn", torchao_int8_dynamic),
     "int8lt-t6": ("int8lt t=6", int8lt_t6),
     "int8lt-t6-lm-head": ("int8lt t=6, lm_head in int8 too", int8lt_t6_lm_head),
+    "int8lt-t6-int8-outliers": ("int8lt t=6, outlier_weights=int8", int8lt_t6_int8_outliers),
 }
 
 
