@@ -205,6 +205,18 @@ def test_dtype_moves_keep_the_scales_fp32_and_copies_keep_the_class(checkpoint):
     assert torch.isfinite(logits(model)).all()
 
 
+def test_torch_save_of_the_whole_model_keeps_the_int8_experts(checkpoint, tmp_path):
+    # Int8<Class> is made at run time, so pickle cannot find it by name; it is rebuilt from the
+    # model's own class, which it can.
+    _, path = checkpoint
+    model = load_int8(path)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    experts = experts_of(loaded)["model.layers.0.mlp.experts"]
+    assert type(experts) is type(experts_of(model)["model.layers.0.mlp.experts"]) and experts.gate_up_proj.dtype == torch.int8
+    assert torch.equal(logits(loaded), logits(model))
+
+
 def test_convert_experts_in_memory_equals_loading(checkpoint):
     _, path = checkpoint
     fp32 = load_fp32(path)

@@ -106,6 +106,16 @@ class Int8Experts(nn.Module):
 
         return super()._apply(keep_scales_fp32, recurse)
 
+    def __reduce_ex__(self, protocol):
+        # Int8<Class> is made at run time, so pickle (torch.save of a whole model, deepcopy)
+        # cannot find it by name: it is rebuilt from the model's own class, which it can.
+        return (_new_int8_experts, (self.fp_class,), self.__getstate__())
+
+
+def _new_int8_experts(experts_class: type) -> Int8Experts:
+    """An empty ``Int8<Name>`` for pickle to fill with the saved state."""
+    return object.__new__(_int8_class(experts_class))
+
 
 @functools.lru_cache(maxsize=None)
 def _int8_class(experts_class: type) -> type:
