@@ -89,16 +89,20 @@ def bitsandbytes_t6(model: nn.Module) -> nn.Module:
     return bitsandbytes_swap(model, 6.0)  # swaps on a deep copy
 
 
-def torchao_int8_dynamic(model: nn.Module) -> Callable:
+def torchao_int8_dynamic(model: nn.Module, dtype: torch.dtype = torch.float32) -> Callable:
     try:
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
     except ImportError as error:
         raise ProviderUnavailable(f"torchao is not importable ({error}); install it with scripts/install_torchao.sh") from error
-    model = copy.deepcopy(model)  # quantize_ works in place
+    model = copy.deepcopy(model).to(dtype)  # quantize_ works in place
     # lm_head stays in fp like the other int8 providers (it is also tied to the embedding).
     keep = lambda module, path: isinstance(module, nn.Linear) and not matches_skip(path, SKIP)
     quantize_(model, Int8DynamicActivationInt8WeightConfig(), filter_fn=keep)
     return torch.compile(model)  # torchao's int8 paths are written for inductor
+
+
+def torchao_int8_dynamic_bf16(model: nn.Module) -> Callable:
+    return torchao_int8_dynamic(model, torch.bfloat16)  # the peer of int8lt on a bf16 model
 
 
 def int8lt_t6(model: nn.Module) -> Callable:
@@ -110,6 +114,12 @@ def int8lt_t6_lm_head(model: nn.Module) -> Callable:
     # lookups, so this adds its int8 copy (28 MB) to buy decode speed: in fp32 it is a fifth
     # of the weight bytes read per token.
     return torch.compile(copy.deepcopy(model), backend=int8fx.int8lt(skip=(), quantize_tied_heads=True))
+
+
+def int8lt_t6_bf16(model: nn.Module) -> Callable:
+    # The model in bf16, as a user of a CPU with AVX-512 BF16 or AMX-BF16 would run it: the
+    # int8 linears are the same, everything else (attention above all) runs in bf16.
+    return torch.compile(copy.deepcopy(model).to(torch.bfloat16), backend="int8lt")
 
 
 def int8lt_t6_int8_outliers(model: nn.Module) -> Callable:
@@ -129,6 +139,8 @@ PROVIDERS: dict[str, tuple[str, Callable[[nn.Module], Callable]]] = {
     "int8lt-t6": ("int8lt t=6", int8lt_t6),
     "int8lt-t6-lm-head": ("int8lt t=6, lm_head in int8 too", int8lt_t6_lm_head),
     "int8lt-t6-int8-outliers": ("int8lt t=6, outlier_weights=int8", int8lt_t6_int8_outliers),
+    "torchao-int8-bf16": ("torchao int8 dyn, bf16 model", torchao_int8_dynamic_bf16),
+    "int8lt-t6-bf16": ("int8lt t=6, bf16 model", int8lt_t6_bf16),
 }
 
 
