@@ -171,11 +171,6 @@ __attribute__((always_inline)) inline void panel_step(__m512i (&acc)[MR][4], con
   }
 }
 
-// GemmOutput's dequantization, 16 outputs per step: the same fp32 operations in the same
-// order in every lane, so the same bits. (GemmOutput takes int32 values from memory, 8 at a
-// time; this keeps them in registers.) An outlier part computed here reads the outlier
-// columns gathered beforehand, 16 outputs of one column at a time; without them (small M,
-// where the epilogue reads the weight's row just streamed) it goes through GemmOutput.
 // OutlierColumns::sum for outputs n..n+15 of row m, from the gathered columns.
 inline __m512 outlier_sum16(const OutlierColumns& outliers, int64_t m, int64_t n, __mmask16 mask) {
   const float* x = outliers.X + m * outliers.K;
@@ -188,6 +183,11 @@ inline __m512 outlier_sum16(const OutlierColumns& outliers, int64_t m, int64_t n
   return y;
 }
 
+// GemmOutput's dequantization, 16 outputs per step: the same fp32 operations in the same
+// order in every lane, so the same bits. (GemmOutput takes int32 values from memory, 8 at a
+// time; this keeps them in registers.) An outlier part computed here reads the outlier
+// columns gathered beforehand (linear_op.cpp always gathers them for this kernel), 16
+// outputs of one column at a time. The bare int32 GEMM still goes through GemmOutput.
 template <int MR>
 __attribute__((always_inline)) inline void dequantize_panel_rows(const __m512i (&acc)[MR][4], const GemmProblem& p, int64_t m,
                                                                  int64_t n0, int count, const GemmOutput& out) {
@@ -243,10 +243,6 @@ void panel_tile(const GemmProblem& p, const uint8_t* panel, int64_t m, int64_t n
   }
   for (int i = 0; i < MR; ++i) out(m + i, n0, values[i], count);
 }
-
-}  // namespace
-
-namespace {
 
 // Rows r0..r0+15 of B (row r at rows[r]), bytes k0..k0+63 of each: 16 x 16 groups of 4
 // bytes transposed in registers, group g of the 16 rows stored at lanes[(k0 / 4 + g) * 64 + r0].
