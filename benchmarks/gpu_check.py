@@ -493,7 +493,6 @@ def stage_pytest(ctx: Context) -> int:
         print("$ " + " ".join(command[1:]))
         returncode = subprocess.run(command, cwd=ROOT, env=env).returncode
         counts, failed = junit_counts(junit)
-        ctx.record("pytest", counts_summary(counts, returncode), {"counts": counts, "failed": failed[:40], "returncode": returncode})
         try:
             cpu_returncode = cpu_tests.wait(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
@@ -505,9 +504,10 @@ def stage_pytest(ctx: Context) -> int:
     host = {"cpu": host_cpu(), "counts": cpu_counts, "failed": cpu_failed[:40], "returncode": cpu_returncode}
     host["summary"] = counts_summary(cpu_counts, cpu_returncode) if cpu_returncode is not None else "killed: out of time"
     summary = counts_summary(counts, returncode) + f"; host CPU kernels: {host['summary']}"
-    ctx.record("pytest", summary, {"counts": counts, "failed": failed[:40], "returncode": returncode, "host": host})
+    data = {"counts": counts, "failed": failed[:40], "returncode": returncode, "host": host}
+    ctx.record("pytest", summary, data)  # before the timings: a stage killed during them keeps the tests' results
     host.update(host_cpu_bench(ctx.dry_run))
-    ctx.record("pytest", summary, {"counts": counts, "failed": failed[:40], "returncode": returncode, "host": host})
+    ctx.record("pytest", summary, data)
     ok = returncode == 0 and cpu_returncode in (0, 5)  # 5: nothing collected (no C++ compiler there)
     return 0 if ok else 1
 
