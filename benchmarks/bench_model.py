@@ -129,6 +129,11 @@ def int8lt_t6_int8_outliers(model: nn.Module) -> Callable:
     return torch.compile(copy.deepcopy(model), backend=int8fx.int8lt(outlier_weights="int8"))
 
 
+def int8lt_t6_ungrouped(model: nn.Module) -> Callable:
+    # One int8_linear call per linear, q/k/v and gate/up included: what grouping them buys.
+    return torch.compile(copy.deepcopy(model), backend=int8fx.int8lt(group_siblings=False))
+
+
 # command-line name -> (name in the table, builder)
 PROVIDERS: dict[str, tuple[str, Callable[[nn.Module], Callable]]] = {
     "fp32-eager": ("fp32 eager", fp32_eager),
@@ -139,6 +144,7 @@ PROVIDERS: dict[str, tuple[str, Callable[[nn.Module], Callable]]] = {
     "int8lt-t6": ("int8lt t=6", int8lt_t6),
     "int8lt-t6-lm-head": ("int8lt t=6, lm_head in int8 too", int8lt_t6_lm_head),
     "int8lt-t6-int8-outliers": ("int8lt t=6, outlier_weights=int8", int8lt_t6_int8_outliers),
+    "int8lt-t6-ungrouped": ("int8lt t=6, siblings not grouped", int8lt_t6_ungrouped),
     "torchao-int8-bf16": ("torchao int8 dyn, bf16 model", torchao_int8_dynamic_bf16),
     "int8lt-t6-bf16": ("int8lt t=6, bf16 model", int8lt_t6_bf16),
 }

@@ -59,6 +59,10 @@ class Int8LtConfig:
             scale per row. Outlier columns then use the dequantized int8 columns. The released
             parameters keep their shape; any eager use of them (calling the module, reading
             ``weight``, ``state_dict()``) raises an error naming this option.
+        group_siblings: the int8 linears that read the same input (attention's q/k/v, a gated
+            MLP's gate/up) become one ``int8fx::int8_linear_siblings`` call that quantizes the
+            input once, on CPU, where that call has a kernel of its own. Outputs are bit-identical
+            either way; False keeps one call per linear.
         inner: ``"inductor"`` compiles the rewritten graph with inductor; ``"eager"`` runs it
             as is (for debugging and fast tests).
         mode: inductor's mode for the rewritten graph, as ``torch.compile``'s ``mode``
@@ -77,6 +81,7 @@ class Int8LtConfig:
     quantize_tied_heads: bool = False
     report_outliers: bool = True
     release_weights: bool = False
+    group_siblings: bool = True
     inner: InnerCompiler = "inductor"
     mode: str | None = None
     dump_dir: str | None = field(default=None)
@@ -100,7 +105,7 @@ class Int8LtConfig:
         _check_choice("inner", self.inner, ("inductor", "eager"))
         if self.mode is not None:
             _check_choice("mode", self.mode, INDUCTOR_MODES)
-        for name in ("quantize_routers", "quantize_experts", "quantize_tied_heads", "report_outliers"):
+        for name in ("quantize_routers", "quantize_experts", "quantize_tied_heads", "report_outliers", "group_siblings"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.release_weights, bool):

@@ -4,6 +4,8 @@
 * ``int8fx::int8_linear(x, CB, SCB, bias, threshold, weight) -> y``: the LLM.int8()
   mixed-precision linear. ``weight`` is the optional fp weight ``[N, K]`` used for the
   outlier columns (more accurate than the dequantized int8 columns bitsandbytes uses).
+* ``int8fx::int8_linear_siblings(x, CB[], SCB[], bias[], threshold, weight[]) -> y[]``: the
+  linears of one input (q/k/v), its quantization shared.
 * ``int8fx::int8_grouped_linear(x, CB, SCB, expert_ids, bias, threshold, weight) -> y``: MoE
   experts, ``CB [E, N, K]``: each row of ``x`` through its expert's ``int8_linear``, with the
   outlier columns found among the rows routed to that expert.
@@ -147,6 +149,59 @@ def _int8_linear_autograd(keyset, x, CB, SCB, bias, threshold, weight=None):
 
 
 _LIBRARY.impl("int8_linear", _int8_linear_autograd, "Autograd", with_keyset=True)
+
+
+# ---------------------------------------------------------------- int8_linear_siblings
+#
+# Sibling linears read the same input (attention's q/k/v, a gated MLP's gate/up): one call
+# quantizes it, and finds its outlier columns, once for all of them. The backend groups them
+# (passes.group_siblings) on devices with a kernel of their own for it (the CPU library); on
+# any other device the default below is one int8_linear per sibling. Either way each output
+# is exactly that sibling's int8_linear: the quantized input and outlier columns are the same.
+
+_LIBRARY.define("int8_linear_siblings(Tensor x, Tensor[] CB, Tensor[] SCB, Tensor?[] bias, float threshold, Tensor?[] weight) -> Tensor[]")
+int8_linear_siblings = torch.ops.int8fx.int8_linear_siblings.default
+int8_linear_siblings.__doc__ = """``[int8_linear(x, CB[i], SCB[i], bias[i], threshold, weight[i]) for each i]``, with
+``x`` quantized once. The lists have one entry per sibling (``None`` for a missing bias or
+fp weight), at least one."""
+
+
+def _check_int8_linear_siblings_args(x, CB, SCB, bias, weight, check: Callable = torch._check) -> None:
+    counts = (len(CB), len(SCB), len(bias), len(weight))
+    check(
+        counts[0] >= 1 and len(set(counts)) == 1,
+        lambda: f"int8_linear_siblings needs as many CB, SCB, bias and weight entries, at least one; got {', '.join(map(str, counts))}",
+    )
+    for entries in zip(CB, SCB, bias, weight):
+        _check_int8_linear_args(x, *entries[:3], entries[3], check=check)
+
+
+def _int8_linear_siblings_default(x, CB, SCB, bias, threshold, weight):
+    """Devices without a kernel of their own: one ``int8_linear`` per sibling. On CPU, the first
+    call loads the C++ library (which takes over the CPU key) and hands the call to it."""
+    _check_int8_linear_siblings_args(x, CB, SCB, bias, weight, check=_raise_unless)
+    if x.device.type == "cpu" and cpu_kernels.load():
+        return int8_linear_siblings.redispatch(_CPU_KEYSET, x, CB, SCB, bias, threshold, weight)
+    return [int8_linear(x, *entries[:3], threshold, entries[3]) for entries in zip(CB, SCB, bias, weight)]
+
+
+_LIBRARY.impl("int8_linear_siblings", _int8_linear_siblings_default, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("int8fx::int8_linear_siblings", lib=_LIBRARY)
+def _(x, CB, SCB, bias, threshold, weight):
+    _check_int8_linear_siblings_args(x, CB, SCB, bias, weight)
+    return [x.new_empty((*x.shape[:-1], cb.shape[0])) for cb in CB]
+
+
+def _int8_linear_siblings_autograd(keyset, x, CB, SCB, bias, threshold, weight):
+    if torch.is_grad_enabled() and (x.requires_grad or any(b is not None and b.requires_grad for b in bias)):
+        # Training: one int8_linear per sibling, each with its own gradients.
+        return [int8_linear(x, *entries[:3], threshold, entries[3]) for entries in zip(CB, SCB, bias, weight)]
+    return int8_linear_siblings.redispatch(keyset & torch._C._after_autograd_keyset, x, CB, SCB, bias, threshold, weight)
+
+
+_LIBRARY.impl("int8_linear_siblings", _int8_linear_siblings_autograd, "Autograd", with_keyset=True)
 
 
 # ---------------------------------------------------------------- int8_grouped_linear

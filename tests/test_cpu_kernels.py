@@ -436,6 +436,37 @@ def test_fused_linear_outlier_part(kernel, fp_weight, columns, M):
     assert (reference.int8_linear(x, CB, SCB, bias, 6.0, None if fp_weight else weight) - y_ref).abs().max() > bound.max()
 
 
+# Row counts through every outlier path (in the GEMM, gathered into the panels, the loop,
+# BLAS) and both ways of splitting the GEMM (the weights streamed once, blocks per product).
+@pytest.mark.parametrize("M, columns", [(1, (3,)), (7, (0, 17, 39)), (20, (5,)), (40, tuple(range(0, 40, 2))), (70, ())])
+def test_siblings_equal_their_linears_bit_for_bit(kernel, M, columns):
+    # q/k/v-like siblings of one input: uneven widths (not multiples of any tile or panel),
+    # a bias on some, the fp weight on some. The input is quantized once for all of them:
+    # each output must be exactly its own linear's, whatever the kernel.
+    x, *_ = fused_case(M, 40, 8, columns)
+    siblings = [fused_case(M, 40, n, seed=n)[1:] for n in (70, 24, 9)]
+    CB = [cb for _, _, cb, _ in siblings]
+    SCB = [scb for _, _, _, scb in siblings]
+    bias = [siblings[0][1], None, siblings[2][1]]
+    weight = [siblings[0][0], siblings[1][0], None]
+    got = cpu.int8_linear_siblings_cpu(x, CB, SCB, bias, 6.0, weight, kernel)
+    for y, *linear in zip(got, CB, SCB, bias, weight):
+        cb, scb, b, w = linear
+        assert torch.equal(y, cpu.int8_linear_cpu(x, cb, scb, b, 6.0, w, kernel))
+
+
+@needs_library
+def test_siblings_op_on_the_auto_kernel_and_its_errors():
+    x, weight, bias, CB, SCB = fused_case(5, 48, 20, (2,))
+    got = torch.ops.int8fx.int8_linear_siblings(x, [CB, CB[:7]], [SCB, SCB[:7]], [bias, None], 6.0, [weight, None])
+    assert torch.equal(got[0], torch.ops.int8fx.int8_linear(x, CB, SCB, bias, 6.0, weight))
+    assert torch.equal(got[1], torch.ops.int8fx.int8_linear(x, CB[:7], SCB[:7], None, 6.0, None))
+    with pytest.raises(RuntimeError, match="as many CB, SCB, bias and weight entries"):
+        torch.ops.int8fx.int8_linear_siblings(x, [CB, CB], [SCB], [None, None], 6.0, [None, None])
+    with pytest.raises(RuntimeError, match="SCB must be fp32"):
+        torch.ops.int8fx.int8_linear_siblings(x, [CB, CB], [SCB, SCB[:3]], [None, None], 6.0, [None, None])
+
+
 @needs_library
 @pytest.mark.parametrize("M, columns", [(6, (2, 40)), (20, tuple(range(1, 48, 5)))])  # loop, BLAS
 def test_fused_linear_reads_only_the_outlier_columns_of_the_weight(M, columns):

@@ -530,3 +530,27 @@ def test_int8_vectorwise_quant_is_the_reference_quantization():
     assert CA.shape == x.shape and torch.equal(CA.reshape(expected_CA.shape), expected_CA) and torch.equal(SCA, expected_SCA)
     assert columns.tolist() == mask.nonzero().flatten().tolist() == OUTLIER_COLUMNS
     assert int8_vectorwise_quant(x, 0.0)[2] is None
+
+
+class _TwoHeads(nn.Module):
+    """Two int8 linears of one input, as q/k projections loaded in int8."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = (Linear8bitLt(K, n, has_fp16_weights=False, threshold=6.0) for n in (N, 2 * K))
+
+    def forward(self, x):
+        return self.q(x), self.k(x)
+
+
+def test_int8_modules_of_one_input_are_grouped_when_compiled():
+    # A model loaded in int8 has nothing left to rewrite: the backend still groups its siblings.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _TwoHeads().cpu()  # .cpu() quantizes, as loading does
+    backend = int8fx.int8lt(inner="eager")
+    x = _inputs()
+    with torch.no_grad():
+        out, expected = torch.compile(model, backend=backend, fullgraph=True)(x), model(x)
+    assert "int8fx.int8_linear_siblings(" in backend.reports[0].after
+    assert all(torch.equal(a, b) for a, b in zip(out, expected))

@@ -88,6 +88,34 @@ def test_opcheck_int8_linear(shape):
     torch.library.opcheck(torch.ops.int8fx.int8_linear.default, (x, CB, SCB, None, 0.0, None))
 
 
+def siblings_case(shape=(3, 16), requires_grad=False):
+    x = torch.randn(*shape, requires_grad=requires_grad)
+    x.data[..., 4] = 9.0
+    Ws = [weights(n, shape[-1], seed=n) for n in (8, 5)]
+    CB, SCB = zip(*(torch.ops.int8fx.quantize_weight(W) for W in Ws))
+    bias = [torch.randn(8, requires_grad=requires_grad), None]
+    return x, list(CB), list(SCB), bias, [Ws[0], None]
+
+
+@pytest.mark.parametrize("shape", [(3, 16), (2, 3, 16)])
+def test_opcheck_int8_linear_siblings(shape):
+    x, CB, SCB, bias, weight = siblings_case(shape, requires_grad=True)
+    torch.library.opcheck(torch.ops.int8fx.int8_linear_siblings.default, (x, CB, SCB, bias, 6.0, weight))
+
+
+def test_siblings_gradients_are_their_linears():
+    x, CB, SCB, bias, weight = siblings_case(requires_grad=True)
+    outputs = torch.ops.int8fx.int8_linear_siblings(x, CB, SCB, bias, 6.0, weight)
+    grads = [torch.randn_like(y) for y in outputs]
+    torch.autograd.backward(outputs, grads)
+    x_grad, bias_grad = x.grad, bias[0].grad
+    x.grad = bias[0].grad = None
+    separate = [torch.ops.int8fx.int8_linear(x, *entries[:3], 6.0, entries[3]) for entries in zip(CB, SCB, bias, weight)]
+    torch.autograd.backward(separate, grads)
+    assert torch.equal(x_grad, x.grad) and torch.equal(bias_grad, bias[0].grad)
+    assert all(torch.equal(a, b) for a, b in zip(outputs, separate))
+
+
 def test_opcheck_quantize_weight():
     torch.library.opcheck(torch.ops.int8fx.quantize_weight.default, (weights(5, 7),))
 

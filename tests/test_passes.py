@@ -11,7 +11,7 @@ from torch import nn
 
 import int8fx
 from int8fx.paths import matches_skip, normalize_source_path
-from tests.models import GPT2MLP, MLP, Spellings, TiedLM, TransformerBlock, reference_int8
+from tests.models import GPT2MLP, MLP, Conv1D, Spellings, TiedLM, TransformerBlock, reference_int8
 
 
 def rewrite(model, *inputs, **options):
@@ -42,8 +42,8 @@ return [_unsafe_view]""",
 
     def test_transformer_block_leaves_attention_matmuls_alone(self):
         # Checked through its int8 lines and what must survive, not a pinned 65-line graph
-        # whose views change with every torch release.
-        backend = rewrite(TransformerBlock(), torch.randn(2, 5, 32))
+        # whose views change with every torch release. (Siblings ungrouped: the rewrite alone.)
+        backend = rewrite(TransformerBlock(), torch.randn(2, 5, 32), group_siblings=False)
         lines = backend.reports[0].after.splitlines()
         int8_lines = [line for line in lines if "int8fx.int8_linear(" in line]
         projections = [
@@ -257,3 +257,76 @@ def test_routers_are_quantized_on_request():
     layers = {layer.weight: layer for layer in backend.reports[0].layers}
     assert {name: layer.action for name, layer in layers.items()} == {"gate.weight": "int8", "up": "fp", "down": "fp"}
     assert layers["up"].reason == "MoE experts: quantize_experts=False"
+
+
+# ---------------------------------------------------------------- siblings
+
+
+def siblings_lines(report) -> list[str]:
+    return [line for line in report.after.splitlines() if "int8fx.int8_linear" in line]
+
+
+def test_siblings_of_one_input_are_grouped_and_the_rest_left_alone():
+    backend = rewrite(TransformerBlock(), torch.randn(2, 5, 32))
+    lines = siblings_lines(backend.reports[0])
+    grouped = [line for line in lines if "int8_linear_siblings(" in line]
+    assert len(lines) == 4 and len(grouped) == 2
+    # q/k/v in one call, gate/up in another; each keeps its own CB, SCB and fp weight, in order.
+    for line, names in zip(grouped, (["self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj"], ["mlp_gate_proj", "mlp_up_proj"])):
+        assert f"[{', '.join(f'{n}_weight_cb' for n in names)}], [{', '.join(f'{n}_weight_scb' for n in names)}]" in line
+        assert f"6.0, [{', '.join(f'{n}_weight' for n in names)}])" in line
+    # o_proj and down_proj read inputs of their own.
+    assert sum("self_attn_o_proj_weight_cb" in line or "mlp_down_proj_weight_cb" in line for line in lines if line not in grouped) == 2
+    assert len(backend.reports[0].replaced) == 7  # the report still lists every linear
+
+
+class TwoHeads(nn.Module):
+    """Two GPT-2 Conv1D heads of one input (weights stored [in, out]) and a third of another."""
+
+    def __init__(self, dim=32):
+        super().__init__()
+        self.a, self.b, self.c = Conv1D(48, dim), Conv1D(16, dim), Conv1D(dim, 48)
+
+    def forward(self, x):
+        return self.c(self.a(x)), self.b(x)
+
+
+def test_siblings_with_transposed_weights_computed_after_the_first():
+    # b's weight transpose comes after a's int8 call in the rewritten graph: it moves up.
+    model, x = TwoHeads(), torch.randn(2, 3, 32)
+    x[..., 4] = 20.0
+    backend = rewrite(model, x)
+    lines = siblings_lines(backend.reports[0])
+    assert len(lines) == 2 and "int8_linear_siblings(view, [a_weight_cb, b_weight_cb]" in lines[0]
+    # Its fp weights are the two transposes, both computed before the call.
+    graph = backend.reports[0].after.splitlines()
+    call = graph.index(lines[0])
+    weights = re.search(r"6\.0, \[(.*)\]\)$", lines[0]).group(1).split(", ")
+    definitions = {line.split(" = ")[0]: (i, line.split(" = ")[1]) for i, line in enumerate(graph) if " = " in line}
+    assert [definitions[name][1] for name in weights] == ["aten.t(a_weight)", "aten.t(b_weight)"]
+    assert all(definitions[name][0] < call for name in weights)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("model, shape", [(TransformerBlock, (2, 5, 32)), (TwoHeads, (2, 3, 32))])
+def test_grouped_siblings_give_the_ungrouped_outputs_bit_for_bit(model, shape):
+    torch.manual_seed(0)
+    module, x = model().eval(), torch.randn(*shape)
+    x[..., 3] = 25.0  # an outlier column for the first linears
+    outputs = {}
+    for group in (True, False):
+        torch._dynamo.reset()
+        run = torch.compile(module, backend=int8fx.int8lt(inner="eager", group_siblings=group), fullgraph=True)
+        outputs[group] = run(x)
+    for grouped, ungrouped in zip(*map(torch.utils._pytree.tree_leaves, outputs.values())):
+        assert torch.equal(grouped, ungrouped)
+
+
+def test_outlier_columns_are_recorded_for_every_grouped_linear():
+    model, x = TwoHeads(), torch.randn(2, 3, 32)
+    x[..., 4] = 20.0
+    x[..., 9] = -7.0
+    backend = rewrite(model, x)
+    layers = {layer.module_path: layer for layer in backend.reports[0].layers}
+    assert layers["a"].outliers.columns == layers["b"].outliers.columns == 2
+    assert layers["a"].outliers.max_abs == layers["b"].outliers.max_abs == 20.0

@@ -3,8 +3,9 @@
 1. ``trace.trace_to_aten`` -> ``TracedGraph``;
 2. ``passes.find_linears`` + ``policy.fp_reason`` -> ``LinearPlan`` (which linears become
    int8; every other one is recorded in the report with its reason);
-3. ``passes.rewrite_to_int8`` + ``weights.STORE`` -> ``RewrittenGraph`` (the graph with
-   ``int8fx::int8_linear`` nodes and ``CB``/``SCB`` inputs, and the quantized weights);
+3. ``passes.rewrite_to_int8`` + ``weights.STORE``, then ``passes.group_siblings`` ->
+   ``RewrittenGraph`` (the graph with ``int8fx::int8_linear`` nodes, those of one input
+   grouped, and ``CB``/``SCB`` inputs, and the quantized weights);
 4. the inner compiler (inductor) compiles the rewritten graph;
 5. ``runtime.Int8Runtime`` runs it.
 
@@ -154,14 +155,14 @@ class Int8LtBackend:
         plan = self._plan(traced, report, fp_for_all)
         traced = plan.traced
         report.before = passes.format_graph(traced.gm.graph)
-        if not plan.accepted:
-            self._check_no_released_reads(traced)
-            report.after = report.before
-            self._log_summary(report)
-            return None
-        rewritten = self._rewrite_to_int8(plan, report)
+        rewritten = self._rewrite_to_int8(plan, report) if plan.accepted else None
+        # Siblings group the int8 linears just written and those already in the graph (a model
+        # loaded in int8): a graph of the latter alone is rewritten for its groups.
+        grouped = self.config.group_siblings and passes.group_siblings(traced.gm, traced.fake_mode)
+        if rewritten is None and grouped:
+            rewritten = RewrittenGraph(traced.gm, [], [], [], traced.compile_inputs([]), plan.frame_paths, plan.guarded)
         self._check_no_released_reads(traced)
-        report.after = passes.format_graph(rewritten.gm.graph)
+        report.after = passes.format_graph(traced.gm.graph) if rewritten is not None else report.before
         self._log_summary(report)
         return rewritten
 

@@ -102,14 +102,24 @@ class _Recorder(fx.Interpreter):
 
     # The int8 ops, and where their threshold argument is. For MoE experts the input holds every
     # expert's rows: the columns recorded are those that are outliers for at least one expert.
-    _THRESHOLD_ARGUMENT = {"int8fx.int8_linear.default": 4, "int8fx.int8_grouped_linear.default": 5}
+    # Siblings (one input, several linears) record the same columns for each of their modules.
+    _THRESHOLD_ARGUMENT = {
+        "int8fx.int8_linear.default": 4,
+        "int8fx.int8_grouped_linear.default": 5,
+        "int8fx.int8_linear_siblings.default": 4,
+    }
 
     def run_node(self, node: fx.Node) -> Any:
         position = self._THRESHOLD_ARGUMENT.get(str(node.target)) if node.op == "call_function" else None
         if position is not None:
             args, _ = self.fetch_args_kwargs_from_env(node)
-            key = (node.meta.get("int8fx_module_path", ""), tuple(int(d) for d in args[1].shape[-2:]))  # CB: [(E,) N, K]
-            self._record(key, args[0], float(args[position]))
+            if isinstance(args[1], (list, tuple)):  # siblings: one CB per module
+                modules = zip(node.meta.get("int8fx_module_paths", [""] * len(args[1])), args[1])
+            else:
+                modules = [(node.meta.get("int8fx_module_path", ""), args[1])]
+            for path, CB in modules:
+                key = (path, tuple(int(d) for d in CB.shape[-2:]))  # CB: [(E,) N, K]
+                self._record(key, args[0], float(args[position]))
         return super().run_node(node)
 
     def _record(self, key: tuple[str, tuple[int, int]], x: torch.Tensor, threshold: float) -> None:

@@ -126,5 +126,19 @@ def int8_linear_cpu(
     return torch.ops.int8fx._cpu_int8_linear(x, CB, SCB, bias, threshold, weight, kernel)
 
 
+def int8_linear_siblings_cpu(
+    x: Tensor,
+    CB: list[Tensor],
+    SCB: list[Tensor],
+    bias: list[Optional[Tensor]],
+    threshold: float,
+    weight: list[Optional[Tensor]],
+    kernel: str = "auto",
+) -> list[Tensor]:
+    """``int8fx::int8_linear_siblings``' CPU kernel with its GEMM chosen by name."""
+    _require_library()
+    return torch.ops.int8fx._cpu_int8_linear_siblings(x, CB, SCB, bias, threshold, weight, kernel)
+
+
 def _require_library() -> None:
     torch._check(load(), lambda: "the int8fx CPU kernels are not available on this machine (see the int8fx log)")

@@ -222,6 +222,15 @@ bool amx_self_check();  // the AMX kernel against plain int32 arithmetic (needs 
 // The whole GEMM with `kernel`, shared by torch's threads (gemm.cpp).
 void int8_gemm(Kernel kernel, const int8_t* A, const int8_t* B, int64_t M, int64_t N, int64_t K, const GemmOutput& out);
 
+// One of several products of the same A [M, K]: its own B [N, K] and output.
+struct GemmSegment {
+  const int8_t* B;
+  int64_t N;
+  const GemmOutput* out;
+};
+// Every product A @ B^T of `products` with `kernel`, as one piece of work for the threads.
+void int8_gemm(Kernel kernel, const int8_t* A, int64_t M, int64_t K, const std::vector<GemmSegment>& products);
+
 // ---------------------------------------------------------------- quantization and outliers
 
 // CA int8 [M, K] and SCA fp32 [M] of X fp32 [M, K] (contiguous), bit-exact with

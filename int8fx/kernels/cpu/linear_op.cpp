@@ -1,4 +1,4 @@
-// The CPU kernel of int8fx::int8_linear (schema in int8fx/ops.py), registered with the
+// The CPU kernels of int8fx::int8_linear and int8fx::int8_linear_siblings (schemas in int8fx/ops.py), registered with the
 // dispatcher when int8fx.kernels.cpu.load() loads this library: a compiled graph's call
 // then goes from the dispatcher straight here, with no Python in between (per-call overhead
 // is most of the cost of a small layer at decode). Argument errors match the messages of
@@ -11,6 +11,7 @@
 // Also defined here, for tests and benchmarks (no schema in ops.py: they exist only where
 // this library loads):
 //   int8fx::_cpu_int8_linear(..., str kernel)   the same linear with a chosen GEMM kernel
+//   int8fx::_cpu_int8_linear_siblings(..., str kernel)   int8_linear_siblings likewise
 //   int8fx::_cpu_int8_gemm(A, B, str kernel)    the bare int32 GEMM
 //   int8fx::_cpu_quantize_activation(x, threshold) -> (CA, SCA, outlier columns)
 //   int8fx::_cpu_kernels() -> str                which kernels this CPU runs, best first
@@ -178,65 +179,126 @@ void check_linear_args(const at::Tensor& x, const at::Tensor& CB, const at::Tens
   for (const at::Tensor* t : {&x, &CB, &SCB}) TORCH_CHECK(t->device().is_cpu(), "int8_linear's CPU kernel got a tensor on ", t->device());
 }
 
-at::Tensor linear_with(Gemm gemm, const at::Tensor& x, const at::Tensor& CB, const at::Tensor& SCB,
-                       const std::optional<at::Tensor>& bias, double threshold, const std::optional<at::Tensor>& weight) {
-  check_linear_args(x, CB, SCB, bias, weight);
-  const int64_t N = CB.size(0), K = CB.size(1);
-  // fp32 conversion is exact for fp16/bf16 inputs, as the reference's .float().
-  const at::Tensor x32 = x.reshape({-1, K}).to(at::kFloat).contiguous();
-  const at::Tensor CB_c = CB.contiguous(), SCB_c = SCB.contiguous();
-  at::Tensor bias32;
-  if (bias.has_value()) bias32 = bias->to(at::kFloat).contiguous();
-  const int64_t M = x32.size(0);
-  gemm = resolve(gemm, M, K);
-  at::Tensor out = at::empty({M, N}, x32.options());
-  at::Tensor CA = at::empty({M, K}, x32.options().dtype(at::kChar));
-  at::Tensor SCA = at::empty({M}, x32.options());
-  std::vector<int64_t> columns =
-      quantize_activation(x32.data_ptr<float>(), M, K, threshold > 0, float(threshold), CA.data_ptr<int8_t>(), SCA.data_ptr<float>());
-  at::Tensor weight_alive;
-  const FpWeight fp_weight = fp_weight_view(weight, weight_alive);
-  GemmOutput dequantize;
-  dequantize.out = out.data_ptr<float>();
-  dequantize.ldc = N;
-  dequantize.SCA = SCA.data_ptr<float>();
-  dequantize.SCB = SCB_c.data_ptr<float>();
-  dequantize.bias = bias.has_value() ? bias32.data_ptr<float>() : nullptr;
-  OutlierColumns outliers{x32.data_ptr<float>(), K, columns.data(), int64_t(columns.size()), fp_weight,
-                          CB_c.data_ptr<int8_t>(), SCB_c.data_ptr<float>(), N};
+// One linear of a call: its weights, its output, and what its GEMM output reads (kept
+// alive, at a fixed address, until the GEMM is done).
+struct LinearCall {
+  at::Tensor CB, SCB, bias32, weight_alive, out;
+  OutlierColumns outliers;
   std::unique_ptr<float[]> gathered;
-  if (columns.empty()) {
-    // nothing to add
-  } else if (outliers_in_the_panels(M, outliers.count, gemm)) {
-    gathered.reset(new float[outliers.count * N]);
-    gather_outlier_columns(outliers, gathered.get());
-    outliers.gathered = gathered.get();
-    dequantize.outliers = &outliers;
+  GemmOutput dequantize;
+};
+
+// The activation quantized once for every linear that reads it.
+struct QuantizedInput {
+  at::Tensor x32, CA, SCA;
+  std::vector<int64_t> columns;
+};
+
+// Writes the outlier part where the chosen path wants it: in the output before the GEMM,
+// or set up for the GEMM's tiles to add.
+void prepare_outliers(LinearCall& call, QuantizedInput& input, Gemm gemm, const std::optional<at::Tensor>& weight) {
+  const int64_t M = input.x32.size(0), K = input.x32.size(1), N = call.CB.size(0);
+  const FpWeight fp_weight = fp_weight_view(weight, call.weight_alive);
+  call.outliers = OutlierColumns{input.x32.data_ptr<float>(), K, input.columns.data(), int64_t(input.columns.size()), fp_weight,
+                                 call.CB.data_ptr<int8_t>(), call.SCB.data_ptr<float>(), N};
+  if (input.columns.empty()) return;
+  if (outliers_in_the_panels(M, call.outliers.count, gemm)) {
+    call.gathered.reset(new float[call.outliers.count * N]);
+    gather_outlier_columns(call.outliers, call.gathered.get());
+    call.outliers.gathered = call.gathered.get();
+    call.dequantize.outliers = &call.outliers;
   } else if (outliers_in_the_gemm(M, gemm)) {
-    dequantize.outliers = &outliers;
-    dequantize.prefetch_rows_ahead = kOutlierPrefetchRows;
-  } else if (outliers_by_blas(M, int64_t(columns.size()))) {
-    outlier_part_blas(x32, columns, weight, CB_c, SCB_c, out);
-    dequantize.add_outliers = true;
+    call.dequantize.outliers = &call.outliers;
+    call.dequantize.prefetch_rows_ahead = kOutlierPrefetchRows;
+  } else if (outliers_by_blas(M, call.outliers.count)) {
+    outlier_part_blas(input.x32, input.columns, weight, call.CB, call.SCB, call.out);
+    call.dequantize.add_outliers = true;
   } else {
-    outlier_part(outliers, M, out.data_ptr<float>());
-    dequantize.add_outliers = true;
+    outlier_part(call.outliers, M, call.out.data_ptr<float>());
+    call.dequantize.add_outliers = true;
   }
-  run_gemm(gemm, CA, CB_c, dequantize);
+}
+
+// reference.int8_linear of x with each (CB, SCB, bias, weight) of the lists: x is quantized,
+// and its outlier columns found, once for all of them (sibling linears: q/k/v, gate/up),
+// and their GEMMs run as one (int8_gemm's products). Each output is exactly the one linear's.
+std::vector<at::Tensor> linears_with(Gemm gemm, const at::Tensor& x, at::TensorList CB, at::TensorList SCB,
+                                     const std::vector<std::optional<at::Tensor>>& bias, double threshold,
+                                     const std::vector<std::optional<at::Tensor>>& weight) {
+  const size_t count = CB.size();
+  TORCH_CHECK(count >= 1 && SCB.size() == count && bias.size() == count && weight.size() == count,
+              "int8_linear_siblings needs as many CB, SCB, bias and weight entries, at least one; got ", CB.size(), ", ",
+              SCB.size(), ", ", bias.size(), ", ", weight.size());
+  for (size_t i = 0; i < count; ++i) check_linear_args(x, CB[i], SCB[i], bias[i], weight[i]);
+  const int64_t K = CB[0].size(1);
+  QuantizedInput input;
+  // fp32 conversion is exact for fp16/bf16 inputs, as the reference's .float().
+  input.x32 = x.reshape({-1, K}).to(at::kFloat).contiguous();
+  const int64_t M = input.x32.size(0);
+  gemm = resolve(gemm, M, K);
+  input.CA = at::empty({M, K}, input.x32.options().dtype(at::kChar));
+  input.SCA = at::empty({M}, input.x32.options());
+  input.columns = quantize_activation(input.x32.data_ptr<float>(), M, K, threshold > 0, float(threshold), input.CA.data_ptr<int8_t>(),
+                                      input.SCA.data_ptr<float>());
+  std::vector<LinearCall> calls(count);  // sized once: the GEMM outputs point into it
+  std::vector<GemmSegment> products;
+  for (size_t i = 0; i < count; ++i) {
+    LinearCall& call = calls[i];
+    call.CB = CB[i].contiguous();
+    call.SCB = SCB[i].contiguous();
+    const int64_t N = call.CB.size(0);
+    call.out = at::empty({M, N}, input.x32.options());
+    if (bias[i].has_value()) call.bias32 = bias[i]->to(at::kFloat).contiguous();
+    call.dequantize.out = call.out.data_ptr<float>();
+    call.dequantize.ldc = N;
+    call.dequantize.SCA = input.SCA.data_ptr<float>();
+    call.dequantize.SCB = call.SCB.data_ptr<float>();
+    call.dequantize.bias = bias[i].has_value() ? call.bias32.data_ptr<float>() : nullptr;
+    prepare_outliers(call, input, gemm, weight[i]);
+    products.push_back(GemmSegment{call.CB.data_ptr<int8_t>(), N, &call.dequantize});
+  }
+  if (gemm == Gemm::kOneDnn) {
+    for (LinearCall& call : calls) run_gemm(gemm, input.CA, call.CB, call.dequantize);
+  } else {
+    int8_gemm(kernel_of(gemm), input.CA.data_ptr<int8_t>(), M, K, products);
+  }
+  std::vector<at::Tensor> outputs;
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
-  return out.to(x.scalar_type()).reshape(shape);
+  for (LinearCall& call : calls) {
+    shape.back() = call.CB.size(0);
+    outputs.push_back(call.out.to(x.scalar_type()).reshape(shape));
+  }
+  return outputs;
+}
+
+template <class List>
+std::vector<std::optional<at::Tensor>> optionals(const List& list) {
+  std::vector<std::optional<at::Tensor>> values;
+  for (size_t i = 0; i < list.size(); ++i) values.push_back(list.get(i));
+  return values;
 }
 
 at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& CB, const at::Tensor& SCB, const std::optional<at::Tensor>& bias,
                            double threshold, const std::optional<at::Tensor>& weight) {
-  return linear_with(Gemm::kAuto, x, CB, SCB, bias, threshold, weight);
+  return linears_with(Gemm::kAuto, x, {CB}, {SCB}, {bias}, threshold, {weight})[0];
 }
 
 at::Tensor int8_linear_with_kernel(const at::Tensor& x, const at::Tensor& CB, const at::Tensor& SCB,
                                    const std::optional<at::Tensor>& bias, double threshold,
                                    const std::optional<at::Tensor>& weight, std::string kernel) {
-  return linear_with(parse_gemm(kernel), x, CB, SCB, bias, threshold, weight);
+  return linears_with(parse_gemm(kernel), x, {CB}, {SCB}, {bias}, threshold, {weight})[0];
+}
+
+std::vector<at::Tensor> int8_linear_siblings_cpu(const at::Tensor& x, at::TensorList CB, at::TensorList SCB,
+                                                 const c10::List<std::optional<at::Tensor>>& bias, double threshold,
+                                                 const c10::List<std::optional<at::Tensor>>& weight) {
+  return linears_with(Gemm::kAuto, x, CB, SCB, optionals(bias), threshold, optionals(weight));
+}
+
+std::vector<at::Tensor> int8_linear_siblings_with_kernel(const at::Tensor& x, at::TensorList CB, at::TensorList SCB,
+                                                         const c10::List<std::optional<at::Tensor>>& bias, double threshold,
+                                                         const c10::List<std::optional<at::Tensor>>& weight, std::string kernel) {
+  return linears_with(parse_gemm(kernel), x, CB, SCB, optionals(bias), threshold, optionals(weight));
 }
 
 at::Tensor int8_gemm_op(const at::Tensor& A, const at::Tensor& B, std::string kernel) {
@@ -291,6 +353,7 @@ std::string kernels_op() {
 
 TORCH_LIBRARY_FRAGMENT(int8fx, m) {
   m.def("_cpu_int8_linear(Tensor x, Tensor CB, Tensor SCB, Tensor? bias, float threshold, Tensor? weight, str kernel) -> Tensor");
+  m.def("_cpu_int8_linear_siblings(Tensor x, Tensor[] CB, Tensor[] SCB, Tensor?[] bias, float threshold, Tensor?[] weight, str kernel) -> Tensor[]");
   m.def("_cpu_int8_gemm(Tensor A, Tensor B, str kernel='auto') -> Tensor");
   m.def("_cpu_quantize_activation(Tensor x, float threshold) -> (Tensor, Tensor, Tensor)");
   // No tensor argument: one kernel for every dispatch key.
@@ -302,6 +365,8 @@ TORCH_LIBRARY_FRAGMENT(int8fx, m) {
 TORCH_LIBRARY_IMPL(int8fx, CPU, m) {
   m.impl("int8_linear", &int8fx::int8_linear_cpu);
   m.impl("_cpu_int8_linear", &int8fx::int8_linear_with_kernel);
+  m.impl("int8_linear_siblings", &int8fx::int8_linear_siblings_cpu);
+  m.impl("_cpu_int8_linear_siblings", &int8fx::int8_linear_siblings_with_kernel);
   m.impl("_cpu_int8_gemm", &int8fx::int8_gemm_op);
   m.impl("_cpu_quantize_activation", &int8fx::quantize_activation_op);
 }
