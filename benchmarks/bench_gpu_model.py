@@ -104,7 +104,7 @@ _CPU_SHIM: Optional[torch.library.Library] = None
 
 
 def route_int8_linear_to_triton_on_cpu() -> None:
-    """Dry runs: CPU calls of ``int8fx::int8_linear`` run the CUDA path's Triton kernels (interpreted
+    """Dry runs: CPU calls of ``int8fx::int8_linear`` (and ``int8_linear_siblings``) run the CUDA path's Triton kernels (interpreted
     under ``TRITON_INTERPRET=1``), so a dry run exercises the code the GPU runs, not the CPU library."""
     global _CPU_SHIM
     from int8fx import ops
@@ -112,7 +112,7 @@ def route_int8_linear_to_triton_on_cpu() -> None:
 
     if _CPU_SHIM is None:
         _CPU_SHIM = torch.library.Library("int8fx", "IMPL")
-        cuda.register(_CPU_SHIM, ops.check_int8_linear_call, dispatch_key="CPU")
+        cuda.register(_CPU_SHIM, ops.check_int8_linear_call, ops.check_int8_linear_siblings_call, dispatch_key="CPU")
 
 
 # ---------------------------------------------------------------- the model

@@ -61,8 +61,8 @@ class Int8LtConfig:
             ``weight``, ``state_dict()``) raises an error naming this option.
         group_siblings: the int8 linears that read the same input (attention's q/k/v, a gated
             MLP's gate/up) become one ``int8fx::int8_linear_siblings`` call that quantizes the
-            input once, on CPU, where that call has a kernel of its own. Outputs are bit-identical
-            either way; False keeps one call per linear.
+            input once (on CPU and CUDA, where that call has kernels of its own). Outputs are
+            bit-identical either way; False keeps one call per linear.
         inner: ``"inductor"`` compiles the rewritten graph with inductor; ``"eager"`` runs it
             as is (for debugging and fast tests).
         mode: inductor's mode for the rewritten graph, as ``torch.compile``'s ``mode``

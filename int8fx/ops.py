@@ -14,7 +14,8 @@ This module holds the contracts: schemas, argument checks, fake kernels, autogra
 the pure-torch default (``reference``, any device). The device kernels live in
 ``kernels/<device>/``:
 
-* CUDA: ``kernels.cuda.int8_linear_triton`` (Triton), which ``kernels.cuda.register`` binds below;
+* CUDA: ``kernels.cuda.int8_linear_triton`` and ``int8_linear_siblings_triton`` (Triton), which
+  ``kernels.cuda.register`` binds below;
 * CPU: a C++ library that registers itself at the CPU key when ``kernels.cpu.load()``
   loads it. The default kernel's first CPU call triggers that load and hands the call
   over; where the library cannot be built, ``kernels.cpu.torch_path`` serves CPU calls.
@@ -109,8 +110,6 @@ _CPU_KEYSET = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
 _LIBRARY.impl("int8_linear", _int8_linear_default, "CompositeExplicitAutograd")
 # What a device kernel checks before it runs (eagerly: real tensors, no symbolic shapes).
 check_int8_linear_call = functools.partial(_check_int8_linear_args, check=_raise_unless)
-# Each device's kernels register themselves: the CUDA one here, the CPU library when it loads.
-cuda_kernels.register(_LIBRARY, check_int8_linear_call)
 
 
 @torch.library.register_fake("int8fx::int8_linear", lib=_LIBRARY)
@@ -123,31 +122,41 @@ class _Int8LinearFunction(torch.autograd.Function):
     """Gradients for the input and the bias only: quantized weights are frozen."""
 
     @staticmethod
-    def forward(ctx, keyset, x, CB, SCB, bias, threshold, weight):
+    def forward(ctx, x, CB, SCB, bias, threshold, weight):
         ctx.save_for_backward(CB, SCB)
         ctx.input_shape = x.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return int8_linear.redispatch(keyset & torch._C._after_autograd_keyset, x, CB, SCB, bias, threshold, weight)
+        return int8_linear(x, CB, SCB, bias, threshold, weight)  # grad is off in here: the device kernel
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         CB, SCB = ctx.saved_tensors
         grad_2d = grad_output.reshape(-1, CB.shape[0])
         grad_x = grad_bias = None
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[0]:
             grad_x = reference.int8_linear_input_grad(grad_2d, CB, SCB).reshape(ctx.input_shape)
-        if ctx.needs_input_grad[4]:
+        if ctx.needs_input_grad[3]:
             grad_bias = grad_2d.sum(dim=0).to(ctx.bias_dtype)
-        return None, grad_x, None, None, grad_bias, None, None
+        return grad_x, None, None, grad_bias, None, None
+
+
+def _needs_grad(x: Tensor, bias) -> bool:
+    biases = bias if isinstance(bias, (list, tuple)) else [bias]
+    return torch.is_grad_enabled() and (x.requires_grad or any(b is not None and b.requires_grad for b in biases))
 
 
 def _int8_linear_autograd(keyset, x, CB, SCB, bias, threshold, weight=None):
-    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
-        return _Int8LinearFunction.apply(keyset, x, CB, SCB, bias, threshold, weight)
+    if _needs_grad(x, bias):
+        return _Int8LinearFunction.apply(x, CB, SCB, bias, threshold, weight)
     # Inference: straight to the device kernel, no autograd.Function bookkeeping.
     return int8_linear.redispatch(keyset & torch._C._after_autograd_keyset, x, CB, SCB, bias, threshold, weight)
 
 
+# The C++ library's autograd kernels (CPU, where a Python one would cost a decode step's small
+# layer a third of its time) take the same no-grad shortcut themselves, and call this op when a
+# gradient is wanted.
+_LIBRARY.define("_int8_linear_with_grad(Tensor x, Tensor CB, Tensor SCB, Tensor? bias, float threshold, Tensor? weight) -> Tensor")
+_LIBRARY.impl("_int8_linear_with_grad", _Int8LinearFunction.apply, "CompositeImplicitAutograd")
 _LIBRARY.impl("int8_linear", _int8_linear_autograd, "Autograd", with_keyset=True)
 
 
@@ -155,8 +164,8 @@ _LIBRARY.impl("int8_linear", _int8_linear_autograd, "Autograd", with_keyset=True
 #
 # Sibling linears read the same input (attention's q/k/v, a gated MLP's gate/up): one call
 # quantizes it, and finds its outlier columns, once for all of them. The backend groups them
-# (passes.group_siblings) on devices with a kernel of their own for it (the CPU library); on
-# any other device the default below is one int8_linear per sibling. Either way each output
+# (passes.group_siblings) on devices with a kernel of their own for it (the CPU library, the
+# Triton path); on any other device the default below is one int8_linear per sibling. Either way each output
 # is exactly that sibling's int8_linear: the quantized input and outlier columns are the same.
 
 _LIBRARY.define("int8_linear_siblings(Tensor x, Tensor[] CB, Tensor[] SCB, Tensor?[] bias, float threshold, Tensor?[] weight) -> Tensor[]")
@@ -195,13 +204,16 @@ def _(x, CB, SCB, bias, threshold, weight):
 
 
 def _int8_linear_siblings_autograd(keyset, x, CB, SCB, bias, threshold, weight):
-    if torch.is_grad_enabled() and (x.requires_grad or any(b is not None and b.requires_grad for b in bias)):
+    if _needs_grad(x, bias):
         # Training: one int8_linear per sibling, each with its own gradients.
         return [int8_linear(x, *entries[:3], threshold, entries[3]) for entries in zip(CB, SCB, bias, weight)]
     return int8_linear_siblings.redispatch(keyset & torch._C._after_autograd_keyset, x, CB, SCB, bias, threshold, weight)
 
 
 _LIBRARY.impl("int8_linear_siblings", _int8_linear_siblings_autograd, "Autograd", with_keyset=True)
+check_int8_linear_siblings_call = functools.partial(_check_int8_linear_siblings_args, check=_raise_unless)
+# Each device's kernels register themselves: the CUDA ones here, the CPU library when it loads.
+cuda_kernels.register(_LIBRARY, check_int8_linear_call, check_int8_linear_siblings_call)
 
 
 # ---------------------------------------------------------------- int8_grouped_linear

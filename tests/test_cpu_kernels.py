@@ -222,6 +222,15 @@ def test_op_calls_the_registered_cpp_kernel(monkeypatch):
 
 
 @needs_library
+@pytest.mark.parametrize("op", ["int8_linear", "int8_linear_siblings"])
+def test_cpu_autograd_kernel_is_the_library_s(op):
+    # The Python autograd kernel costs a decode call about a third of its time: CPU calls must
+    # take the library's (gradients through it: test_ops' autograd tests).
+    dump = torch._C._dispatch_dump(f"int8fx::{op}")
+    assert any(line.startswith("AutogradCPU: registered at") and "linear_op.cpp" in line for line in dump.splitlines()), dump
+
+
+@needs_library
 def test_unavailable_kernel_is_a_clear_error():
     missing = [name for name in cpu.KERNELS if name not in cpu.kernels()]
     if not missing:

@@ -336,6 +336,19 @@ def test_int8_linear_dispatch(leading):
     assert_within_bound(y.reshape(-1, N), x2d, CB, SCB, bias, THRESHOLD, weight)
 
 
+def test_siblings_equal_their_linears_bit_for_bit():
+    # q/k/v-like siblings: one quantization of x serves every GEMM, so each output is exactly
+    # its own linear's (a wrong pairing of CB, SCB, bias and weight would not be).
+    x, CB, SCB, bias, weight = linear_inputs(20, 96, 72, torch.bfloat16, True, "fp")
+    _, CB2, SCB2, _, weight2 = linear_inputs(20, 96, 40, torch.bfloat16, False, "fp")
+    siblings = ([CB, CB2], [SCB, SCB2], [bias, None], [weight, weight2])
+    outputs = cuda_linear.linears(x.reshape(2, 10, 96), *siblings[:3], THRESHOLD, siblings[3])
+    assert [tuple(y.shape) for y in outputs] == [(2, 10, 72), (2, 10, 40)]
+    for y, *linear in zip(outputs, *siblings):
+        cb, scb, b, w = linear
+        assert torch.equal(y.reshape(20, -1), cuda_linear.linear(x, cb, scb, b, THRESHOLD, w))
+
+
 @pytest.mark.parametrize("threshold", [0.0, THRESHOLD])
 @pytest.mark.parametrize("M", [3, 20], ids=["small-M kernel", "quantize + GEMM"])
 def test_nan_row_stays_nan(M, threshold):

@@ -202,4 +202,5 @@ def test_each_device_has_its_kernel_registered():
     # CUDA: kernels.cuda.register binds the Triton path (checked here without a GPU); CPU: the
     # pure-torch default until the C++ library takes the CPU key.
     assert torch._C._dispatch_has_kernel_for_dispatch_key("int8fx::int8_linear", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("int8fx::int8_linear_siblings", "CUDA")
     assert torch._C._dispatch_has_kernel_for_dispatch_key("int8fx::int8_linear", "CompositeExplicitAutograd")

@@ -1,7 +1,8 @@
-// The CPU kernels of int8fx::int8_linear and int8fx::int8_linear_siblings (schemas in int8fx/ops.py), registered with the
-// dispatcher when int8fx.kernels.cpu.load() loads this library: a compiled graph's call
-// then goes from the dispatcher straight here, with no Python in between (per-call overhead
-// is most of the cost of a small layer at decode). Argument errors match the messages of
+// The CPU kernels of int8fx::int8_linear and int8fx::int8_linear_siblings (schemas in
+// int8fx/ops.py), and their CPU autograd kernels, registered with the dispatcher when
+// int8fx.kernels.cpu.load() loads this library: a compiled graph's call then goes from the
+// dispatcher straight here, with no Python in between (per-call overhead is most of the cost
+// of a small layer at decode). Argument errors match the messages of
 // ops._check_int8_linear_args.
 //
 // reference.int8_linear in three steps for an fp32 copy of X: quantize the rows, write the
@@ -19,6 +20,8 @@
 //   int8fx::_cpu_amx_self_check() -> str         "no AMX", "passed" or "failed"
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/ops/_int_mm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
@@ -301,6 +304,56 @@ std::vector<at::Tensor> int8_linear_siblings_with_kernel(const at::Tensor& x, at
   return linears_with(parse_gemm(kernel), x, CB, SCB, optionals(bias), threshold, optionals(weight));
 }
 
+// ---------------------------------------------------------------- autograd
+//
+// The ops' autograd kernels for CPU tensors. Without a gradient to track (inference, the
+// compiled decode step) they hand the call straight to the kernel below; ops.py's Python
+// autograd kernel does the same, at about 2.5 us per call (6 us for siblings), a third of a
+// small layer's time at decode. With one, they call int8fx::_int8_linear_with_grad (ops.py:
+// the autograd.Function), once per sibling.
+
+using LinearSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double,
+                                   const std::optional<at::Tensor>&);
+using SiblingsSignature = std::vector<at::Tensor>(const at::Tensor&, at::TensorList, at::TensorList,
+                                                  const c10::List<std::optional<at::Tensor>>&, double,
+                                                  const c10::List<std::optional<at::Tensor>>&);
+
+c10::TypedOperatorHandle<LinearSignature> linear_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<LinearSignature>();
+}
+
+bool needs_grad(const at::Tensor& x, const std::vector<std::optional<at::Tensor>>& bias) {
+  if (!at::GradMode::is_enabled()) return false;
+  if (x.requires_grad()) return true;
+  for (const auto& b : bias)
+    if (b.has_value() && b->requires_grad()) return true;
+  return false;
+}
+
+at::Tensor int8_linear_autograd(c10::DispatchKeySet keys, const at::Tensor& x, const at::Tensor& CB, const at::Tensor& SCB,
+                                const std::optional<at::Tensor>& bias, double threshold, const std::optional<at::Tensor>& weight) {
+  if (needs_grad(x, {bias})) {
+    static const auto with_grad = linear_op("int8fx::_int8_linear_with_grad");
+    return with_grad.call(x, CB, SCB, bias, threshold, weight);
+  }
+  static const auto op = linear_op("int8fx::int8_linear");
+  return op.redispatch(keys & c10::after_autograd_keyset, x, CB, SCB, bias, threshold, weight);
+}
+
+std::vector<at::Tensor> int8_linear_siblings_autograd(c10::DispatchKeySet keys, const at::Tensor& x, at::TensorList CB,
+                                                      at::TensorList SCB, const c10::List<std::optional<at::Tensor>>& bias,
+                                                      double threshold, const c10::List<std::optional<at::Tensor>>& weight) {
+  if (needs_grad(x, optionals(bias))) {  // one int8_linear per sibling, each with its gradients
+    static const auto with_grad = linear_op("int8fx::_int8_linear_with_grad");
+    std::vector<at::Tensor> outputs;
+    for (size_t i = 0; i < CB.size(); ++i) outputs.push_back(with_grad.call(x, CB[i], SCB[i], bias.get(i), threshold, weight.get(i)));
+    return outputs;
+  }
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("int8fx::int8_linear_siblings", "").typed<SiblingsSignature>();
+  return op.redispatch(keys & c10::after_autograd_keyset, x, CB, SCB, bias, threshold, weight);
+}
+
 at::Tensor int8_gemm_op(const at::Tensor& A, const at::Tensor& B, std::string kernel) {
   TORCH_CHECK(A.scalar_type() == at::kChar && B.scalar_type() == at::kChar, "int8 inputs expected, got ", A.scalar_type(), " and ", B.scalar_type());
   TORCH_CHECK(A.dim() == 2 && B.dim() == 2 && A.size(1) == B.size(1), "shapes ", A.sizes(), " and ", B.sizes(), " do not chain");
@@ -360,6 +413,11 @@ TORCH_LIBRARY_FRAGMENT(int8fx, m) {
   m.def("_cpu_kernels() -> str", &int8fx::kernels_op);
   m.def("_cpu_chosen_kernel(int M, int K) -> str", &int8fx::chosen_kernel_op);
   m.def("_cpu_amx_self_check() -> str", &int8fx::amx_self_check_op);
+}
+
+TORCH_LIBRARY_IMPL(int8fx, AutogradCPU, m) {
+  m.impl("int8_linear", &int8fx::int8_linear_autograd);
+  m.impl("int8_linear_siblings", &int8fx::int8_linear_siblings_autograd);
 }
 
 TORCH_LIBRARY_IMPL(int8fx, CPU, m) {

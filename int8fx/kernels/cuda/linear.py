@@ -8,12 +8,13 @@ M = 64, its K loop bound by latency rather than by the weight's bytes. ``bench_l
 ``int8fx fused gemv`` provider keeps measuring it, for the day a GEMV beats the GEMM path.
 
 Nothing syncs with the host, so the path is safe under CUDA graphs. Called by the "cuda"
-kernel of ``int8fx::int8_linear`` (``int8fx/ops.py``), which checks the arguments.
+kernels of ``int8fx::int8_linear`` and ``int8fx::int8_linear_siblings`` (``int8fx/ops.py``),
+which check the arguments.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 from torch import Tensor
 
@@ -29,8 +30,24 @@ def linear(
     weight: Optional[Tensor],
 ) -> Tensor:
     """``x [..., K]`` times ``CB [N, K]`` int8 with row scales ``SCB [N]``; see ``reference.int8_linear``."""
-    N, K = CB.shape
+    return linears(x, [CB], [SCB], [bias], threshold, [weight])[0]
+
+
+def linears(
+    x: Tensor,
+    CB: Sequence[Tensor],
+    SCB: Sequence[Tensor],
+    bias: Sequence[Optional[Tensor]],
+    threshold: float,
+    weight: Sequence[Optional[Tensor]],
+) -> list[Tensor]:
+    """``linear`` for each ``(CB, SCB, bias, weight)``, ``x`` quantized once: the siblings of one
+    input (``int8fx::int8_linear_siblings``) launch one quantization instead of one each."""
+    K = CB[0].shape[1]
     x2d = x.reshape(-1, K)
     CA, SCA, outliers = quantize_activation.quantize_activation(x2d, threshold)
-    out = int8_gemm.int8_gemm(CA, SCA, CB, SCB, bias, x2d, outliers, weight)
-    return out.reshape(*x.shape[:-1], N)
+    outputs = []
+    for cb, scb, b, w in zip(CB, SCB, bias, weight):
+        out = int8_gemm.int8_gemm(CA, SCA, cb, scb, b, x2d, outliers, w)
+        outputs.append(out.reshape(*x.shape[:-1], cb.shape[0]))
+    return outputs
