@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._dynamo.utils import counters
 
 import int8fx
 from int8fx.paths import matches_skip, normalize_source_path
@@ -308,16 +309,20 @@ def test_siblings_with_transposed_weights_computed_after_the_first():
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("dynamic", [False, True])
 @pytest.mark.parametrize("model, shape", [(TransformerBlock, (2, 5, 32)), (TwoHeads, (2, 3, 32))])
-def test_grouped_siblings_give_the_ungrouped_outputs_bit_for_bit(model, shape):
+def test_grouped_siblings_give_the_ungrouped_outputs_bit_for_bit(model, shape, dynamic):
     torch.manual_seed(0)
     module, x = model().eval(), torch.randn(*shape)
     x[..., 3] = 25.0  # an outlier column for the first linears
-    outputs = {}
+    outputs, groups = {}, {}
     for group in (True, False):
         torch._dynamo.reset()
-        run = torch.compile(module, backend=int8fx.int8lt(inner="eager", group_siblings=group), fullgraph=True)
-        outputs[group] = run(x)
+        counters["int8fx"].clear()
+        backend = int8fx.int8lt(inner="eager", group_siblings=group)
+        outputs[group] = torch.compile(module, backend=backend, fullgraph=True, dynamic=dynamic)(x)
+        groups[group] = counters["int8fx"]["sibling_groups"]
+    assert groups == {True: 2 if model is TransformerBlock else 1, False: 0}
     for grouped, ungrouped in zip(*map(torch.utils._pytree.tree_leaves, outputs.values())):
         assert torch.equal(grouped, ungrouped)
 
