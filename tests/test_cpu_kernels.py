@@ -464,6 +464,17 @@ def test_siblings_equal_their_linears_bit_for_bit(kernel, M, columns):
         assert torch.equal(y, cpu.int8_linear_cpu(x, cb, scb, b, 6.0, w, kernel))
 
 
+@pytest.mark.parametrize("M", [0, 1, 20])
+def test_siblings_with_empty_and_one_row_weights(kernel, M):
+    # Products of 0 and 1 rows between others: no block may be lost or shifted.
+    x, *_ = fused_case(M, 40, 8, (2,))
+    CB = [random_int8(n, 40, seed=n) for n in (0, 5, 1, 130)]
+    SCB = [torch.rand(n, generator=torch.Generator().manual_seed(n)) + 0.5 for n in (0, 5, 1, 130)]
+    got = cpu.int8_linear_siblings_cpu(x, CB, SCB, [None] * 4, 6.0, [None] * 4, kernel)
+    for y, cb, scb in zip(got, CB, SCB):
+        assert torch.equal(y, cpu.int8_linear_cpu(x, cb, scb, None, 6.0, None, kernel))
+
+
 @needs_library
 def test_siblings_op_on_the_auto_kernel_and_its_errors():
     x, weight, bias, CB, SCB = fused_case(5, 48, 20, (2,))
