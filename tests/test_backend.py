@@ -25,6 +25,7 @@ from torch._dynamo.utils import counters
 
 import int8fx
 from int8fx import reference
+from int8fx.backend.compiler import Int8LtBackend
 from int8fx.config import Int8LtConfig
 from tests.models import MLP, LlamaConfig, TinyLlama, TransformerBlock, reference_int8
 
@@ -253,6 +254,31 @@ def test_a_failing_rewrite_leaves_the_graph_in_fp_and_compiles(monkeypatch):
     torch.testing.assert_close(run(x), model(x))
     assert "simulated matcher bug" in backend.reports[0].error
     assert counters["int8fx"]["graphs_failed"] == 1
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("stage", ["rewrite", "inner compiler"])
+def test_a_failure_after_the_plan_reports_every_layer_in_fp(monkeypatch, stage):
+    # A failure once the layers were recorded as int8 (the graph rewritten, or the inner compiler
+    # rejecting it): the graph compiles unchanged and the report must not claim a single int8 layer.
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated failure")
+
+    if stage == "rewrite":
+        monkeypatch.setattr(Int8LtBackend, "_check_no_released_reads", staticmethod(broken))
+    else:
+        inner = Int8LtBackend._inner_compile
+        monkeypatch.setattr(
+            Int8LtBackend, "_inner_compile", lambda self, gm, inputs: broken() if "int8_linear" in gm.code else inner(self, gm, inputs)
+        )
+    model = MLP()
+    run, backend = compiled(model)
+    x = torch.randn(2, 32)
+    torch.testing.assert_close(run(x), model(x))
+    report = backend.reports[0]
+    assert "simulated failure" in report.error and counters["int8fx"]["graphs_failed"] == 1
+    assert not report.replaced and len(report.skipped) == 2
+    assert all("its graph was left in floating point" in layer.reason for layer in report.skipped)
 
 
 @torch.no_grad()

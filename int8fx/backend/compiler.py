@@ -9,8 +9,8 @@
 4. the inner compiler (inductor) compiles the rewritten graph;
 5. ``runtime.Int8Runtime`` runs it.
 
-Anything that goes wrong in 1-3 leaves the graph in floating point with a logged reason:
-compilation never fails because of int8fx.
+Anything that goes wrong in 1-4 leaves the graph in floating point with a logged reason (the
+report lists its linears in fp): compilation never fails because of int8fx.
 """
 
 from __future__ import annotations
@@ -126,16 +126,19 @@ class Int8LtBackend:
         except ReleasedWeightError:
             raise  # the graph would read freed weights: no floating-point fallback exists
         except Exception as error:  # never fail the user's compile because of int8fx
-            report.error = f"{type(error).__name__}: {error}"
-            log.warning("int8lt: graph %d left in floating point: %s", report.index, report.error, exc_info=log.isEnabledFor(logging.DEBUG))
-            counters["int8fx"]["graphs_failed"] += 1
+            self._leave_in_fp(report, f"{type(error).__name__}: {error}")
             rewritten = None
         self._dump(report)
         if rewritten is None:
             return self._inner_compile(gm, inputs)
         probe = self._outlier_probe(rewritten.gm, report)  # before inductor sees the graph
         keep_dynamo_input_metadata(gm, rewritten.gm)
-        compiled = self._inner_compile(rewritten.gm, rewritten.example_inputs)
+        try:
+            compiled = self._inner_compile(rewritten.gm, rewritten.example_inputs)
+        except Exception as error:  # the inner compiler rejects the int8 graph: compile the user's
+            self._leave_in_fp(report, f"the inner compiler failed on the int8 graph: {type(error).__name__}: {error}")
+            self._dump(report)
+            return self._inner_compile(gm, inputs)
         shared = SharedGraphSkips(rewritten.frame_paths, self.config.skip, functools.partial(self._record_shared_module, report))
         shared.keep_in_fp(rewritten.example_inputs[index] for index in rewritten.guarded)
         return Int8Runtime(
@@ -248,6 +251,16 @@ class Int8LtBackend:
         return RewrittenGraph(traced.gm, quantized_inputs, weights, release, example_inputs, plan.frame_paths, plan.guarded)
 
     # ---------------------------------------------------------------- helpers
+
+    @staticmethod
+    def _leave_in_fp(report: GraphReport, error: str) -> None:
+        """The whole graph runs in floating point: logged, counted, and every layer the report
+        had as int8 says so, with the reason."""
+        report.error = error
+        for layer in report.replaced:
+            layer.action, layer.reason = "fp", f"its graph was left in floating point: {error}"
+        log.warning("int8lt: graph %d left in floating point: %s", report.index, error, exc_info=log.isEnabledFor(logging.DEBUG))
+        counters["int8fx"]["graphs_failed"] += 1
 
     def _outlier_probe(self, gm: fx.GraphModule, report: GraphReport) -> Optional[OutlierProbe]:
         if not self.config.report_outliers:
