@@ -11,6 +11,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import int8fx
+from int8fx import reference
 from int8fx.paths import matches_skip, normalize_source_path
 from tests.models import GPT2MLP, MLP, Conv1D, Spellings, TiedLM, TransformerBlock, reference_int8
 
@@ -325,6 +326,32 @@ def test_grouped_siblings_give_the_ungrouped_outputs_bit_for_bit(model, shape, d
     assert groups == {True: 2 if model is TransformerBlock else 1, False: 0}
     for grouped, ungrouped in zip(*map(torch.utils._pytree.tree_leaves, outputs.values())):
         assert torch.equal(grouped, ungrouped)
+
+
+class WrittenBetween(nn.Module):
+    """Two linears of one tensor, written in place through a view between them: they read
+    different data, though the graph gives both the same input node."""
+
+    def __init__(self, dim=32):
+        super().__init__()
+        self.a, self.b = nn.Linear(dim, 16), nn.Linear(dim, 24)
+
+    def forward(self, x):
+        h = x + 1
+        first = self.a(h)
+        h[..., 3].mul_(20.0)  # an outlier column for the second linear only
+        return first, self.b(h)
+
+
+@torch.no_grad()
+def test_siblings_with_an_in_place_update_between_them_are_not_grouped():
+    model, x = WrittenBetween(), torch.randn(2, 3, 32)
+    backend = rewrite(model, x)
+    lines = siblings_lines(backend.reports[0])
+    assert len(lines) == 2 and not any("int8_linear_siblings(" in line for line in lines), lines
+    expected = reference_int8(model, 6.0)(x)
+    got = torch.compile(model, backend=int8fx.int8lt(inner="eager"), fullgraph=True)(x)
+    assert all(reference.sqnr_db(e, g) > 30 for e, g in zip(expected, got))
 
 
 def test_outlier_columns_are_recorded_for_every_grouped_linear():

@@ -10,7 +10,8 @@ input and the outlier columns are the same for every linear of one input.
 
 Siblings are ``int8_linear`` nodes whose input is the same tensor: the same node, or views of
 the same node to the same shape (ATen's ``linear`` flattens its input with a ``view`` of its
-own for each call), with the same threshold.
+own for each call), with the same threshold, and nothing written in place to what they read
+between them.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ def _fuse(graph: fx.Graph, nodes: list[fx.Node], fake_mode) -> bool:
     order = {node: i for i, node in enumerate(graph.nodes)}
     members = [first]
     for node in nodes[1:]:
+        if _input_written_between(first, node):
+            break  # this sibling, and any later one, reads other data than the first
         if all(_movable_before(arg, first, order) for arg in _operands(node)[1:]):
             for arg in _operands(node)[1:]:
                 if isinstance(arg, fx.Node) and order[arg] > order[first]:
@@ -108,6 +111,46 @@ def _fuse(graph: fx.Graph, nodes: list[fx.Node], fake_mode) -> bool:
     for node in members:
         graph.erase_node(node)
     return True
+
+
+def _input_written_between(first: fx.Node, later: fx.Node) -> bool:
+    """Whether an op between the two siblings writes in place to what the later one reads (their
+    input, its weights) or to a view of it (``h[..., 3].mul_(2)`` between ``q_proj(h)`` and
+    ``k_proj(h)``): called before the first, the later one would read other data."""
+    roots = {_alias_root(node) for node in (_operands(first)[0], *_operands(later)) if isinstance(node, fx.Node)}
+    aliases, frontier = set(roots), list(roots)
+    while frontier:  # the roots and every view of them (select, slice, view...), however deep
+        for user in frontier.pop().users:
+            if _returns_an_alias(user) and user not in aliases:
+                aliases.add(user)
+                frontier.append(user)
+    node = first.next
+    while node is not later:
+        target = node.target
+        if node.op == "call_function" and isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable:
+            for position, argument in enumerate(target._schema.arguments):
+                value = node.args[position] if position < len(node.args) else node.kwargs.get(argument.name)
+                if argument.alias_info is not None and argument.alias_info.is_write and value in aliases:
+                    return True
+        node = node.next
+    return False
+
+
+def _alias_root(node: fx.Node) -> fx.Node:
+    """The tensor ``node`` is a view of (itself if it is none)."""
+    while _returns_an_alias(node) and node.all_input_nodes:
+        node = node.args[0]
+    return node
+
+
+def _returns_an_alias(node: fx.Node) -> bool:
+    """A view op (its schema says its output aliases an input), or ``getitem`` of one."""
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        return _returns_an_alias(node.args[0])
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and any(r.alias_info is not None for r in schema.returns)
 
 
 def _movable_before(arg, first: fx.Node, order: dict) -> bool:
