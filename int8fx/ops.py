@@ -185,13 +185,19 @@ def _check_int8_linear_siblings_args(x, CB, SCB, bias, weight, check: Callable =
         _check_int8_linear_args(x, *entries[:3], entries[3], check=check)
 
 
+def _each_sibling(x, CB, SCB, bias, threshold, weight) -> list[Tensor]:
+    """One ``int8_linear`` per sibling: devices without a siblings kernel, and training (each
+    call then tracks its own gradients)."""
+    return [int8_linear(x, cb, scb, b, threshold, w) for cb, scb, b, w in zip(CB, SCB, bias, weight)]
+
+
 def _int8_linear_siblings_default(x, CB, SCB, bias, threshold, weight):
     """Devices without a kernel of their own: one ``int8_linear`` per sibling. On CPU, the first
     call loads the C++ library (which takes over the CPU key) and hands the call to it."""
     _check_int8_linear_siblings_args(x, CB, SCB, bias, weight, check=_raise_unless)
     if x.device.type == "cpu" and cpu_kernels.load():
         return int8_linear_siblings.redispatch(_CPU_KEYSET, x, CB, SCB, bias, threshold, weight)
-    return [int8_linear(x, *entries[:3], threshold, entries[3]) for entries in zip(CB, SCB, bias, weight)]
+    return _each_sibling(x, CB, SCB, bias, threshold, weight)
 
 
 _LIBRARY.impl("int8_linear_siblings", _int8_linear_siblings_default, "CompositeExplicitAutograd")
@@ -205,8 +211,7 @@ def _(x, CB, SCB, bias, threshold, weight):
 
 def _int8_linear_siblings_autograd(keyset, x, CB, SCB, bias, threshold, weight):
     if _needs_grad(x, bias):
-        # Training: one int8_linear per sibling, each with its own gradients.
-        return [int8_linear(x, *entries[:3], threshold, entries[3]) for entries in zip(CB, SCB, bias, weight)]
+        return _each_sibling(x, CB, SCB, bias, threshold, weight)
     return int8_linear_siblings.redispatch(keyset & torch._C._after_autograd_keyset, x, CB, SCB, bias, threshold, weight)
 
 

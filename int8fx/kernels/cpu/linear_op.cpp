@@ -322,17 +322,20 @@ c10::TypedOperatorHandle<LinearSignature> linear_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<LinearSignature>();
 }
 
-bool needs_grad(const at::Tensor& x, const std::vector<std::optional<at::Tensor>>& bias) {
-  if (!at::GradMode::is_enabled()) return false;
-  if (x.requires_grad()) return true;
-  for (const auto& b : bias)
-    if (b.has_value() && b->requires_grad()) return true;
-  return false;
+// Whether the call must track a gradient (for x or a bias; quantized weights get none).
+bool needs_grad(const at::Tensor& x, const std::optional<at::Tensor>& bias) {
+  return at::GradMode::is_enabled() && (x.requires_grad() || (bias.has_value() && bias->requires_grad()));
+}
+
+bool needs_grad(const at::Tensor& x, const c10::List<std::optional<at::Tensor>>& bias) {
+  for (size_t i = 0; i < bias.size(); ++i)
+    if (needs_grad(x, bias.get(i))) return true;
+  return needs_grad(x, std::nullopt);
 }
 
 at::Tensor int8_linear_autograd(c10::DispatchKeySet keys, const at::Tensor& x, const at::Tensor& CB, const at::Tensor& SCB,
                                 const std::optional<at::Tensor>& bias, double threshold, const std::optional<at::Tensor>& weight) {
-  if (needs_grad(x, {bias})) {
+  if (needs_grad(x, bias)) {
     static const auto with_grad = linear_op("int8fx::_int8_linear_with_grad");
     return with_grad.call(x, CB, SCB, bias, threshold, weight);
   }
@@ -343,7 +346,7 @@ at::Tensor int8_linear_autograd(c10::DispatchKeySet keys, const at::Tensor& x, c
 std::vector<at::Tensor> int8_linear_siblings_autograd(c10::DispatchKeySet keys, const at::Tensor& x, at::TensorList CB,
                                                       at::TensorList SCB, const c10::List<std::optional<at::Tensor>>& bias,
                                                       double threshold, const c10::List<std::optional<at::Tensor>>& weight) {
-  if (needs_grad(x, optionals(bias))) {  // one int8_linear per sibling, each with its gradients
+  if (needs_grad(x, bias)) {  // one int8_linear per sibling, each with its gradients
     static const auto with_grad = linear_op("int8fx::_int8_linear_with_grad");
     std::vector<at::Tensor> outputs;
     for (size_t i = 0; i < CB.size(); ++i) outputs.push_back(with_grad.call(x, CB[i], SCB[i], bias.get(i), threshold, weight.get(i)));
