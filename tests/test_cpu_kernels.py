@@ -11,6 +11,7 @@ cache builds the library (about 30 s).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import subprocess
@@ -30,6 +31,8 @@ KERNEL_FLAGS = {
     "avx512_vnni_panels": {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"},
     "amx": {"amx_tile", "amx_int8"},
 }
+# The level of cpu.ISA_LEVELS (INT8FX_MAX_CPU_ISA) each kernel belongs to.
+KERNEL_ISA = {"avx2": "avx2", "avx512_vnni": "avx512_vnni", "avx512_vnni_panels": "avx512_vnni", "amx": "amx"}
 
 
 def cpu_model() -> str:
@@ -56,6 +59,8 @@ def kernel(request, library):
     name = request.param
     if name == "onednn" or name in cpu.kernels():
         return name
+    if not cpu.isa_allowed(KERNEL_ISA[name]):
+        pytest.skip(f"the {name} kernel is ruled out by {cpu.MAX_ISA_VARIABLE}={cpu.isa_cap()}")
     if name == "amx" and cpu.amx_self_check() == "failed":
         pytest.skip("this CPU has AMX, but int8fx's AMX kernel failed its self-check, so it is disabled: fix gemm_amx.cpp here")
     pytest.skip(f"the {name} kernel needs {'/'.join(sorted(KERNEL_FLAGS[name]))}; this CPU ({cpu_model()}) lacks it")
@@ -179,6 +184,8 @@ def test_library_builds_wherever_it_can():
     # code change must not pass for a machine without a compiler.
     if not has_compiler_and_avx2():
         pytest.skip("needs a C++ compiler and AVX2")
+    if not cpu.isa_allowed("avx2"):
+        pytest.skip(f"{cpu.MAX_ISA_VARIABLE}=none rules the library out")
     assert cpu.load(), "the CPU library failed to build or load: see the int8fx log"
 
 
@@ -187,8 +194,8 @@ def test_cpuid_agrees_with_the_os_flags():
     flags = cpu._cpu_flags()
     kernels = cpu.kernels()
     assert "avx2" in kernels
-    assert ("avx512_vnni" in kernels) == KERNEL_FLAGS["avx512_vnni"].issubset(flags)
-    if KERNEL_FLAGS["amx"].issubset(flags):
+    assert ("avx512_vnni" in kernels) == (KERNEL_FLAGS["avx512_vnni"].issubset(flags) and cpu.isa_allowed("avx512_vnni"))
+    if KERNEL_FLAGS["amx"].issubset(flags) and cpu.isa_allowed("amx"):
         # Linux lists amx_tile only where it saves the tile state, so the permission request succeeds.
         assert cpu.amx_self_check() in ("passed", "failed")
     else:
@@ -244,7 +251,9 @@ def test_unavailable_kernel_is_a_clear_error():
 
 @pytest.fixture
 def fresh_load(monkeypatch):
-    """Re-run ``load()`` under the test's patches; restore its cached answer afterwards."""
+    """Re-run ``load()`` under the test's patches, without a cap on the ISA unless the test sets
+    one; restore its cached answer afterwards."""
+    monkeypatch.delenv(cpu.MAX_ISA_VARIABLE, raising=False)
     cpu.load.cache_clear()
     yield
     cpu.load.cache_clear()
@@ -267,6 +276,61 @@ def test_failed_build_falls_back_to_the_torch_path(monkeypatch, fresh_load, capl
     with caplog.at_level(logging.WARNING, logger="int8fx"):
         assert not cpu.load()
     assert "could not build" in caplog.text
+
+
+def test_isa_cap_none_leaves_the_library_unloaded(monkeypatch, fresh_load, caplog):
+    monkeypatch.setenv(cpu.MAX_ISA_VARIABLE, "none")
+    with caplog.at_level(logging.INFO, logger="int8fx"):
+        assert not cpu.load()
+    assert f"{cpu.MAX_ISA_VARIABLE}=none" in caplog.text
+
+
+def test_unknown_isa_cap_is_ignored_with_a_warning(monkeypatch, caplog):
+    monkeypatch.setenv(cpu.MAX_ISA_VARIABLE, "avx1024")
+    assert cpu.isa_cap() is None and cpu.isa_allowed("amx")
+    monkeypatch.setattr(cpu, "_cpu_flags", lambda: frozenset())  # stops load() right after the check
+    cpu.load.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="int8fx"):
+            cpu.load()
+    finally:
+        cpu.load.cache_clear()
+    assert "'avx1024' is not one of none, avx2, avx512_vnni, amx; ignored" in caplog.text
+
+
+CAPPED_PROCESS = """
+import json
+import torch
+from int8fx import reference
+from int8fx.kernels import cpu
+assert cpu.load()
+x = torch.randn(40, 64)
+x[:, 5] = 9.0
+CB, SCB = reference.quantize_weight(torch.randn(24, 64))
+y = torch.ops.int8fx.int8_linear(x, CB, SCB, None, 6.0, None)
+assert torch.equal(y, reference.int8_linear(x, CB, SCB, None, 6.0, None))
+chosen = sorted({cpu.chosen_kernel(M, K) for M in (1, 16, 512) for K in (64, 4096)})
+print(json.dumps({"kernels": cpu.kernels(), "chosen": chosen, "amx": cpu.amx_self_check()}))
+"""
+
+
+@pytest.mark.slow  # a subprocess: the cap is read once per process
+@needs_library
+@pytest.mark.parametrize("cap", ["avx2", "avx512_vnni"])
+def test_isa_cap_rules_kernels_out(cap):
+    # What INT8FX_MAX_CPU_ISA=avx2 must give on any machine: the AVX2-only machine kind's library.
+    env = {**os.environ, cpu.MAX_ISA_VARIABLE: cap}
+    result = subprocess.run([sys.executable, "-c", CAPPED_PROCESS], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    capped = json.loads(result.stdout.strip().splitlines()[-1])
+    level = cpu.ISA_LEVELS.index(cap)
+    flags = cpu._cpu_flags()  # not cpu.kernels(): this process may run under a cap of its own
+    below_the_cap = [name for name in cpu.KERNELS if name != "amx" and cpu.ISA_LEVELS.index(KERNEL_ISA[name]) <= level]
+    assert capped["kernels"] == [name for name in below_the_cap if KERNEL_FLAGS[name].issubset(flags)]
+    assert capped["amx"] == "no AMX"
+    assert set(capped["chosen"]) <= set(capped["kernels"])
+    if cap == "avx2":
+        assert capped["chosen"] == ["avx2"]
 
 
 def test_torch_path_reads_only_the_outlier_columns(monkeypatch):
@@ -561,6 +625,12 @@ def emulated_amx():
 
     if not has_compiler_and_avx2():
         pytest.skip("needs a C++ compiler and AVX2")
+    # Its packing and epilogue are AVX-512, as on every AMX CPU.
+    needs = {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
+    if not needs.issubset(cpu._cpu_flags()):
+        pytest.skip(f"the emulated AMX kernel needs {'/'.join(sorted(needs))}; this CPU ({cpu_model()}) lacks it")
+    if not cpu.isa_allowed("avx512_vnni"):
+        pytest.skip(f"the emulated AMX kernel needs AVX-512, ruled out by {cpu.MAX_ISA_VARIABLE}={cpu.isa_cap()}")
     source = os.path.join(os.path.dirname(build.__file__), "gemm_amx.cpp")
     directory = build.build_directory("int8fx_amx_emulation")
     with build.exclusive_build(directory):
@@ -573,6 +643,9 @@ def emulated_amx():
         )
     library = ctypes.CDLL(path)
     library.int8fx_emulated_amx_gemm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5
+    library.int8fx_emulated_amx_linear.argtypes = (
+        [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_void_p]
+    )
     return library
 
 
@@ -591,3 +664,34 @@ def test_emulated_amx_matches_reference(emulated_amx, m_chunk, n_block):
                 C = torch.empty(M, N, dtype=torch.int32)
                 emulated_amx.int8fx_emulated_amx_gemm(CA.data_ptr(), CB.data_ptr(), C.data_ptr(), M, N, K, m_chunk, n_block)
                 assert torch.equal(C, reference.int8_matmul(CA, CB)), (M, K, N)
+
+
+@pytest.mark.parametrize("with_bias, add_outliers", [(False, False), (True, True)])
+def test_emulated_amx_dequantizes_as_the_reference(emulated_amx, with_bias, add_outliers):
+    # The epilogue transposes each tile and dequantizes 16 outputs at a time: bit for bit
+    # reference.dequantize_output, then the outlier part already in the output, then the bias.
+    for M, K, N in ((33, 130, 50), (16, 64, 16), (70, 65, 17)):
+        CA, CB = random_int8(M, K, seed=M + K, low=-128), random_int8(N, K, seed=N)
+        generator = torch.Generator().manual_seed(M)
+        SCA, SCB = torch.rand(M, generator=generator) * 8, torch.rand(N, generator=generator)
+        bias = torch.randn(N, generator=generator) if with_bias else None
+        outlier_part = torch.randn(M, N, generator=generator) if add_outliers else torch.zeros(M, N)
+        out = outlier_part.clone()
+        emulated_amx.int8fx_emulated_amx_linear(
+            CA.data_ptr(),
+            CB.data_ptr(),
+            M,
+            N,
+            K,
+            SCA.data_ptr(),
+            SCB.data_ptr(),
+            bias.data_ptr() if with_bias else None,
+            add_outliers,
+            out.data_ptr(),
+        )
+        expected = reference.dequantize_output(reference.int8_matmul(CA, CB), SCA, SCB)
+        if add_outliers:
+            expected = expected + outlier_part
+        if with_bias:
+            expected = expected + bias
+        assert torch.equal(out, expected), (M, K, N)

@@ -19,6 +19,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_gpu_model  # noqa: E402  (benchmarks/ is not a package)
 import gpu_check  # noqa: E402
 
+from int8fx.kernels import cpu  # noqa: E402
+
 # The device tool's limits (its README): a command of at most 2,000 characters, at most 10
 # minutes per command, 64 MiB of working tree, 8 files of at most 16 MiB back from $OUT, at
 # most 2 folders deep, named in letters, digits, '.', '_' and '-'.
@@ -113,7 +115,8 @@ def test_dry_run_tests_and_times_the_host_cpu_kernels(dry_run):
     for row in host["bench"]:  # every kernel this CPU runs, oneDNN's, the op at both thresholds
         assert {"gemm onednn", "int8fx t=0", "int8fx t=6", "bf16 F.linear"} <= set(row)
         assert all(row[key] > 0 for key in row if key not in ("M", "chosen"))
-    assert "### Host CPU (ms)" in result.stdout
+    # The timings need the CPU library (not loaded without AVX2, or under INT8FX_MAX_CPU_ISA=none).
+    assert bool(host["bench"]) == cpu.load() == ("### Host CPU (ms)" in result.stdout)
 
 
 def test_dry_run_output_comes_back_from_the_device(dry_run):

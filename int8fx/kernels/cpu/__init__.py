@@ -25,6 +25,11 @@ Where the library cannot be built or loaded (no compiler, no AVX2), ``load()`` l
 and returns False, and the op runs ``torch_path`` (the reference's steps around
 ``torch._int_mm``).
 
+The environment variable ``INT8FX_MAX_CPU_ISA`` (``none``, ``avx2``, ``avx512_vnni`` or
+``amx``, read once per process) caps what the library uses, like oneDNN's
+``ONEDNN_MAX_CPU_ISA``: ``avx2`` runs a newer CPU as an AVX2-only one (the test suite of
+that machine kind), ``none`` leaves the library unloaded (the torch path).
+
 The functions below are for tests and benchmarks: they call a named kernel directly.
 """
 
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import Optional
 
 import torch
@@ -42,6 +48,24 @@ from int8fx.kernels.cpu import build, torch_path  # noqa: F401  (torch_path: the
 log = logging.getLogger("int8fx")
 
 KERNELS = ("amx", "avx512_vnni_panels", "avx512_vnni", "avx2")  # best first
+
+MAX_ISA_VARIABLE = "INT8FX_MAX_CPU_ISA"
+ISA_LEVELS = ("none", "avx2", "avx512_vnni", "amx")  # each allows what the ones before it do
+
+
+def isa_cap() -> Optional[str]:
+    """The level ``INT8FX_MAX_CPU_ISA`` caps the library at (one of ``ISA_LEVELS``), or None.
+
+    An unknown value caps nothing; ``load()`` logs a warning about it (``isa.cpp`` ignores it too).
+    """
+    cap = os.environ.get(MAX_ISA_VARIABLE)
+    return cap if cap in ISA_LEVELS else None
+
+
+def isa_allowed(level: str) -> bool:
+    """Whether the cap (if any) lets the library use ``level``'s instructions."""
+    cap = isa_cap()
+    return cap is None or ISA_LEVELS.index(level) <= ISA_LEVELS.index(cap)
 
 
 def _cpu_flags() -> frozenset[str]:
@@ -62,6 +86,12 @@ def load() -> bool:
 
     Loading registers the C++ kernel at ``int8fx::int8_linear``'s CPU key.
     """
+    requested = os.environ.get(MAX_ISA_VARIABLE)
+    if requested and isa_cap() is None:  # empty: unset
+        log.warning("int8fx: %s=%r is not one of %s; ignored", MAX_ISA_VARIABLE, requested, ", ".join(ISA_LEVELS))
+    if not isa_allowed("avx2"):
+        log.info("int8fx: %s=none: the CPU int8 GEMM is torch._int_mm", MAX_ISA_VARIABLE)
+        return False
     # The library's baseline is AVX2: on a CPU without it, even loading could fault.
     if "avx2" not in _cpu_flags():
         log.info("int8fx: no AVX2 on this CPU; the CPU int8 GEMM is torch._int_mm")

@@ -5,8 +5,9 @@
 // groups of four bytes: row k4 holds 16 columns x 4 consecutive k. CB's rows are the
 // plain layout, so the roles are swapped: the *weight* is the first operand, loaded
 // straight from CB (no repacking of the weight, ever), and the *activation*, M x K bytes,
-// is packed once per call. Each tile product is then C^T, [16 rows of B] x [16 rows of A],
-// turned back row by row in the epilogue.
+// is packed once per call (each 16 x 64-byte block of A, seen as 16 x 16 int32, transposed
+// in AVX-512 registers). Each tile product is then C^T, [16 rows of B] x [16 rows of A],
+// transposed back the same way in the epilogue, which dequantizes 16 outputs per step.
 //
 // Blocking: 2 x 2 result tiles (tmm0-3), two weight tiles (tmm4-5) and two activation tiles
 // (tmm6-7): 32 rows of B x 32 rows of A per pass over K. The activation is zero-padded to
@@ -28,10 +29,13 @@
 
 #include "kernels.h"
 
+// The activation packing and the epilogue transpose 16 x 16 blocks with AVX-512 (every AMX
+// CPU has it), in the emulated build too: its tests need an AVX-512 CPU.
+#pragma GCC push_options
 #ifdef INT8FX_EMULATE_AMX
 #include "amx_emulation.h"
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
 #else
-#pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,amx-tile,amx-int8")
 #endif
 
@@ -87,12 +91,62 @@ void multiply_tiles(const int8_t* const* weight, const int64_t* weight_stride, c
   if (NG > 1 && MG > 1) _tile_stored(3, tiles + 768, kTileBytes);
 }
 
-// Hands tile (g, h) to `out` row by row of A: tile[r][c] is C[m + c, n + r].
+// r[i] element j becomes r[j] element i: 16 x 16 int32 in registers. Unpacks transpose the
+// 4 x 4 blocks within each 128-bit lane, then two rounds of lane shuffles transpose the
+// 4 x 4 grid of lanes.
+inline void transpose_16x16(__m512i (&r)[16]) {
+  __m512i a[16], b[16];
+  for (int i = 0; i < 16; i += 2) {
+    a[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    a[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  // b[4g + j], lane L: rows 4g..4g+3 of column 4L + j.
+  for (int g = 0; g < 16; g += 4) {
+    b[g + 0] = _mm512_unpacklo_epi64(a[g], a[g + 2]);
+    b[g + 1] = _mm512_unpackhi_epi64(a[g], a[g + 2]);
+    b[g + 2] = _mm512_unpacklo_epi64(a[g + 1], a[g + 3]);
+    b[g + 3] = _mm512_unpackhi_epi64(a[g + 1], a[g + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    const __m512i s0 = _mm512_shuffle_i32x4(b[j], b[4 + j], 0x44), s1 = _mm512_shuffle_i32x4(b[j], b[4 + j], 0xEE);
+    const __m512i s2 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0x44), s3 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0xEE);
+    r[0 + j] = _mm512_shuffle_i32x4(s0, s2, 0x88);
+    r[4 + j] = _mm512_shuffle_i32x4(s0, s2, 0xDD);
+    r[8 + j] = _mm512_shuffle_i32x4(s1, s3, 0x88);
+    r[12 + j] = _mm512_shuffle_i32x4(s1, s3, 0xDD);
+  }
+}
+
+// Hands tile (g, h) to `out` row by row of A: tile[r][c] is C[m + c, n + r], so the tile is
+// transposed first. The dequantization is GemmOutput's, 16 outputs per step: the same fp32
+// operations in the same order, so the same bits. (The outlier part computed per output is
+// never asked of this kernel: linear_op.cpp adds it before the GEMM at the sizes AMX runs.)
 void emit_tile(const int32_t* tile, int64_t m, int64_t a_rows, int64_t n, int64_t b_rows, const GemmOutput& out) {
-  int32_t values[kTileRows];
+  __m512i rows[kTileRows];
+  for (int r = 0; r < kTileRows; ++r) rows[r] = _mm512_load_si512(tile + r * kTileRows);
+  transpose_16x16(rows);
+  const __mmask16 mask = __mmask16((1u << b_rows) - 1);
+  if (out.c32) {
+    for (int64_t c = 0; c < a_rows; ++c) _mm512_mask_storeu_epi32(out.c32 + (m + c) * out.ldc + n, mask, rows[c]);
+    return;
+  }
+  if (out.outliers) {
+    alignas(64) int32_t values[kTileRows];
+    for (int64_t c = 0; c < a_rows; ++c) {
+      _mm512_store_si512(values, rows[c]);
+      out(m + c, n, values, int(b_rows));
+    }
+    return;
+  }
+  const __m512 divisor = _mm512_set1_ps(kInt8MaxSquared);
+  const __m512 scb = _mm512_maskz_loadu_ps(mask, out.SCB + n);
+  const __m512 bias = out.bias ? _mm512_maskz_loadu_ps(mask, out.bias + n) : _mm512_setzero_ps();
   for (int64_t c = 0; c < a_rows; ++c) {
-    for (int64_t r = 0; r < b_rows; ++r) values[r] = tile[r * kTileRows + c];
-    out(m + c, n, values, int(b_rows));
+    float* row = out.out + (m + c) * out.ldc + n;
+    __m512 y = _mm512_div_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(rows[c]), _mm512_mul_ps(_mm512_set1_ps(out.SCA[m + c]), scb)), divisor);
+    if (out.add_outliers) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, row));
+    if (out.bias) y = _mm512_add_ps(y, bias);
+    _mm512_mask_storeu_ps(row, mask, y);
   }
 }
 
@@ -104,12 +158,20 @@ int64_t amx_packed_bytes(int64_t M, int64_t K) {
 
 // Activation tile (row group g, k-step s) at (g * k_steps + s) KiB: row k4 holds, for each
 // of its 16 rows of A, the 4 bytes A[16 g + c, 64 s + 4 k4 ...]; zeros past M and K.
+// A tile is the 16 x 64-byte block of A seen as 16 x 16 int32, transposed.
 void pack_activation_amx(const int8_t* A, int64_t M, int64_t K, int8_t* packed) {
   const int64_t k_steps = (K + kTileBytes - 1) / kTileBytes;
-  std::memset(packed, 0, size_t(amx_packed_bytes(M, K)));
-  for (int64_t m = 0; m < M; ++m) {
-    int8_t* group = packed + (m / kTileRows) * k_steps * kTileSize + (m % kTileRows) * 4;
-    for (int64_t k = 0; k < K; ++k) group[(k / kTileBytes) * kTileSize + (k % kTileBytes) / 4 * kTileBytes + k % 4] = A[m * K + k];
+  for (int64_t m = 0; m < M; m += kTileRows) {
+    for (int64_t s = 0; s < k_steps; ++s) {
+      const int64_t k = s * kTileBytes, bytes = std::min(kTileBytes, K - k);
+      const __mmask64 mask = bytes == kTileBytes ? ~__mmask64(0) : (__mmask64(1) << bytes) - 1;
+      __m512i block[kTileRows];
+      for (int64_t r = 0; r < kTileRows; ++r)
+        block[r] = m + r < M ? _mm512_maskz_loadu_epi8(mask, A + (m + r) * K + k) : _mm512_setzero_si512();
+      transpose_16x16(block);
+      int8_t* tile = packed + ((m / kTileRows) * k_steps + s) * kTileSize;
+      for (int64_t r = 0; r < kTileRows; ++r) _mm512_storeu_si512(tile + r * kTileBytes, block[r]);
+    }
   }
 }
 
@@ -198,6 +260,20 @@ extern "C" void int8fx_emulated_amx_gemm(const int8_t* A, const int8_t* B, int32
 }
 
 extern "C" int int8fx_emulated_amx_self_check() { return int8fx::amx_self_check(); }
-#else
-#pragma GCC pop_options
+
+// The dequantizing epilogue, emulated: out [M, N] = C * SCA * SCB / 127^2 (+ out) (+ bias).
+extern "C" void int8fx_emulated_amx_linear(const int8_t* A, const int8_t* B, int64_t M, int64_t N, int64_t K, const float* SCA,
+                                           const float* SCB, const float* bias, int add_outliers, float* out) {
+  std::unique_ptr<int8_t[]> packed(new int8_t[int8fx::amx_packed_bytes(M, K)]);
+  int8fx::pack_activation_amx(A, M, K, packed.get());
+  int8fx::GemmOutput output;
+  output.out = out;
+  output.ldc = N;
+  output.SCA = SCA;
+  output.SCB = SCB;
+  output.bias = bias;
+  output.add_outliers = add_outliers != 0;
+  int8fx::sweep_amx(int8fx::GemmProblem{A, B, M, N, K, nullptr, packed.get()}, 0, M, 0, N, output);
+}
 #endif
+#pragma GCC pop_options

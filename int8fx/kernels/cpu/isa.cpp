@@ -4,6 +4,9 @@
 
 #include <cpuid.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #if defined(__linux__)
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -41,6 +44,20 @@ bool request_amx_permission() {
 #endif
 }
 
+// INT8FX_MAX_CPU_ISA caps what the library uses, as ONEDNN_MAX_CPU_ISA does for oneDNN: to run
+// this machine as an older one (the test suite of an AVX2-only server, on a newer CPU), or to
+// rule a kernel out. "none" is handled in Python (the library is not loaded); an unknown value
+// caps nothing (Python warns about it).
+void apply_isa_cap(CpuFeatures& features) {
+  const char* cap = std::getenv("INT8FX_MAX_CPU_ISA");
+  if (cap == nullptr) return;
+  if (std::strcmp(cap, "avx2") == 0) {
+    features.avx512_vnni = features.amx_hardware = false;
+  } else if (std::strcmp(cap, "avx512_vnni") == 0) {
+    features.amx_hardware = false;
+  }
+}
+
 CpuFeatures detect() {
   CpuFeatures features;
   unsigned eax, ebx, ecx, edx;
@@ -54,7 +71,9 @@ CpuFeatures detect() {
   features.avx512_vnni = features.avx2 && avx512_state && (ebx & avx512) == avx512 && (ecx & kEcxAvx512Vnni);
   // The AMX kernel quantizes and stores with AVX-512, so it needs that too.
   features.amx_hardware = features.avx512_vnni && (edx & kEdxAmxTile) && (edx & kEdxAmxInt8) &&
-                          (xcr0 & kXcr0AmxTile) == kXcr0AmxTile && request_amx_permission();
+                          (xcr0 & kXcr0AmxTile) == kXcr0AmxTile;
+  apply_isa_cap(features);
+  features.amx_hardware = features.amx_hardware && request_amx_permission();
   // The AMX kernel was written without AMX hardware at hand: it proves itself first.
   features.amx_int8 = features.amx_hardware && amx_self_check();
   return features;
