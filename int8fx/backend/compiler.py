@@ -361,7 +361,20 @@ class Int8LtBackend:
         from torch._inductor.compile_fx import compile_fx
 
         patches = torch._inductor.list_mode_options(self.config.mode) if self.config.mode else {}
+        if patches.get("cpp_wrapper", torch._inductor.config.cpp_wrapper):
+            _hide_placeholder_values(gm)
         return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def _hide_placeholder_values(gm: fx.GraphModule) -> None:
+    """Makes a traced graph look like dynamo's own to inductor's ``cpp_wrapper`` mode.
+
+    With ``cpp_wrapper``, inductor (torch 2.11-2.13, ``compile_fx``) takes a graph whose
+    placeholders carry ``meta["val"]`` for an exported one and compiles it with those values as
+    inputs, its SymInts replaced by None; a graph traced with dynamic sizes, as int8lt's are,
+    then fails inside AOTAutograd. Without the values, inductor uses the example inputs."""
+    for node in gm.graph.find_nodes(op="placeholder"):
+        node.meta.pop("val", None)
 
 
 _NEVER_IN_A_GRAPH = (
