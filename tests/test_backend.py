@@ -283,18 +283,22 @@ def test_a_failure_after_the_plan_reports_every_layer_in_fp(monkeypatch, stage):
 
 @torch.no_grad()
 @pytest.mark.slow  # inductor compiles C++ wrappers (about a minute)
-def test_inductor_cpp_wrapper_with_dynamic_shapes_keeps_every_layer_int8(monkeypatch):
+def test_inductor_cpp_wrapper_with_dynamic_shapes_keeps_every_layer_int8():
     # inductor's cpp_wrapper took int8lt's traced graphs for exported ones and failed on their
     # dynamic sizes, so the whole block fell back to fp. Two shapes: the dynamic graph serves both.
-    monkeypatch.setattr(torch._inductor.config, "cpp_wrapper", True)
+    # (config.patch, not monkeypatch: undoing that deletes the option from inductor's config.)
+    import torch._inductor.config
+
     torch.manual_seed(0)
     model = TransformerBlock()
     run = torch.compile(model, backend=(backend := int8fx.int8lt()), dynamic=True)
     for shape in ((3, 5), (4, 7)):
         x = torch.randn(*shape, 32)
         x[..., 3] = 9.0
+        with torch._inductor.config.patch(cpp_wrapper=True):
+            y = run(x)
         # The 7-linear block's floor against the reference (module docstring).
-        assert reference.sqnr_db(reference_int8(model, 6.0)(x), run(x)) > 40
+        assert reference.sqnr_db(reference_int8(model, 6.0)(x), y) > 40
     assert counters["int8fx"]["graphs_failed"] == 0
     assert [layer.action for report in backend.reports for layer in report.layers] == ["int8"] * 7
 
