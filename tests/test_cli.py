@@ -371,3 +371,40 @@ def test_eval_minilm_quick(tmp_path):
     (result,) = json.loads(output.read_text())
     assert result["cosine_mean"] >= 0.999  # the target, checked on 8 BBC sentences
     assert result["layers_int8"] >= 36 and result["graphs_failed"] == 0  # 6 linears in each of 6 blocks
+
+
+# ---------------------------------------------------------------- env
+
+
+def env_table(capsys) -> dict[str, str]:
+    assert main(["env"]) == 0
+    rows = [line.split("  ", 1) for line in capsys.readouterr().out.splitlines()]
+    return {what.strip(): value.strip() for what, value in rows}
+
+
+def test_env_shows_the_cpu_kernels_and_the_dispatch_choices(capsys):
+    from int8fx.kernels import cpu
+
+    table = env_table(capsys)
+    assert table["torch"] == torch.__version__ and "CPU instruction sets" in table and "CUDA" in table
+    if not cpu.load():
+        assert table["CPU library"].startswith("not loaded (")
+        return
+    assert table["CPU kernels"] == ", ".join(cpu.kernels())
+    assert table["AMX self-check"] == cpu.amx_self_check()
+    assert table["CPU dispatch, M = 1, K = 4096"] == cpu.chosen_kernel(1, 4096)
+    assert table["CPU dispatch, M = 512, K = 576"] == cpu.chosen_kernel(512, 576)
+
+
+def test_env_says_why_the_cpu_library_is_not_loaded(capsys, monkeypatch):
+    from int8fx.kernels import cpu
+
+    monkeypatch.setenv(cpu.MAX_ISA_VARIABLE, "none")
+    cpu.load.cache_clear()
+    try:
+        table = env_table(capsys)
+    finally:
+        cpu.load.cache_clear()
+    assert table[cpu.MAX_ISA_VARIABLE] == "none"
+    assert table["CPU library"] == "not loaded (INT8FX_MAX_CPU_ISA=none: the CPU int8 GEMM is torch._int_mm)"
+    assert "CPU kernels" not in table

@@ -1,4 +1,4 @@
-"""``python -m int8fx`` (console script ``int8fx``): demo, eval and explain.
+"""``python -m int8fx`` (console script ``int8fx``): demo, eval, explain and env.
 
 * ``demo``: SmolLM2-135M on BBC News, fp32 versus int8lt, as one table; its last rows load the
   model's fp32 safetensors as fp32 and straight into int8 (``int8fx.Int8fxConfig``), each in a
@@ -6,6 +6,7 @@
 * ``eval``: the same measurements as JSON or CSV, for SmolLM2, all-MiniLM-L6-v2 or a local
   Hugging Face causal-LM directory.
 * ``explain``: compiles a model once and prints, per linear, what the backend did and why.
+* ``env``: what int8fx runs on this machine (``cli/environment.py``): paste it into a bug report.
 
 The models and the text come from optional packages (``scripts/install_demo.sh``); when one
 is missing the command says what to install and exits with status 2.
@@ -91,7 +92,18 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--graphs", action="store_true", help="also print the ATen graph before and after the rewrite")
     explain.add_argument("--dump", metavar="DIR", help="write the graphs and the per-layer report to DIR")
     explain.set_defaults(run=_run_explain)
+
+    environment = commands.add_parser(
+        "env", help="what int8fx runs on this machine: versions, CPU instruction sets and kernels, AMX self-check, GPUs"
+    )
+    environment.set_defaults(run=_run_env)
     return parser
+
+
+def _run_env(args: argparse.Namespace) -> int:
+    from int8fx.cli.environment import print_environment
+
+    return print_environment()
 
 
 def _settings(args: argparse.Namespace):
