@@ -261,6 +261,43 @@ def test_gemv_int32_exact_beyond_fp32():
     assert torch.equal(C32, reference.int8_matmul(CA, CB))
 
 
+@pytest.mark.parametrize("K", [300, 130])  # 130: two K steps of 128 for 4 or 8 splits, most of them empty
+def test_split_k_is_exact_and_leaves_its_workspace_zeroed(K):
+    # Decode's split-K configs add int32 partial sums with atomics; the last program of a tile
+    # finishes it. Exact in any order, and the workspace must be zeros again for the next call.
+    split_configs = [c for c in GEMM_CONFIGS if c.kwargs["SPLIT_K"] > 1]
+    assert split_configs, "no split-K config to test"
+    generator = torch.Generator().manual_seed(5)
+    for config in split_configs:
+        with pinned(cuda_gemm._int8_gemm_kernel, config):
+            for M, N in ((1, 40), (13, 70)):
+                CA = torch.randint(-127, 128, (M, K), generator=generator, dtype=torch.int8)
+                CB = torch.randint(-127, 128, (N, K), generator=generator, dtype=torch.int8)
+                for _ in range(2):  # the second call finds the workspace the first one left
+                    assert torch.equal(cuda_gemm.int8_matmul(CA, CB), reference.int8_matmul(CA, CB)), config_id(config)
+                assert not cuda_gemm.split_k_workspace(M, N, CA.device).any()
+
+
+def test_split_k_runs_the_whole_epilogue():
+    x, CB, SCB, bias, weight = linear_inputs(5, 300, 40, torch.float32, True, "fp")
+    CA, SCA, outliers = cuda_quantize.quantize_activation(x, THRESHOLD)
+    config = next(c for c in GEMM_CONFIGS if c.kwargs["SPLIT_K"] > 1)
+    with pinned(cuda_gemm._int8_gemm_kernel, config):
+        y = cuda_gemm.int8_gemm(CA, SCA, CB, SCB, bias, x, outliers, weight)
+    assert_within_bound(y, x, CB, SCB, bias, THRESHOLD, weight)
+    with pinned(cuda_gemm._int8_gemm_kernel, config):  # no outliers: bit-exact with the reference
+        y0 = cuda_gemm.int8_gemm(*cuda_quantize.quantize_activation(x, 0.0)[:2], CB, SCB, bias, x, None, None)
+    assert torch.equal(y0, reference.int8_linear(x, CB, SCB, bias, 0.0))
+
+
+def test_split_k_only_where_its_workspace_is_sized():
+    prune = cuda_gemm._prune_configs
+    for bucket in (1, 16):
+        assert any(c.kwargs["SPLIT_K"] > 1 for c in prune(GEMM_CONFIGS, {"M_BUCKET": bucket}))
+    for bucket in (32, 4096):
+        assert all(c.kwargs["SPLIT_K"] == 1 for c in prune(GEMM_CONFIGS, {"M_BUCKET": bucket}))
+
+
 # ---------------------------------------------------------------- fused epilogue
 
 # (dtype, threshold, with bias, outlier weight: "fp" kept weight or "int8" dequantized CB)
@@ -461,7 +498,8 @@ GEMV_CONFIGS = hardware_configs(cuda_gemv, cuda_gemv._gemv_configs)
 def config_id(config) -> str:
     meta = config.kwargs
     tile = "x".join(str(meta[name]) for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if name in meta)
-    return f"{tile}-s{config.num_stages}w{config.num_warps}"
+    split = f"-k{meta['SPLIT_K']}" if meta.get("SPLIT_K", 1) > 1 else ""
+    return f"{tile}{split}-s{config.num_stages}w{config.num_warps}"
 
 
 def pick_config(configs: list, **meta):
@@ -629,6 +667,8 @@ def test_gpu_every_config(kernel, config, gpu_kernels):
     # shape, int32 product and the full epilogue (bias, outliers with the fp weight, bf16).
     K, N = SIZES.odd
     M = SIZES.rows[-1] if kernel == "gemm" else cuda_gemv.MAX_M
+    if config.kwargs.get("SPLIT_K", 1) > 1:  # decode only: its workspace is sized for M <= 16
+        M = cuda_gemm.SPLIT_K_MAX_M
     x, CB, SCB, bias, weight = on_device(*linear_inputs(M, K, N, torch.bfloat16, True, "fp"))
     autotuned = cuda_gemm._int8_gemm_kernel if kernel == "gemm" else cuda_gemv._int8_gemv_kernel
     with pinned(autotuned, config):
@@ -711,8 +751,11 @@ def _gpu_compile_cases() -> dict:
     """Per kernel, the fully-featured specialization (bf16 input, outliers, bias, fp weight) and the
     one without a threshold (``<kernel>_no_threshold``), whose outlier pointers are ``None``: the
     interpreter never runs the branches one specialization skips, and an H200 found a call through
-    a ``None`` pointer there that only the GPU compiler saw."""
+    a ``None`` pointer there that only the GPU compiler saw. The GEMM also as decode's split-K."""
     cases = _outlier_compile_cases()
+    kernel, signature, constexprs = cases["gemm"]
+    decode_tile = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 4}
+    cases["gemm_split_k"] = (kernel, signature, {**constexprs, **decode_tile})
     for name, (kernel, signature, constexprs) in list(cases.items()):
         flag = "HAS_OUTLIERS" if "HAS_OUTLIERS" in constexprs else "HAS_THRESHOLD"
         pointers = {arg: None for arg in _OUTLIER_POINTERS if arg in signature}
@@ -767,6 +810,7 @@ def _outlier_compile_cases() -> dict:
                 "w_ptr": "*bf16",
                 "outlier_index_ptr": "*i32",
                 "outlier_count_ptr": "*i32",
+                "workspace_ptr": "*i32",
                 **int32(
                     "M",
                     "N",
@@ -794,6 +838,7 @@ def _outlier_compile_cases() -> dict:
                 "BLOCK_N": 128,
                 "BLOCK_K": 128,
                 "GROUP_M": 8,
+                "SPLIT_K": 1,
             },
         ),
         "gemv": (
@@ -864,7 +909,7 @@ def hopper_ptx(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _has_nvidia_compiler(), reason="this Triton has no NVIDIA backend")
-@pytest.mark.parametrize("kernel", ["row_stats", "quantize", "gemm", "gemv"])
+@pytest.mark.parametrize("kernel", ["row_stats", "quantize", "gemm", "gemm_split_k", "gemv"])
 def test_kernels_compile_without_a_threshold_for_hopper(kernel, hopper_ptx):
     # Threshold 0: the outlier pointers are None, and no branch may still reach them.
     ptx = (hopper_ptx / f"{kernel}_no_threshold.ptx").read_text()
@@ -873,7 +918,7 @@ def test_kernels_compile_without_a_threshold_for_hopper(kernel, hopper_ptx):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _has_nvidia_compiler(), reason="this Triton has no NVIDIA backend")
-@pytest.mark.parametrize("kernel", ["row_stats", "quantize", "gemm", "gemv"])
+@pytest.mark.parametrize("kernel", ["row_stats", "quantize", "gemm", "gemm_split_k", "gemv"])
 def test_kernels_compile_for_hopper(kernel, hopper_ptx):
     # The interpreter never runs Triton's GPU compiler; this does (through ptxas, for sm_90),
     # catching type and lowering errors, and checks the instructions the numerics rely on.
@@ -886,5 +931,11 @@ def test_kernels_compile_for_hopper(kernel, hopper_ptx):
         assert "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8" in ptx  # Hopper int8 tensor cores
     if kernel == "gemv":
         assert "mma.sync.aligned.m16n8k32" in ptx and ".s32.s8.s8.s32" in ptx  # 16-row int8 MMA
-    if kernel in ("gemm", "gemv"):
+    if kernel == "gemm_split_k":
+        # Partial sums added in L2, then the tile's arrival counted with acquire-release after a
+        # barrier (so every thread's sums are in), and the last program reading the total from L2.
+        adds, arrival = ptx.find(".global.gpu.relaxed.add.u32"), ptx.find("atom.global.gpu.acq_rel.add.u32")
+        assert 0 <= adds < arrival and "bar.sync" in ptx[adds:arrival]
+        assert "ld.global.cg.b32" in ptx[arrival:]
+    if kernel in ("gemm", "gemm_split_k", "gemv"):
         assert ".f32.bf16.bf16" in ptx  # the outlier product on bf16 tensor cores, not widened to fp32

@@ -7,6 +7,13 @@ compact column list of ``quantize_activation``), adds the bias and writes the
 output once in the input's dtype. No int32 or fp32 intermediate reaches global memory and
 there is no separate fp GEMM launch for the outliers.
 
+Decode (M <= 16): a 16-row tile per program leaves most SMs idle when ``N / BLOCK_N`` is
+below the SM count (64 programs for N = 4096 on 132 SMs), each streaming its whole K. Split-K
+configs cut K into ``SPLIT_K`` ranges, one program each: the int32 partial sums are added
+into a zeroed workspace with atomics (int32 addition is exact in any order, so the result is
+bit-identical), and the program that arrives last at a tile, counted by a per-tile atomic,
+runs the epilogue on the total. The autotuner times them against the unsplit tiles.
+
 Weight layout: ``CB [N, K]`` int8 row-major, as ``quantize_weight`` makes it. Both
 operands are then K-major, which is what int8 MMA (and Hopper's wgmma, which has no
 transposed 8-bit operands) wants, so no repacking helper is needed.
@@ -110,10 +117,10 @@ def _gemm_configs() -> list[triton.Config]:
     an H200's picks are in benchmarks/README.md.
     """
     if INTERPRETING:
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 4}, num_warps=4)]
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 4, "SPLIT_K": 1}, num_warps=4)]
 
-    def config(block_m, block_n, block_k, num_stages, num_warps):
-        meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8}
+    def config(block_m, block_n, block_k, num_stages, num_warps, split_k=1):
+        meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8, "SPLIT_K": split_k}
         return triton.Config(meta, num_stages=num_stages, num_warps=num_warps)
 
     return [
@@ -135,15 +142,33 @@ def _gemm_configs() -> list[triton.Config]:
         # decode (M <= 16): one 16-row MMA tile, the weight streamed once
         config(16, 64, 256, 4, 4),
         config(16, 32, 512, 3, 4),
+        # decode, K split between 4 or 8 programs per tile (more programs than SMs from N = 2048)
+        config(16, 64, 256, 4, 4, split_k=4),
+        config(16, 64, 128, 4, 4, split_k=8),
+        config(16, 32, 256, 4, 4, split_k=4),
     ]
 
 
+# Split-K configs run at M <= 16 only: the workspace they add into is zeroed for those calls.
+SPLIT_K_MAX_M = 16
+# The narrowest split-K tile, which sizes the per-tile arrival counters.
+SPLIT_K_MIN_BLOCK_M, SPLIT_K_MIN_BLOCK_N = 16, 32
+
+
 def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drops tiles taller than the M bucket (their extra rows would be pure waste) and the 16-row
-    decode tiles above M = 16 (they would stream the weight once per 16 rows)."""
+    """Drops tiles taller than the M bucket (their extra rows would be pure waste), the 16-row
+    decode tiles above M = 16 (they would stream the weight once per 16 rows) and split-K above
+    ``SPLIT_K_MAX_M`` (no workspace)."""
     m_bucket = named_args["M_BUCKET"]
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(m_bucket, 32) and (m_bucket <= 16 or c.kwargs["BLOCK_M"] > 16)]
-    return kept or configs
+
+    def fits(c: triton.Config) -> bool:
+        meta = c.kwargs
+        if meta["SPLIT_K"] > 1 and m_bucket > SPLIT_K_MAX_M:
+            return False
+        return meta["BLOCK_M"] <= max(m_bucket, 32) and (m_bucket <= 16 or meta["BLOCK_M"] > 16)
+
+    kept = [c for c in configs if fits(c)]
+    return kept or [c for c in configs if c.kwargs["SPLIT_K"] == 1]
 
 
 def m_bucket(M: int) -> int:
@@ -166,48 +191,16 @@ def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
     return pid_m, pid_n
 
 
-# The key holds the specializations besides the sizes: a tile tuned without the outlier epilogue
-# may not fit in shared memory with it (seen on an H200 with the GEMV kernel).
-@triton.autotune(
-    configs=_gemm_configs(),
-    key=["M_BUCKET", "N", "K", "EPILOGUE", "HAS_OUTLIERS", "OUTLIER_W_FROM_CB"],
-    prune_configs_by={"early_config_prune": _prune_configs},
-)
 @triton.jit
-def _int8_gemm_kernel(
-    # pointers
-    a_ptr, b_ptr, out_ptr, sca_ptr, scb_ptr, bias_ptr, x_ptr, w_ptr, outlier_index_ptr, outlier_count_ptr,
-    # sizes
-    M, N, K, M_BUCKET,
-    # strides
-    stride_am, stride_ak, stride_bn, stride_bk, stride_om, stride_on,
-    stride_xm, stride_xk, stride_wn, stride_wk,
-    # meta-parameters
+def _finish_tile(
+    acc, rm, rn, row_ok, col_ok, out_mask,
+    b_ptr, out_ptr, sca_ptr, scb_ptr, bias_ptr, x_ptr, w_ptr, outlier_index_ptr, outlier_count_ptr,
+    stride_bn, stride_bk, stride_om, stride_on, stride_xm, stride_xk, stride_wn, stride_wk,
     EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OUTLIERS: tl.constexpr, OUTLIER_W_FROM_CB: tl.constexpr,
     BLOCK_O: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    # Rows and columns past the edge wrap around instead of being masked: the loads stay in
-    # bounds without an M/N mask in the main loop, and those results are never stored.
-    a_ptrs = a_ptr + (rm % M)[:, None] * stride_am + rk[None, :] * stride_ak
-    b_ptrs = b_ptr + (rn % N)[None, :] * stride_bn + rk[:, None] * stride_bk
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = rk < K - k0
-        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None], other=0)
-        acc = tl.dot(a, b, acc, out_dtype=tl.int32)  # triton 3.6 needs it named for an int32 acc
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
-
-    row_ok = rm < M
-    col_ok = rn < N
+    """Stores a tile's exact int32 sums ``acc``, or (``EPILOGUE``) the LLM.int8() output from them."""
     out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on
-    out_mask = row_ok[:, None] & col_ok[None, :]
     if EPILOGUE:
         sca = tl.load(sca_ptr + rm, mask=row_ok, other=0.0)
         scb = tl.load(scb_ptr + rn, mask=col_ok, other=0.0)
@@ -231,6 +224,80 @@ def _int8_gemm_kernel(
         tl.store(out_ptrs, acc, mask=out_mask)
 
 
+# The key holds the specializations besides the sizes: a tile tuned without the outlier epilogue
+# may not fit in shared memory with it (seen on an H200 with the GEMV kernel).
+@triton.autotune(
+    configs=_gemm_configs(),
+    key=["M_BUCKET", "N", "K", "EPILOGUE", "HAS_OUTLIERS", "OUTLIER_W_FROM_CB"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+    reset_to_zero=["workspace_ptr"],  # split-K adds into it: every timing run starts from zeros
+)
+@triton.jit
+def _int8_gemm_kernel(
+    # pointers
+    a_ptr, b_ptr, out_ptr, sca_ptr, scb_ptr, bias_ptr, x_ptr, w_ptr, outlier_index_ptr, outlier_count_ptr,
+    workspace_ptr,
+    # sizes
+    M, N, K, M_BUCKET,
+    # strides
+    stride_am, stride_ak, stride_bn, stride_bk, stride_om, stride_on,
+    stride_xm, stride_xk, stride_wn, stride_wk,
+    # meta-parameters
+    EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OUTLIERS: tl.constexpr, OUTLIER_W_FROM_CB: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    tile = tl.program_id(0) // SPLIT_K
+    pid_m, pid_n = _grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    # This program's K range: whole BLOCK_K steps, the last range shorter (or empty).
+    steps_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+    k_begin = (tl.program_id(0) % SPLIT_K) * steps_per_split * BLOCK_K
+    k_end = min(K, k_begin + steps_per_split * BLOCK_K)
+    # Rows and columns past the edge wrap around instead of being masked: the loads stay in
+    # bounds without an M/N mask in the main loop, and those results are never stored.
+    a_ptrs = a_ptr + (rm % M)[:, None] * stride_am + (k_begin + rk)[None, :] * stride_ak
+    b_ptrs = b_ptr + (rn % N)[None, :] * stride_bn + (k_begin + rk)[:, None] * stride_bk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        k_ok = rk < k_end - k0
+        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None], other=0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)  # triton 3.6 needs it named for an int32 acc
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    row_ok = rm < M
+    col_ok = rn < N
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    if SPLIT_K == 1:
+        _finish_tile(
+            acc, rm, rn, row_ok, col_ok, out_mask,
+            b_ptr, out_ptr, sca_ptr, scb_ptr, bias_ptr, x_ptr, w_ptr, outlier_index_ptr, outlier_count_ptr,
+            stride_bn, stride_bk, stride_om, stride_on, stride_xm, stride_xk, stride_wn, stride_wk,
+            EPILOGUE, HAS_BIAS, HAS_OUTLIERS, OUTLIER_W_FROM_CB, BLOCK_O,
+        )
+    else:
+        # Workspace: the int32 sums [M, N], then one arrival counter per tile.
+        sum_ptrs = workspace_ptr + rm[:, None] * N + rn[None, :]
+        tl.atomic_add(sum_ptrs, acc, mask=out_mask, sem="relaxed")
+        tl.debug_barrier()  # every thread's partial sums are in before the tile's arrival is counted
+        arrived = tl.atomic_add(workspace_ptr + M * N + tile, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:  # the last of the tile's programs: all partial sums are in
+            total = tl.load(sum_ptrs, mask=out_mask, other=0, cache_modifier=".cg")
+            # The workspace is left as found, zeros, for the next call (no memset launch per call).
+            tl.store(sum_ptrs, tl.zeros_like(total), mask=out_mask)
+            tl.store(workspace_ptr + M * N + tile, 0)
+            _finish_tile(
+                total, rm, rn, row_ok, col_ok, out_mask,
+                b_ptr, out_ptr, sca_ptr, scb_ptr, bias_ptr, x_ptr, w_ptr, outlier_index_ptr, outlier_count_ptr,
+                stride_bn, stride_bk, stride_om, stride_on, stride_xm, stride_xk, stride_wn, stride_wk,
+                EPILOGUE, HAS_BIAS, HAS_OUTLIERS, OUTLIER_W_FROM_CB, BLOCK_O,
+            )
+
+
 # ---------------------------------------------------------------- host entry
 
 def _launch(CA: Tensor, CB: Tensor, out: Tensor, *, epilogue: bool, SCA=None, SCB=None, bias=None,
@@ -240,17 +307,36 @@ def _launch(CA: Tensor, CB: Tensor, out: Tensor, *, epilogue: bool, SCA=None, SC
         return out
     x_strides = (0, 0) if x2d is None else x2d.stride()
     w_strides = (0, 0) if weight is None else weight.stride()
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]) * meta["SPLIT_K"],)
     _int8_gemm_kernel[grid](
         CA, CB, out, SCA, SCB, bias, x2d, weight,
         None if outliers is None else outliers.index,
         None if outliers is None else outliers.count,
+        split_k_workspace(M, N, CA.device),
         M, N, K, m_bucket(M),
         *CA.stride(), *CB.stride(), *out.stride(), *x_strides, *w_strides,
         EPILOGUE=epilogue, HAS_BIAS=bias is not None, HAS_OUTLIERS=outliers is not None,
         OUTLIER_W_FROM_CB=weight is None, BLOCK_O=BLOCK_O,
     )
     return out
+
+
+# Split-K workspaces per device, newest last. The kernel leaves every one zeroed after use, so one
+# is shared by all calls on the device, in stream order (calls on concurrent streams of one device
+# would race on it). Outgrown ones stay allocated: a captured CUDA graph may still point at them.
+_WORKSPACES: dict[torch.device, list[Tensor]] = {}
+_MIN_WORKSPACE = 1 << 18  # int32s: 16 rows of N = 16384, with their counters
+
+
+def split_k_workspace(M: int, N: int, device: torch.device) -> Tensor:
+    """The zeroed int32 workspace of split-K: the sums ``[M, N]``, then one arrival counter per
+    tile. Every call passes one (the autotuner zeroes it between timing runs, so it cannot be None);
+    above ``SPLIT_K_MAX_M`` rows it is not sized for the sums, and the pruning keeps split-K out."""
+    need = M * N + triton.cdiv(M, SPLIT_K_MIN_BLOCK_M) * triton.cdiv(N, SPLIT_K_MIN_BLOCK_N) if M <= SPLIT_K_MAX_M else 1
+    buffers = _WORKSPACES.setdefault(device, [])
+    if not buffers or buffers[-1].numel() < need:
+        buffers.append(torch.zeros(max(need, _MIN_WORKSPACE), dtype=torch.int32, device=device))
+    return buffers[-1]
 
 
 def int8_matmul(CA: Tensor, CB: Tensor) -> Tensor:
