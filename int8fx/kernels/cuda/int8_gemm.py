@@ -12,7 +12,8 @@ below the SM count (64 programs for N = 4096 on 132 SMs), each streaming its who
 configs cut K into ``SPLIT_K`` ranges, one program each: the int32 partial sums are added
 into a zeroed workspace with atomics (int32 addition is exact in any order, so the result is
 bit-identical), and the program that arrives last at a tile, counted by a per-tile atomic,
-runs the epilogue on the total. The autotuner times them against the unsplit tiles.
+runs the epilogue on the total. The autotuner times them against the unsplit tiles. Every call
+at M <= 16 zeroes a fresh workspace (one memset launch), whichever tile wins.
 
 Weight layout: ``CB [N, K]`` int8 row-major, as ``quantize_weight`` makes it. Both
 operands are then K-major, which is what int8 MMA (and Hopper's wgmma, which has no
@@ -287,9 +288,6 @@ def _int8_gemm_kernel(
         arrived = tl.atomic_add(workspace_ptr + M * N + tile, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:  # the last of the tile's programs: all partial sums are in
             total = tl.load(sum_ptrs, mask=out_mask, other=0, cache_modifier=".cg")
-            # The workspace is left as found, zeros, for the next call (no memset launch per call).
-            tl.store(sum_ptrs, tl.zeros_like(total), mask=out_mask)
-            tl.store(workspace_ptr + M * N + tile, 0)
             _finish_tile(
                 total, rm, rn, row_ok, col_ok, out_mask,
                 b_ptr, out_ptr, sca_ptr, scb_ptr, bias_ptr, x_ptr, w_ptr, outlier_index_ptr, outlier_count_ptr,
@@ -321,22 +319,17 @@ def _launch(CA: Tensor, CB: Tensor, out: Tensor, *, epilogue: bool, SCA=None, SC
     return out
 
 
-# Split-K workspaces per device, newest last. The kernel leaves every one zeroed after use, so one
-# is shared by all calls on the device, in stream order (calls on concurrent streams of one device
-# would race on it). Outgrown ones stay allocated: a captured CUDA graph may still point at them.
-_WORKSPACES: dict[torch.device, list[Tensor]] = {}
-_MIN_WORKSPACE = 1 << 18  # int32s: 16 rows of N = 16384, with their counters
-
-
 def split_k_workspace(M: int, N: int, device: torch.device) -> Tensor:
-    """The zeroed int32 workspace of split-K: the sums ``[M, N]``, then one arrival counter per
-    tile. Every call passes one (the autotuner zeroes it between timing runs, so it cannot be None);
-    above ``SPLIT_K_MAX_M`` rows it is not sized for the sums, and the pruning keeps split-K out."""
-    need = M * N + triton.cdiv(M, SPLIT_K_MIN_BLOCK_M) * triton.cdiv(N, SPLIT_K_MIN_BLOCK_N) if M <= SPLIT_K_MAX_M else 1
-    buffers = _WORKSPACES.setdefault(device, [])
-    if not buffers or buffers[-1].numel() < need:
-        buffers.append(torch.zeros(max(need, _MIN_WORKSPACE), dtype=torch.int32, device=device))
-    return buffers[-1]
+    """Split-K's int32 workspace, zeroed: the sums ``[M, N]``, then one arrival counter per tile.
+
+    A fresh one per call (one memset), at the sizes that may split: a buffer kept across calls
+    would have to live outside the memory pools of CUDA-graph capture and warm-up. Larger M gets
+    one uninitialized int32 (split-K is pruned there; the autotuner zeroes the argument between
+    timing runs, so it cannot be None)."""
+    if M > SPLIT_K_MAX_M:
+        return torch.empty(1, dtype=torch.int32, device=device)
+    tiles = triton.cdiv(M, SPLIT_K_MIN_BLOCK_M) * triton.cdiv(N, SPLIT_K_MIN_BLOCK_N)
+    return torch.zeros(M * N + tiles, dtype=torch.int32, device=device)
 
 
 def int8_matmul(CA: Tensor, CB: Tensor) -> Tensor:
