@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import platform
 import statistics
 import time
 from typing import Callable, Optional
@@ -319,16 +318,9 @@ def describe(device: str) -> str:
         return f"cuda: {torch.cuda.get_device_name()}, torch {torch.__version__}"
     from int8fx.kernels import cpu
 
-    name, flags = platform.machine(), cpu._cpu_flags()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as cpuinfo:
-            name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), name)
-    isa = " ".join(flag for flag in ISA_FLAGS if flag in flags) or "unknown ISA"
+    isa = " ".join(cpu.isa_flags()) or "unknown ISA"
     kernels = ", ".join(cpu.kernels()) or "none (torch._int_mm)"
-    return f"cpu: {name} [{isa}], {torch.get_num_threads()} threads, torch {torch.__version__}, int8fx CPU kernels: {kernels}"
-
-
-ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    return f"cpu: {cpu.cpu_model()} [{isa}], {torch.get_num_threads()} threads, torch {torch.__version__}, int8fx CPU kernels: {kernels}"
 
 
 def main() -> None:

@@ -316,18 +316,9 @@ def package_version(name: str) -> Optional[str]:
 def host_cpu() -> dict:
     """The GPU machine's own CPU: its int8 kernels are tested and timed in the pytest stage (a GPU
     host may be the first AMX machine any session gets)."""
-    model, flags = "unknown", set()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name") and model == "unknown":
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
-    return {"model": model, "isa": [flag for flag in wanted if flag in flags], "cores": os.cpu_count()}
+    from int8fx.kernels import cpu
+
+    return {"model": cpu.cpu_model(), "isa": cpu.isa_flags(), "cores": os.cpu_count()}
 
 
 def stage_env(ctx: Context) -> int:

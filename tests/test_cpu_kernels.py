@@ -35,14 +35,6 @@ KERNEL_FLAGS = {
 KERNEL_ISA = {"avx2": "avx2", "avx512_vnni": "avx512_vnni", "avx512_vnni_panels": "avx512_vnni", "amx": "amx"}
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "unknown CPU")
-    except OSError:
-        return "unknown CPU"
-
-
 @pytest.fixture(scope="session")
 def library():
     """Builds (first time, about 30 s) and loads the library; skips where it cannot be built."""
@@ -63,7 +55,7 @@ def kernel(request, library):
         pytest.skip(f"the {name} kernel is ruled out by {cpu.MAX_ISA_VARIABLE}={cpu.isa_cap()}")
     if name == "amx" and cpu.amx_self_check() == "failed":
         pytest.skip("this CPU has AMX, but int8fx's AMX kernel failed its self-check, so it is disabled: fix gemm_amx.cpp here")
-    pytest.skip(f"the {name} kernel needs {'/'.join(sorted(KERNEL_FLAGS[name]))}; this CPU ({cpu_model()}) lacks it")
+    pytest.skip(f"the {name} kernel needs {'/'.join(sorted(KERNEL_FLAGS[name]))}; this CPU ({cpu.cpu_model()}) lacks it")
 
 
 def random_int8(*shape: int, seed: int, low: int = -127) -> torch.Tensor:
@@ -628,7 +620,7 @@ def emulated_amx():
     # Its packing and epilogue are AVX-512, as on every AMX CPU.
     needs = {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
     if not needs.issubset(cpu._cpu_flags()):
-        pytest.skip(f"the emulated AMX kernel needs {'/'.join(sorted(needs))}; this CPU ({cpu_model()}) lacks it")
+        pytest.skip(f"the emulated AMX kernel needs {'/'.join(sorted(needs))}; this CPU ({cpu.cpu_model()}) lacks it")
     if not cpu.isa_allowed("avx512_vnni"):
         pytest.skip(f"the emulated AMX kernel needs AVX-512, ruled out by {cpu.MAX_ISA_VARIABLE}={cpu.isa_cap()}")
     source = os.path.join(os.path.dirname(build.__file__), "gemm_amx.cpp")

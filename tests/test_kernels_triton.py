@@ -289,6 +289,9 @@ def test_split_k_runs_the_whole_epilogue():
 
 
 def test_split_k_only_where_its_workspace_is_sized():
+    # The workspace holds one arrival counter per tile of the narrowest split tile.
+    for config in (c for c in GEMM_CONFIGS if c.kwargs["SPLIT_K"] > 1):
+        assert config.kwargs["BLOCK_M"] >= cuda_gemm.SPLIT_K_MIN_BLOCK_M and config.kwargs["BLOCK_N"] >= cuda_gemm.SPLIT_K_MIN_BLOCK_N
     prune = cuda_gemm._prune_configs
     for bucket in (1, 16):
         assert any(c.kwargs["SPLIT_K"] > 1 for c in prune(GEMM_CONFIGS, {"M_BUCKET": bucket}))

@@ -17,19 +17,9 @@ import torch
 
 import int8fx
 
-# The CPU features int8fx's kernels (or their fp peers) use, as /proc/cpuinfo names them.
-ISA_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 # (M, K) pairs whose dispatch is shown: decode and prefill on a small and a Llama-sized layer.
 DISPATCH_SHAPES = ((1, 4096), (16, 4096), (128, 4096), (512, 576))
 PEERS = ("triton", "transformers", "accelerate", "peft", "bitsandbytes", "torchao")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), platform.processor())
-    except OSError:
-        return platform.processor() or platform.machine()
 
 
 def installed_version(package: str) -> Optional[str]:
@@ -67,10 +57,9 @@ def load_cpu_library() -> tuple[bool, list[str]]:
 def cpu_rows() -> list[tuple[str, str]]:
     from int8fx.kernels import cpu
 
-    flags = cpu._cpu_flags()
     rows = [
-        ("CPU", f"{cpu_model()} ({platform.machine()}), {os.cpu_count()} logical cores, torch uses {torch.get_num_threads()} threads"),
-        ("CPU instruction sets", " ".join(flag for flag in ISA_FLAGS if flag in flags) or "none of " + ", ".join(ISA_FLAGS)),
+        ("CPU", f"{cpu.cpu_model()} ({platform.machine()}), {os.cpu_count()} logical cores, torch uses {torch.get_num_threads()} threads"),
+        ("CPU instruction sets", " ".join(cpu.isa_flags()) or "none of " + ", ".join(cpu.ISA_FLAGS)),
         (cpu.MAX_ISA_VARIABLE, os.environ.get(cpu.MAX_ISA_VARIABLE) or "unset (no cap)"),
     ]
     loaded, messages = load_cpu_library()

@@ -38,6 +38,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import platform
 from typing import Optional
 
 import torch
@@ -66,6 +67,28 @@ def isa_allowed(level: str) -> bool:
     """Whether the cap (if any) lets the library use ``level``'s instructions."""
     cap = isa_cap()
     return cap is None or ISA_LEVELS.index(level) <= ISA_LEVELS.index(cap)
+
+
+# The CPU features that matter to int8 kernels and to their fp peers, as /proc/cpuinfo names them.
+ISA_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo``, else what ``platform`` knows (not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def isa_flags() -> list[str]:
+    """The ``ISA_FLAGS`` this CPU has, in that order (what benchmark headers and reports show)."""
+    flags = _cpu_flags()
+    return [flag for flag in ISA_FLAGS if flag in flags]
 
 
 def _cpu_flags() -> frozenset[str]:
