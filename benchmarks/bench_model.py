@@ -17,10 +17,13 @@ which compiles in the first round) and greedy decode speed with a KV cache (afte
 steps that compile the one-token graph; see ``int8fx.cli.demo.measure.greedy_generate``). The
 table gives medians over the rounds; ``x vs fp32 inductor`` is the median of the rounds'
 ratios to fp32 inductor (and to bf16 inductor), above 1 meaning faster. Prints a markdown table and writes
-``bench_model.csv`` (and ``bench_model.png`` when matplotlib is installed) to ``--out``.
+``bench_model.csv`` (and ``bench_model.png`` when matplotlib is installed) to ``--out``. With
+``--profile``, each provider is then profiled (one prefill, a few decode steps): where its time goes,
+by category (``bench_model_profile.csv``).
 
     python benchmarks/bench_model.py [--prompt-tokens 512] [--new-tokens 32] [--repeats 5] [--threads N]
                                      [--providers fp32-inductor int8lt-t6 ...] [--model-dir DIR] [--out DIR] [--smoke]
+                                     [--profile]
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from torch import nn
 
 import int8fx  # registers the "int8lt" backend
 from int8fx.cli.demo.data import bbc_token_chunks
-from int8fx.cli.demo.measure import DECODE_WARMUP_STEPS, generate_in_turns
+from int8fx.cli.demo.measure import DECODE_WARMUP_STEPS, accepts_logits_to_keep, generate_in_turns
 from int8fx.cli.demo.models import MissingPackages, keep_first_decoder_layers, load_causal_lm, load_smollm2
 from int8fx.paths import matches_skip
 
@@ -199,14 +202,16 @@ def report_skipped(name: str, error: Exception) -> None:
     print(f"{name}: skipped ({type(error).__name__}: {error})")
 
 
-def run(model: nn.Module, prompt: torch.Tensor, providers: list[str], new_tokens: int, rounds: int) -> list[dict]:
+def run(model: nn.Module, prompt: torch.Tensor, providers: list[str], new_tokens: int, rounds: int) -> tuple[list[dict], dict]:
     """Measures the providers taking turns, one prefill and one greedy decode each per round
-    (``generate_in_turns``); per-round ratios cancel most of the drift that remains."""
+    (``generate_in_turns``); per-round ratios cancel most of the drift that remains. Returns the
+    rows and the providers that ran (compiled and warm, for ``--profile``)."""
     torch._dynamo.reset()
-    results = generate_in_turns(build_all(model, providers), prompt, new_tokens, 1, rounds, on_error=report_skipped)
+    built = build_all(model, providers)
+    results = generate_in_turns(built, prompt, new_tokens, 1, rounds, on_error=report_skipped)
     rows = [summarize(name, runs, prompt.shape[1], new_tokens) for name, runs in results.items()]
     add_ratios(rows, results)
-    return rows
+    return rows, {name: built[name] for name in results}
 
 
 def summarize(name: str, runs: list, prompt_tokens: int, new_tokens: int) -> dict:
@@ -237,6 +242,69 @@ def add_ratios(rows: list[dict], results: dict[str, list]) -> None:
             )
 
 
+# ---------------------------------------------------------------- where the time goes (--profile)
+
+# Each profiled op's self time goes to the first category whose prefixes match its name. An
+# op's self time excludes the ops it calls: int8fx's outlier matmuls (at::mm inside its op) count
+# as fp matmuls, with the fp lm_head. inductor's generated kernels are not profiler events: their
+# time is the self time of the compiled graph's call.
+PROFILE_CATEGORIES = {
+    "int8 linears": ("int8fx::", "aten::_int_mm", "bitsandbytes::"),
+    "fp matmuls": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear"),
+    "attention": ("aten::_scaled_dot_product", "aten::scaled_dot_product"),
+    "inductor kernels": ("## Call CompiledFxGraph",),
+    "dynamo guards": ("TorchDynamo Cache Lookup",),
+}
+PROFILE_OTHER = "other"
+PROFILE_DECODE_STEPS = 8
+PROFILE_COLUMNS = ["provider", "phase", *PROFILE_CATEGORIES, PROFILE_OTHER, "total"]
+
+
+def profile_category(name: str) -> str:
+    return next((category for category, prefixes in PROFILE_CATEGORIES.items() if name.startswith(prefixes)), PROFILE_OTHER)
+
+
+def self_ms_by_category(prof, calls: int) -> dict[str, float]:
+    """Self CPU time per category, in ms per call of what was profiled."""
+    totals = dict.fromkeys([*PROFILE_CATEGORIES, PROFILE_OTHER], 0.0)
+    for event in prof.key_averages():
+        totals[profile_category(event.key)] += event.self_cpu_time_total / 1e3 / calls
+    totals["total"] = sum(totals.values())
+    return {key: round(value, 3) for key, value in totals.items()}
+
+
+def profile_provider(name: str, model: Callable, prompt: torch.Tensor, decode_steps: int = PROFILE_DECODE_STEPS) -> list[dict]:
+    """One prefill of ``prompt`` and ``decode_steps`` greedy steps after it, under torch.profiler
+    (the model is warm: compiled by the timed rounds). The profiler's own per-op cost inflates
+    decode, where ops are short: compare categories, not totals with the timed table."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import DynamicCache
+
+    rows = []
+    last_logits_only = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}  # as the timed prefill
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        cache = DynamicCache()
+        logits = model(input_ids=prompt, past_key_values=cache, use_cache=True, **last_logits_only).logits
+    rows.append({"provider": name, "phase": f"prefill {prompt.shape[1]} tokens (ms)", **self_ms_by_category(prof, 1)})
+    token = logits[:, -1].argmax(dim=-1, keepdim=True)
+    token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(dim=-1, keepdim=True)  # not profiled
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(decode_steps):
+            token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(dim=-1, keepdim=True)
+    rows.append({"provider": name, "phase": "decode (ms per token)", **self_ms_by_category(prof, decode_steps)})
+    return rows
+
+
+def profile_all(models: dict[str, Callable], prompt: torch.Tensor) -> list[dict]:
+    rows = []
+    for name, model in models.items():
+        try:
+            rows += profile_provider(name, model, prompt)
+        except Exception as error:  # a profile that fails loses nothing measured
+            report_skipped(f"{name} (profile)", error)
+    return rows
+
+
 # ---------------------------------------------------------------- output
 
 
@@ -264,6 +332,11 @@ def print_table(rows: list[dict]) -> None:
             for r in rows
         ],
     )
+
+
+def print_profile(rows: list[dict]) -> None:
+    header = ["provider", "phase", *PROFILE_CATEGORIES, PROFILE_OTHER, "total"]
+    print_markdown_table(header, [[r["provider"], r["phase"], *(format_cell(r[key], ".2f") for key in header[2:])] for r in rows])
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -321,6 +394,12 @@ def main() -> None:
         help=f"{SMOKE['layers']} decoder layers, {SMOKE['prompt_tokens']}-token prompt, "
         f"{SMOKE['new_tokens']} new tokens, {SMOKE['repeats']} rounds: checks that the script runs",
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help=f"then profile one prefill and {PROFILE_DECODE_STEPS} decode steps per provider: self time of int8 linears, "
+        "fp matmuls, attention, inductor's kernels, dynamo's guards (bench_model_profile.csv)",
+    )
     args = parser.parse_args()
     if args.smoke:
         args.prompt_tokens, args.new_tokens, args.repeats = SMOKE["prompt_tokens"], SMOKE["new_tokens"], SMOKE["repeats"]
@@ -342,7 +421,7 @@ def main() -> None:
         f"{args.repeats} interleaved rounds, medians\n"
     )
     with torch.no_grad():
-        rows = run(model, prompt, args.providers, args.new_tokens, args.repeats)
+        rows, models = run(model, prompt, args.providers, args.new_tokens, args.repeats)
     if not rows:
         sys.exit("bench_model.py: no provider could run")
     print()
@@ -352,6 +431,14 @@ def main() -> None:
     write_csv(rows, path, CSV_COLUMNS)
     print(f"wrote {path}")
     plot(rows, os.path.join(args.out, "bench_model.png"))
+    if args.profile:
+        print("\nWhere the time goes: self CPU time (torch.profiler) per category\n")
+        with torch.no_grad():
+            profile_rows = profile_all(models, prompt)
+        print_profile(profile_rows)
+        path = os.path.join(args.out, "bench_model_profile.csv")
+        write_csv(profile_rows, path, PROFILE_COLUMNS)
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":
