@@ -335,8 +335,8 @@ def print_table(rows: list[dict]) -> None:
 
 
 def print_profile(rows: list[dict]) -> None:
-    header = ["provider", "phase", *PROFILE_CATEGORIES, PROFILE_OTHER, "total"]
-    print_markdown_table(header, [[r["provider"], r["phase"], *(format_cell(r[key], ".2f") for key in header[2:])] for r in rows])
+    values = PROFILE_COLUMNS[2:]  # after provider and phase
+    print_markdown_table(PROFILE_COLUMNS, [[r["provider"], r["phase"], *(format_cell(r[key], ".2f") for key in values)] for r in rows])
 
 
 def plot(rows: list[dict], path: str) -> None:

@@ -337,7 +337,6 @@ def save_tiny_llama(directory, vocab_size: int) -> str:
 @pytest.mark.slow
 @needs_smollm2
 def test_demo_quick(smollm2, monkeypatch, tmp_path, capsys):
-
     monkeypatch.setattr(models, "load_smollm2", lambda dtype: smollm2)
     # The loading rows load a checkpoint twice in fresh processes (about 10 s): a tiny one here,
     # with SmolLM2's vocabulary for the BBC tokens of the forward pass.

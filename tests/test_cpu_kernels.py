@@ -344,7 +344,6 @@ def test_torch_path_reads_only_the_outlier_columns(monkeypatch):
 
 @pytest.mark.slow  # a subprocess: seconds to minutes
 @needs_library
-@needs_library
 def test_a_lock_left_by_a_killed_build_does_not_hang(tmp_path, monkeypatch):
     # torch waits forever on a lock file a killed build left behind; int8fx removes it. The
     # finished build is copied into a fresh extension directory (its timestamps kept, so
