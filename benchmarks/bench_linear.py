@@ -9,21 +9,26 @@ On a CPU: fp32 and bf16 eager, bf16 inductor (on CPUs with AMX-BF16 or AVX-512 B
 baseline a user would pick), bare ``torch._int_mm``, int8fx's bare int8 GEMM kernels (each
 one this CPU runs), int8fx threshold 0 / 6 without the fp weight (``Linear8bitLt``) and
 threshold 6 with it (what the compiled backend passes), and bitsandbytes / torchao where
-importable; medians of ``time.perf_counter``.
+importable; medians of ``time.perf_counter``, the calls of every provider of one (shape, M)
+interleaved over ``--rounds`` rounds, so the ratios within a row group compare like with like.
+Weights stay in cache from call to call where they fit; ``--cold`` evicts the caches before
+every timed call, as decode of a model larger than the cache reads every weight from memory.
 
 Inputs have 0.1% outlier columns (|x| in [8, 20]; the rest is clipped normal, |x| <= 4).
 Shapes are written ``KxN`` (in_features x out_features). Prints a markdown table and
-writes ``bench_linear_<device>.csv`` (and a PNG of the speed-up over bf16 when matplotlib
+writes ``bench_linear_<device>.csv`` (``bench_linear_cpu_cold.csv`` with ``--cold``) (and a PNG of the speed-up over bf16 when matplotlib
 is installed) to ``--out``.
 
     python benchmarks/bench_linear.py [--device cuda|cpu] [--shapes 4096x4096 ...] [--m 1 16 ...]
-                                      [--threads N] [--out DIR] [--smoke]
+                                      [--reps N] [--rounds N] [--budget-s S] [--cold] [--threads N]
+                                      [--out DIR] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import glob
 import os
 import statistics
 import time
@@ -202,57 +207,113 @@ def _importable(module: str) -> bool:
 
 
 def median_ms(fn: Provider, device: str, reps: int, budget_s: float) -> float:
+    """One provider on its own: ``triton.testing.do_bench`` on a GPU, ``reps`` calls (at most
+    ``budget_s`` of them) on a CPU. (The CPU table uses ``interleaved_medians_ms``.)"""
     if device == "cuda":
         import triton.testing
 
         return triton.testing.do_bench(fn, warmup=max(1, reps // 4), rep=max(1, reps), return_mode="median")
-    fn()  # warm up (first-call allocation, lazy init)
-    times = []
-    start = time.perf_counter()
-    while len(times) < reps and (not times or time.perf_counter() - start < budget_s):
-        begin = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - begin)
-    return statistics.median(times) * 1e3
+    return interleaved_medians_ms({"fn": fn}, reps, budget_s, rounds=1)["fn"]
+
+
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache this machine reports (Linux sysfs), else 64 MiB."""
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        with open(path) as f:
+            text = f.read().strip()
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+    return max(sizes, default=64 * 2**20)
+
+
+def cache_evictor() -> Callable[[], None]:
+    """A call that reads twice the last-level cache's size: run before each timed call, it leaves
+    the weights in memory, not in cache, as every layer of a model larger than the cache is
+    at decode. (Untimed; the activations are evicted too, as a model's other layers would.)"""
+    buffer = torch.ones(2 * last_level_cache_bytes() // 4)
+    return lambda: buffer.sum()
+
+
+def interleaved_medians_ms(
+    fns: dict[str, Provider], reps: int, budget_s: float, rounds: int, before_each: Optional[Callable[[], None]] = None
+) -> dict[str, float]:
+    """CPU: the median of ``reps`` timed calls per provider, taken in ``rounds`` rounds that each
+    give every provider its share of the calls, in an order rotated from round to round. A slow
+    spell of a shared machine then lands on all the providers of the table alike, not on
+    whichever one happened to be timed then. A provider stops being timed once its calls
+    have taken ``budget_s`` in all (the slow peers), after at least one. ``before_each`` runs,
+    untimed, before every timed call (``cache_evictor``)."""
+    for fn in fns.values():
+        fn()  # warm up (first-call allocation, lazy init, compilation)
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    spent = dict.fromkeys(names, 0.0)
+    per_round = max(1, -(-reps // rounds))
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            for _ in range(per_round):
+                if len(times[name]) >= reps or (times[name] and spent[name] >= budget_s):
+                    break
+                if before_each is not None:
+                    before_each()
+                begin = time.perf_counter()
+                fns[name]()
+                elapsed = time.perf_counter() - begin
+                times[name].append(elapsed)
+                spent[name] += elapsed
+    return {name: statistics.median(samples) * 1e3 for name, samples in times.items()}
 
 
 # ---------------------------------------------------------------- main
 
 
-def run(device: str, shapes: list[str], ms: list[int], reps: int, budget_s: float) -> list[dict]:
+def build_group(builders: dict[str, Callable], x: torch.Tensor, weight: torch.Tensor, label: str) -> dict[str, tuple[Provider, int]]:
+    """Every provider that can run this (shape, M): name -> (callable, bytes it must read)."""
+    built = {}
+    for name, build in builders.items():
+        try:
+            fn, bytes_in = build(x, weight)
+        except Exception as error:  # a peer that cannot run this shape is reported, not fatal
+            print(f"{name} {label}: skipped ({type(error).__name__}: {error})")
+            continue
+        if fn is not None:
+            built[name] = (fn, bytes_in)
+    return built
+
+
+def run(device: str, shapes: list[str], ms: list[int], reps: int, budget_s: float, rounds: int = 5, cold: bool = False) -> list[dict]:
     builders = providers(device)
+    before_each = cache_evictor() if cold else None
     rows = []
     for shape in shapes:
         K, N = (int(v) for v in shape.split("x"))
         weight = make_weight(K, N)
         for M in ms:
             x = make_activation(M, K, torch.float32, device)
-            group = []
-            for name, build in builders.items():
-                try:
-                    fn, bytes_in = build(x, weight)
-                except Exception as error:  # a peer that cannot run this shape is reported, not fatal
-                    print(f"{name} {shape} M={M}: skipped ({type(error).__name__}: {error})")
-                    continue
-                if fn is None:
-                    continue
-                with torch.no_grad():
-                    elapsed = median_ms(fn, device, reps, budget_s)
-                    out = fn()
-                moved = bytes_in + out.nbytes  # the least a kernel must move
-                group.append(
-                    {
-                        "device": device,
-                        "shape": shape,
-                        "M": M,
-                        "K": K,
-                        "N": N,
-                        "provider": name,
-                        "ms": elapsed,
-                        "TOPS": 2 * M * N * K / elapsed / 1e9,
-                        "GB/s": moved / elapsed / 1e6,
-                    }
-                )
+            built = build_group(builders, x, weight, f"{shape} M={M}")
+            with torch.no_grad():
+                if device == "cuda":
+                    elapsed = {name: median_ms(fn, device, reps, budget_s) for name, (fn, _) in built.items()}
+                else:
+                    elapsed = interleaved_medians_ms({name: fn for name, (fn, _) in built.items()}, reps, budget_s, rounds, before_each)
+                group = []
+                for name, (fn, bytes_in) in built.items():
+                    moved = bytes_in + fn().nbytes  # the least a kernel must move
+                    group.append(
+                        {
+                            "device": device,
+                            "shape": shape,
+                            "M": M,
+                            "K": K,
+                            "N": N,
+                            "provider": name,
+                            "ms": elapsed[name],
+                            "TOPS": 2 * M * N * K / elapsed[name] / 1e9,
+                            "GB/s": moved / elapsed[name] / 1e6,
+                        }
+                    )
             add_ratios(group)
             rows += group
     return rows
@@ -329,9 +390,17 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", help="KxN shapes (default: per device)")
     parser.add_argument("--m", nargs="+", type=int, help="batch sizes (default: per device)")
     parser.add_argument("--reps", type=int, default=None, help="CPU: timed calls per median; GPU: do_bench rep in ms")
-    parser.add_argument("--budget-s", type=float, default=2.0, help="CPU: stop repeating a measurement after this long")
+    parser.add_argument("--budget-s", type=float, default=2.0, help="CPU: stop timing a provider once its calls took this long")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="CPU: the timed calls are spread over this many rounds across the providers (default 5)"
+    )
     parser.add_argument(
         "--threads", type=int, help="CPU: torch.set_num_threads (on a shared machine, 1 avoids waiting on descheduled threads)"
+    )
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="CPU: evict the caches before every timed call (weights from memory, as in a model larger than the cache)",
     )
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, 1 rep: checks that the script runs")
@@ -345,11 +414,15 @@ def main() -> None:
     shapes = args.shapes or (SMOKE_SHAPES if args.smoke else GPU_SHAPES if gpu else CPU_SHAPES)
     ms = args.m or (SMOKE_M if args.smoke else GPU_M if gpu else CPU_M)
     reps = args.reps or (1 if args.smoke else 100 if gpu else 10)
+    rounds = args.rounds or (1 if args.smoke else 5)
     print(describe(args.device))
-    rows = run(args.device, shapes, ms, reps, args.budget_s)
+    if not gpu:
+        caches = f", caches evicted before each call (reads {2 * last_level_cache_bytes() >> 20} MiB)" if args.cold else ", caches warm"
+        print(f"medians of {reps} calls per provider, in {rounds} interleaved rounds{caches}")
+    rows = run(args.device, shapes, ms, reps, args.budget_s, rounds, cold=args.cold)
     print_table(rows)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"bench_linear_{args.device}")
+    stem = os.path.join(args.out, f"bench_linear_{args.device}" + ("_cold" if args.cold else ""))
     write_csv(rows, stem + ".csv", CSV_COLUMNS)
     print(f"wrote {stem}.csv")
     plot(rows, stem + ".png")

@@ -7,6 +7,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,36 @@ def test_bench_linear_smoke(tmp_path):
     assert all(float(row["ms"]) > 0 for row in rows)
     assert "| shape (KxN) | M | provider | ms | TOPS | GB/s |" in result.stdout
     assert result.stdout.startswith("cpu: ") and "int8fx CPU kernels: " in result.stdout  # the machine, in the header
+
+
+def _bench_linear():
+    sys.path.insert(0, str(BENCHMARKS))  # benchmarks/ is not a package
+    import bench_linear
+
+    return bench_linear
+
+
+def test_bench_linear_interleaves_the_providers_and_evicts_before_each_timed_call():
+    bench_linear = _bench_linear()
+    calls, evicted_before = [], []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    medians = bench_linear.interleaved_medians_ms(fns, reps=4, budget_s=60, rounds=2, before_each=lambda: evicted_before.append(len(calls)))
+    assert calls[:3] == ["a", "b", "c"]  # one untimed warm-up each
+    # two calls per provider per round, the second round's order rotated by one
+    assert calls[3:] == ["a", "a", "b", "b", "c", "c", "b", "b", "c", "c", "a", "a"]
+    assert evicted_before == list(range(3, 15))  # before every timed call, none before a warm-up
+    assert set(medians) == set("abc") and all(ms >= 0 for ms in medians.values())
+    assert bench_linear.last_level_cache_bytes() >= 2**20
+
+
+def test_bench_linear_stops_timing_a_provider_past_its_budget_after_one_call():
+    bench_linear = _bench_linear()
+    calls = []
+    slow = lambda: (calls.append("slow"), time.sleep(0.02))  # noqa: E731
+    medians = bench_linear.interleaved_medians_ms({"slow": slow, "fast": lambda: calls.append("fast")}, reps=6, budget_s=0.01, rounds=3)
+    assert calls.count("slow") == 2  # the warm-up, then one timed call: it alone exceeds the budget
+    assert calls.count("fast") == 7  # every timed call it was given
+    assert medians["slow"] >= 20
 
 
 @pytest.mark.slow  # a subprocess: seconds to minutes

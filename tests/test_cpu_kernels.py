@@ -610,6 +610,126 @@ def test_fused_linear_bf16_input():
     assert ((y.float() - y_ref.float()).abs() <= bound).all()
 
 
+# ---------------------------------------------------------------- the fp weight's outlier columns, kept
+
+
+def kept_case(M, columns, seed=0):
+    """fused_case with exactly ``columns`` as outlier columns (none by chance)."""
+    x, weight, bias, CB, SCB = fused_case(M, 64, 40, seed=seed)
+    x = x.clamp(-4, 4)
+    x[:, list(columns)] = 20.0
+    return x, weight, bias, CB, SCB
+
+
+def assert_within_outlier_bound(y, x, weight, CB, SCB, bias):
+    """y is reference.int8_linear's output up to the outlier part's fp32 summation order."""
+    y_ref = reference.int8_linear(x, CB, SCB, bias, 6.0, weight)
+    source = weight if weight is not None else reference.dequantize_rows(CB, SCB)
+    assert ((y - y_ref).abs() <= outlier_bound(x, source, y_ref)).all()
+
+
+# M = 1 and 20: the outlier part in the GEMM's tiles, in the panels, or in a pass of its own
+# (onednn, and avx2 or the dot-product tiles at M >= 16)
+@pytest.mark.parametrize("fp_weight", [True, False])
+@pytest.mark.parametrize("M", [1, 20])
+def test_kept_outlier_columns_give_what_reading_the_weight_gives(kernel, M, fp_weight):
+    cpu.clear_outlier_cache()
+    x, weight, bias, CB, SCB = kept_case(M, (3, 30))
+    w = weight if fp_weight else None
+    # Without the fp weight, the small-M tiles add CB's columns from the rows they just read.
+    keeps = fp_weight or M >= 16 or kernel in ("onednn", "avx512_vnni_panels")
+    first = cpu.int8_linear_cpu(x, CB, SCB, bias, 6.0, w, kernel)  # read, then kept
+    assert_within_outlier_bound(first, x, w, CB, SCB, bias)
+    assert cpu.outlier_cache_stats() == ((1, 2, 2 * 40 * 4) if keeps else (0, 0, 0))
+    assert torch.equal(cpu.int8_linear_cpu(x, CB, SCB, bias, 6.0, w, kernel), first)  # from the kept ones
+    # Other outlier columns: 30 comes from what was kept, 50 is read (then kept too).
+    x2 = kept_case(M, (30, 50), seed=1)[0]
+    y2 = cpu.int8_linear_cpu(x2, CB, SCB, bias, 6.0, w, kernel)
+    assert_within_outlier_bound(y2, x2, w, CB, SCB, bias)
+    assert cpu.outlier_cache_stats()[:2] == ((1, 3) if keeps else (0, 0))
+    # CB's columns are kept unscaled: another SCB with the same CB scales them its own way.
+    y3 = cpu.int8_linear_cpu(x2, CB, SCB * 2, bias, 6.0, w, kernel)
+    assert_within_outlier_bound(y3, x2, w, CB, SCB * 2, bias)
+    cpu.clear_outlier_cache()
+    assert torch.equal(cpu.int8_linear_cpu(x2, CB, SCB, bias, 6.0, w, kernel), y2)
+
+
+@needs_library
+@pytest.mark.parametrize("M", [1, 20])
+def test_kept_outlier_columns_follow_in_place_updates_and_go_with_their_weight(M):
+    cpu.clear_outlier_cache()
+    x, weight, bias, CB, SCB = kept_case(M, (3, 30))
+    before = torch.ops.int8fx.int8_linear(x, CB, SCB, bias, 6.0, weight)
+    weight.mul_(2)  # bumps the version: the kept columns are stale (CB is the caller's to update)
+    after = torch.ops.int8fx.int8_linear(x, CB, SCB, bias, 6.0, weight)
+    assert_within_outlier_bound(after, x, weight, CB, SCB, bias)
+    assert not torch.equal(after, before)
+    assert cpu.outlier_cache_stats()[:2] == (1, 2)
+    # A change below the weight's counter (a DTensor's shard, W.data) that the caller answers
+    # by requantizing CB in place, as the backend does: the kept columns go with the old CB.
+    weight.data.mul_(3)
+    new_CB, new_SCB = reference.quantize_weight(weight)
+    CB.copy_(new_CB)
+    SCB.copy_(new_SCB)
+    assert_within_outlier_bound(torch.ops.int8fx.int8_linear(x, CB, SCB, bias, 6.0, weight), x, weight, CB, SCB, bias)
+    del weight
+    assert cpu.outlier_cache_stats() == (0, 0, 0)  # freed with its weight
+    if M >= 16:  # CB's own columns (kept where the tiles do not read them from CB's rows)
+        torch.ops.int8fx.int8_linear(x, CB, SCB, bias, 6.0, None)
+        new_CB, new_SCB = reference.quantize_weight(torch.randn(40, 64, generator=torch.Generator().manual_seed(9)))
+        CB.copy_(new_CB)  # the backend's requantization: in place, into the same tensors
+        SCB.copy_(new_SCB)
+        assert_within_outlier_bound(torch.ops.int8fx.int8_linear(x, CB, SCB, bias, 6.0, None), x, None, CB, SCB, bias)
+
+
+@needs_library
+@pytest.mark.parametrize("fp_weight", [True, False])
+def test_kept_outlier_columns_feed_the_blas_outlier_part_bit_for_bit(fp_weight):
+    # 8 outlier columns over 16 rows go to BLAS; at K = 2048 all 8 can be kept (K / 256).
+    cpu.clear_outlier_cache()
+    generator = torch.Generator().manual_seed(3)
+    x = (torch.randn(16, 2048, generator=generator) * 2).clamp(-4, 4)
+    x[:, list(range(5, 2048, 256))] = 20.0
+    weight = torch.randn(24, 2048, generator=generator) / 45
+    CB, SCB = reference.quantize_weight(weight)
+    w = weight if fp_weight else None
+    y = torch.ops.int8fx.int8_linear(x, CB, SCB, None, 6.0, w)
+    assert_within_outlier_bound(y, x, w, CB, SCB, None)
+    assert cpu.outlier_cache_stats() == (1, 8, 8 * 24 * 4)
+    assert torch.equal(torch.ops.int8fx.int8_linear(x, CB, SCB, None, 6.0, w), y)  # from the kept columns
+    with torch.inference_mode():  # never kept: the columns come from index_select, as for wider sets
+        w_frozen, CB_frozen = (None if w is None else w.clone()), CB.clone()
+    assert torch.equal(torch.ops.int8fx.int8_linear(x, CB_frozen, SCB, None, 6.0, w_frozen), y)
+    assert cpu.outlier_cache_stats()[:2] == (1, 8)
+
+
+@needs_library
+def test_kept_outlier_columns_are_bounded_per_weight():
+    cpu.clear_outlier_cache()
+    x, weight, bias, CB, SCB = kept_case(1, range(0, 60, 6))  # 10 outlier columns
+    y = torch.ops.int8fx.int8_linear(x, CB, SCB, bias, 6.0, weight)
+    assert_within_outlier_bound(y, x, weight, CB, SCB, bias)
+    assert cpu.outlier_cache_stats() == (1, 4, 4 * 40 * 4)  # max(4, K / 256) columns kept; the rest read each call
+    assert torch.equal(torch.ops.int8fx.int8_linear(x, CB, SCB, bias, 6.0, weight), y)
+
+
+@needs_library
+def test_kept_outlier_columns_are_per_view_and_never_of_inference_tensors():
+    cpu.clear_outlier_cache()
+    x = kept_case(1, (3, 30))[0]
+    both = torch.randn(80, 64, generator=torch.Generator().manual_seed(5)) / 8
+    for rows in (slice(0, 40), slice(40, 80)):  # two weights in one storage, at different offsets
+        weight = both[rows]
+        CB, SCB = reference.quantize_weight(weight)
+        assert_within_outlier_bound(torch.ops.int8fx.int8_linear(x, CB, SCB, None, 6.0, weight), x, weight, CB, SCB, None)
+    assert cpu.outlier_cache_stats()[:2] == (2, 4)
+    with torch.inference_mode():
+        frozen = both[:40].clone()  # no version counter: an in-place update could not be seen
+    y = torch.ops.int8fx.int8_linear(x, CB, SCB, None, 6.0, frozen)
+    assert_within_outlier_bound(y, x, frozen, CB, SCB, None)
+    assert cpu.outlier_cache_stats()[:2] == (2, 4)
+
+
 # ---------------------------------------------------------------- the AMX kernel, emulated
 
 

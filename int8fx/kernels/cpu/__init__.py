@@ -21,6 +21,11 @@ kernel                  needs                                       used for
 
 Every kernel is exact int32 arithmetic, bit-identical with ``reference.int8_matmul``.
 
+The weight columns the outlier part reads (the fp weight's, or ``CB``'s) are kept contiguous
+from call to call (``outlier_cache.cpp``: real activations put their outliers in the same few
+columns token after token); ``outlier_cache_stats()`` says what is kept, ``clear_outlier_cache()``
+drops it.
+
 Where the library cannot be built or loaded (no compiler, no AVX2), ``load()`` logs why
 and returns False, and the op runs ``torch_path`` (the reference's steps around
 ``torch._int_mm``).
@@ -169,6 +174,19 @@ def quantize_activation(x2d: Tensor, threshold: float) -> tuple[Tensor, Tensor, 
     _require_library()
     CA, SCA, columns = torch.ops.int8fx._cpu_quantize_activation(x2d, threshold)
     return CA, SCA, columns if columns.numel() else None
+
+
+def outlier_cache_stats() -> tuple[int, int, int]:
+    """What the op keeps of fp weights' outlier columns (``outlier_cache.cpp``): ``(weights,
+    columns, bytes)``, freed weights' entries dropped first."""
+    _require_library()
+    return tuple(torch.ops.int8fx._cpu_outlier_cache())
+
+
+def clear_outlier_cache() -> None:
+    """Forget every kept outlier column (they are read from the fp weights again as needed)."""
+    _require_library()
+    torch.ops.int8fx._cpu_clear_outlier_cache()
 
 
 def int8_linear_cpu(

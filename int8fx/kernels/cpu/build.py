@@ -26,6 +26,7 @@ SOURCES = [
         "isa.cpp",
         "quantize.cpp",
         "outliers.cpp",
+        "outlier_cache.cpp",
         "gemm.cpp",
         "gemm_avx2.cpp",
         "gemm_avx512.cpp",

@@ -67,8 +67,8 @@ inline float to_float(HalfBits w) { return _cvtsh_ss(w.bits); }
 // The outlier part of row m, output n: sum over the outlier columns c (ascending) of
 // X[m, c] * W[n, c] in fp32, W being the fp weight or, without one, CB dequantized as
 // reference.dequantize_rows does (CB * (SCB / 127)). Used by GemmOutput at small M, where
-// the GEMM streams each row of CB once: the outlier columns of a row are read right after
-// the row itself, not in a pass of their own with a cache miss per row.
+// the GEMM streams each row of CB once: without an fp weight, the outlier columns of a row
+// are read from CB right after the row itself; with one, from the gathered columns.
 struct OutlierColumns {
   const float* X;  // fp32 [M, K]
   int64_t K;
@@ -78,12 +78,14 @@ struct OutlierColumns {
   const int8_t* CB;
   const float* SCB;
   int64_t N;
-  // Set by gather_outlier_columns' caller: [count, N], scaled(n, o) at [o * N + n], for
-  // kernels that add the outlier part 16 outputs at a time (the VNNI panels).
+  // Set by gather_outlier_columns' caller: [count, N], scaled(n, o) at [o * N + n]. The
+  // VNNI panels add the outlier part 16 outputs at a time from it; with an fp weight, every
+  // path reads it instead of W's scattered elements (outlier_cache.cpp).
   const float* gathered = nullptr;
 
   // The weight's element for output n and outlier o: W[n, columns[o]], or CB's dequantized.
   float scaled(int64_t n, int64_t o) const {
+    if (gathered) return gathered[o * N + n];
     const float scale = W.data ? 1.0f : SCB[n] / kInt8Max;
     return raw(n, columns[o]) * scale;
   }
@@ -111,18 +113,12 @@ struct OutlierColumns {
     __m128 y = _mm_setzero_ps();
     for (int64_t o = 0; o < count; ++o) {
       const int64_t c = columns[o];
-      const __m128 w = _mm_mul_ps(_mm_setr_ps(raw(n, c), raw(n + 1, c), raw(n + 2, c), raw(n + 3, c)), scale);
+      const __m128 w = gathered ? _mm_loadu_ps(gathered + o * N + n)
+                                : _mm_mul_ps(_mm_setr_ps(raw(n, c), raw(n + 1, c), raw(n + 2, c), raw(n + 3, c)), scale);
       const __m128 product = _mm_mul_ps(_mm_set1_ps(x[c]), w);
       y = o == 0 ? product : _mm_add_ps(y, product);
     }
     return y;
-  }
-  // The fp weight is not streamed like CB: fetch the outlier elements of rows to come.
-  void prefetch(int64_t n) const {
-    if (!W.data || n >= N) return;
-    const int64_t element = W.type == FpWeight::kFloat32 ? 4 : 2;
-    for (int64_t o = 0; o < count; ++o)
-      _mm_prefetch(static_cast<const char*>(W.data) + (n * W.row_stride + columns[o] * W.column_stride) * element, _MM_HINT_T0);
   }
 };
 
@@ -145,7 +141,6 @@ struct GemmOutput {
   const float* bias = nullptr;  // may be null
   bool add_outliers = false;
   const OutlierColumns* outliers = nullptr;  // may be null; never with add_outliers
-  int64_t prefetch_rows_ahead = 0;           // with outliers: fetch W's elements this far ahead
 
   void operator()(int64_t m, int64_t n, const int32_t* values, int count) const {
     if (c32) {
@@ -155,9 +150,6 @@ struct GemmOutput {
     float* o = out + m * ldc + n;
     const float* scb = SCB + n;
     const float* b = bias ? bias + n : nullptr;
-    if (outliers && m == 0) {
-      for (int j = 0; j < count; ++j) outliers->prefetch(n + prefetch_rows_ahead + j);
-    }
     int j = 0;
     const __m256 sa8 = _mm256_set1_ps(SCA[m]), divisor8 = _mm256_set1_ps(kInt8MaxSquared);
     for (; j + 8 <= count; j += 8) {  // each lane rounds exactly as the scalar tail

@@ -18,6 +18,8 @@
 //   int8fx::_cpu_kernels() -> str                which kernels this CPU runs, best first
 //   int8fx::_cpu_chosen_kernel(M, K) -> str      the GEMM the op picks for that shape here
 //   int8fx::_cpu_amx_self_check() -> str         "no AMX", "passed" or "failed"
+//   int8fx::_cpu_outlier_cache() -> (weights, columns, bytes)   what outlier_cache.cpp keeps
+//   int8fx::_cpu_clear_outlier_cache()
 
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -36,6 +38,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "outlier_cache.h"
 
 namespace int8fx {
 namespace {
@@ -133,10 +136,10 @@ FpWeight fp_weight_view(const std::optional<at::Tensor>& weight, at::Tensor& kee
 // At small M the GEMM streams each row of CB once and finishes its outputs right away:
 // the outlier columns of a row are added then (GemmOutput), while the row is in cache,
 // instead of in a pass of their own that misses the cache once per row of the weight
-// (4096 x 4096 at M = 1: threshold 6 cost 1.2x threshold 0 that way, 1.5x with the fp
-// weight). At larger M the outlier part is a small matmul of its own, below.
+// (4096 x 4096 at M = 1: threshold 6 cost 1.2x threshold 0 that way). With the fp weight
+// they come from its gathered columns instead (outlier_cache.cpp). At larger M the outlier
+// part is added by the panels or is a small matmul of its own, below.
 constexpr int64_t kFusedOutlierMaxRows = 16;
-constexpr int64_t kOutlierPrefetchRows = 32;  // rows of W ahead; measured 16-64 at 4096 x 4096, M = 1-4: 32 best, all noisy
 bool outliers_in_the_gemm(int64_t M, Gemm gemm) { return M < kFusedOutlierMaxRows && gemm != Gemm::kOneDnn; }
 
 // Wide outlier sets go to BLAS: the kernel's column-by-column loop re-reads the output
@@ -154,18 +157,23 @@ bool outliers_in_the_panels(int64_t M, int64_t count, Gemm gemm) {
   return gemm == Gemm::kAvx512VnniPanels && !outliers_by_blas(M, count);
 }
 
-// out [M, N] = X[:, columns] @ W_cols^T by an fp32 matmul, W_cols from the fp weight or,
-// without one, the dequantized CB columns (CB * (SCB / 127), as reference.dequantize_rows).
-void outlier_part_blas(const at::Tensor& x32, std::vector<int64_t>& columns, const std::optional<at::Tensor>& weight,
+// out [M, N] = X[:, columns] @ W_cols^T by an fp32 matmul, W_cols^T [count, N] either
+// gathered already or taken here from the fp weight or, without one, the dequantized CB
+// columns (CB * (SCB / 127), as reference.dequantize_rows). Both ways give the matmul the
+// same [count, N] layout, so they give the same bits.
+void outlier_part_blas(const at::Tensor& x32, std::vector<int64_t>& columns, const float* gathered, const std::optional<at::Tensor>& weight,
                        const at::Tensor& CB, const at::Tensor& SCB, at::Tensor& out) {
-  const at::Tensor index = at::from_blob(columns.data(), {int64_t(columns.size())}, at::kLong);
-  at::Tensor w_columns;
-  if (weight.has_value()) {
-    w_columns = weight->index_select(1, index).to(at::kFloat);
+  const int64_t count = int64_t(columns.size()), N = CB.size(0);
+  const at::Tensor index = at::from_blob(columns.data(), {count}, at::kLong);
+  at::Tensor w_columns_t;
+  if (gathered != nullptr) {
+    w_columns_t = at::from_blob(const_cast<float*>(gathered), {count, N}, at::kFloat);
+  } else if (weight.has_value()) {
+    w_columns_t = weight->index_select(1, index).to(at::kFloat).t().contiguous();
   } else {
-    w_columns = CB.index_select(1, index).to(at::kFloat).mul(SCB.div(double(kInt8Max)).unsqueeze(1));
+    w_columns_t = CB.index_select(1, index).to(at::kFloat).mul(SCB.div(double(kInt8Max)).unsqueeze(1)).t().contiguous();
   }
-  at::mm_out(out, x32.index_select(1, index), w_columns.t());
+  at::mm_out(out, x32.index_select(1, index), w_columns_t);
 }
 
 // ---------------------------------------------------------------- the ops
@@ -186,6 +194,7 @@ void check_linear_args(const at::Tensor& x, const at::Tensor& CB, const at::Tens
 // alive, at a fixed address, until the GEMM is done).
 struct LinearCall {
   at::Tensor CB, SCB, bias32, weight_alive, out;
+  bool callers_cb = true;  // CB is the caller's tensor, not a contiguous copy
   OutlierColumns outliers;
   std::unique_ptr<float[]> gathered;
   GemmOutput dequantize;
@@ -205,17 +214,32 @@ void prepare_outliers(LinearCall& call, QuantizedInput& input, Gemm gemm, const 
   call.outliers = OutlierColumns{input.x32.data_ptr<float>(), K, input.columns.data(), int64_t(input.columns.size()), fp_weight,
                                  call.CB.data_ptr<int8_t>(), call.SCB.data_ptr<float>(), N};
   if (input.columns.empty()) return;
-  if (outliers_in_the_panels(M, call.outliers.count, gemm)) {
-    call.gathered.reset(new float[call.outliers.count * N]);
-    gather_outlier_columns(call.outliers, call.gathered.get());
+  const int64_t count = call.outliers.count;
+  // The columns are gathered first, from those kept from call to call (outlier_cache.cpp),
+  // unless the small-M tiles add them from the rows of CB they have just read, or a set too
+  // wide to keep goes to BLAS (index_select reads a row's columns together).
+  const bool by_blas = outliers_by_blas(M, count);
+  const bool from_cb_rows = !by_blas && !weight.has_value() && outliers_in_the_gemm(M, gemm) && gemm != Gemm::kAvx512VnniPanels;
+  if (!from_cb_rows && (!by_blas || count <= kept_columns_capacity(K))) {
+    call.gathered.reset(new float[count * N]);
+    if (!weight.has_value() && call.callers_cb) {
+      gather_kept_outlier_columns(call.CB, call.CB, call.outliers, call.gathered.get());
+    } else if (weight.has_value() && call.weight_alive.is_same(*weight) && call.callers_cb) {
+      gather_kept_outlier_columns(*weight, call.CB, call.outliers, call.gathered.get());
+    } else {  // a converted copy, a new tensor every call: nothing worth keeping
+      gather_outlier_columns(call.outliers, call.gathered.get());
+    }
     call.outliers.gathered = call.gathered.get();
+  }
+  if (by_blas) {
+    outlier_part_blas(input.x32, input.columns, call.outliers.gathered, weight, call.CB, call.SCB, call.out);
+    call.dequantize.add_outliers = true;
+    return;
+  }
+  if (outliers_in_the_panels(M, call.outliers.count, gemm)) {
     call.dequantize.outliers = &call.outliers;
   } else if (outliers_in_the_gemm(M, gemm)) {
     call.dequantize.outliers = &call.outliers;
-    call.dequantize.prefetch_rows_ahead = kOutlierPrefetchRows;
-  } else if (outliers_by_blas(M, call.outliers.count)) {
-    outlier_part_blas(input.x32, input.columns, weight, call.CB, call.SCB, call.out);
-    call.dequantize.add_outliers = true;
   } else {
     outlier_part(call.outliers, M, call.out.data_ptr<float>());
     call.dequantize.add_outliers = true;
@@ -248,6 +272,7 @@ std::vector<at::Tensor> linears_with(Gemm gemm, const at::Tensor& x, at::TensorL
   for (size_t i = 0; i < count; ++i) {
     LinearCall& call = calls[i];
     call.CB = CB[i].contiguous();
+    call.callers_cb = call.CB.is_same(CB[i]);
     call.SCB = SCB[i].contiguous();
     const int64_t N = call.CB.size(0);
     call.out = at::empty({M, N}, input.x32.options());
@@ -388,6 +413,13 @@ std::string chosen_kernel_op(int64_t M, int64_t K) {
   return gemm == Gemm::kOneDnn ? "onednn" : kernel_name(kernel_of(gemm));
 }
 
+std::tuple<int64_t, int64_t, int64_t> outlier_cache_op() {
+  const OutlierCacheStats stats = outlier_cache_stats();
+  return {stats.weights, stats.columns, stats.bytes};
+}
+
+void clear_outlier_cache_op() { clear_outlier_cache(); }
+
 std::string amx_self_check_op() {
   const CpuFeatures& cpu = cpu_features();
   if (!cpu.amx_hardware) return "no AMX";
@@ -416,6 +448,8 @@ TORCH_LIBRARY_FRAGMENT(int8fx, m) {
   m.def("_cpu_kernels() -> str", &int8fx::kernels_op);
   m.def("_cpu_chosen_kernel(int M, int K) -> str", &int8fx::chosen_kernel_op);
   m.def("_cpu_amx_self_check() -> str", &int8fx::amx_self_check_op);
+  m.def("_cpu_outlier_cache() -> (int, int, int)", &int8fx::outlier_cache_op);
+  m.def("_cpu_clear_outlier_cache() -> ()", &int8fx::clear_outlier_cache_op);
 }
 
 TORCH_LIBRARY_IMPL(int8fx, AutogradCPU, m) {

@@ -21,9 +21,15 @@ void outlier_part(const OutlierColumns& outliers, int64_t M, float* out) {
   const int64_t count = outliers.count, N = outliers.N, K = outliers.K;
   const int64_t* columns = outliers.columns;
   const float* X = outliers.X;
-  // The columns transposed to [count, N], so each outlier adds one contiguous row.
-  std::unique_ptr<float[]> columns_t(new float[count * N]);
-  gather_outlier_columns(outliers, columns_t.get());
+  // The columns transposed to [count, N], so each outlier adds one contiguous row (the
+  // caller may have gathered them already).
+  std::unique_ptr<float[]> own;
+  const float* columns_t = outliers.gathered;
+  if (columns_t == nullptr) {
+    own.reset(new float[count * N]);
+    gather_outlier_columns(outliers, own.get());
+    columns_t = own.get();
+  }
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(N * count, 1));
   at::parallel_for(0, M, grain, [&](int64_t first, int64_t last) {
     for (int64_t m = first; m < last; ++m) {
@@ -32,7 +38,7 @@ void outlier_part(const OutlierColumns& outliers, int64_t M, float* out) {
       for (int64_t n = 0; n < N; ++n) row[n] = x0 * columns_t[n];
       for (int64_t o = 1; o < count; ++o) {
         const float x = X[m * K + columns[o]];
-        const float* w = columns_t.get() + o * N;
+        const float* w = columns_t + o * N;
         for (int64_t n = 0; n < N; ++n) row[n] += x * w[n];
       }
     }
