@@ -16,8 +16,8 @@ every timed call, as decode of a model larger than the cache reads every weight 
 
 Inputs have 0.1% outlier columns (|x| in [8, 20]; the rest is clipped normal, |x| <= 4).
 Shapes are written ``KxN`` (in_features x out_features). Prints a markdown table and
-writes ``bench_linear_<device>.csv`` (``bench_linear_cpu_cold.csv`` with ``--cold``) (and a PNG of the speed-up over bf16 when matplotlib
-is installed) to ``--out``.
+writes ``bench_linear_<device>.csv`` (``bench_linear_cpu_cold.csv`` with ``--cold``) to
+``--out``, with a PNG of the speed-up over bf16 when matplotlib is installed.
 
     python benchmarks/bench_linear.py [--device cuda|cpu] [--shapes 4096x4096 ...] [--m 1 16 ...]
                                       [--reps N] [--rounds N] [--budget-s S] [--cold] [--threads N]

@@ -177,14 +177,14 @@ def quantize_activation(x2d: Tensor, threshold: float) -> tuple[Tensor, Tensor, 
 
 
 def outlier_cache_stats() -> tuple[int, int, int]:
-    """What the op keeps of fp weights' outlier columns (``outlier_cache.cpp``): ``(weights,
-    columns, bytes)``, freed weights' entries dropped first."""
+    """What the op keeps of the weight columns its outlier part reads (``outlier_cache.cpp``):
+    ``(weights, columns, bytes)``, freed weights' entries dropped first."""
     _require_library()
     return tuple(torch.ops.int8fx._cpu_outlier_cache())
 
 
 def clear_outlier_cache() -> None:
-    """Forget every kept outlier column (they are read from the fp weights again as needed)."""
+    """Forget every kept outlier column (they are read from the weights again as needed)."""
     _require_library()
     torch.ops.int8fx._cpu_clear_outlier_cache()
 

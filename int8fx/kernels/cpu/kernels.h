@@ -79,8 +79,9 @@ struct OutlierColumns {
   const float* SCB;
   int64_t N;
   // Set by gather_outlier_columns' caller: [count, N], scaled(n, o) at [o * N + n]. The
-  // VNNI panels add the outlier part 16 outputs at a time from it; with an fp weight, every
-  // path reads it instead of W's scattered elements (outlier_cache.cpp).
+  // VNNI panels add the outlier part 16 outputs at a time from it; every path reads it
+  // instead of the weight's scattered elements, except the small-M tiles without an fp
+  // weight, which read CB's rows as they stream them (linear_op.cpp, outlier_cache.cpp).
   const float* gathered = nullptr;
 
   // The weight's element for output n and outlier o: W[n, columns[o]], or CB's dequantized.
