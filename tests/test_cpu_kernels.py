@@ -164,6 +164,21 @@ def test_int_mm_guard_is_exact_for_small_k(K):
                 assert torch.equal(cpu.int8_gemm(CA, CB, "onednn"), expected), (M, K, N)
 
 
+@pytest.mark.parametrize("rows_apart", [0, 1, 2 * 64])
+def test_int_mm_guard_is_exact_for_rows_not_k_apart(rows_apart):
+    # torch._int_mm returned garbage for a one-row activation with row stride 0 (inductor's
+    # layout for M = 1) on an AMX machine; the guarded paths make the activation contiguous.
+    K, N = 64, 48
+    storage = random_int8(8 * K, seed=3, low=-128).flatten()
+    CB = random_int8(N, K, seed=4)
+    for M in (1, 3):
+        CA = storage.as_strided((M, K), (rows_apart, 1))
+        expected = reference.int8_matmul(CA.contiguous(), CB)
+        assert torch.equal(torch_path.int8_mm(CA, CB), expected), (M, rows_apart)
+        if cpu.load():
+            assert torch.equal(cpu.int8_gemm(CA, CB, "onednn"), expected), (M, rows_apart)
+
+
 # ---------------------------------------------------------------- dispatch on this machine
 
 
@@ -200,8 +215,9 @@ def test_cpuid_agrees_with_the_os_flags():
 def test_dispatch_choice_for_this_machine():
     kernels = cpu.kernels()
     decode, prefill_small_k, prefill_large_k = cpu.chosen_kernel(1, 4096), cpu.chosen_kernel(512, 576), cpu.chosen_kernel(32, 4096)
-    if "amx" in kernels:  # Sapphire Rapids and later: tiles once there are rows to fill them
-        assert (decode, prefill_small_k, cpu.chosen_kernel(31, 4096)) == ("avx512_vnni", "amx", "avx512_vnni")
+    if "amx" in kernels:  # Sapphire Rapids and later: tiles from 4 rows on
+        assert (decode, cpu.chosen_kernel(3, 4096), cpu.chosen_kernel(4, 576)) == ("avx512_vnni", "avx512_vnni", "amx")
+        assert (prefill_small_k, prefill_large_k) == ("amx", "amx")
     elif "avx512_vnni" in kernels:  # Zen 4, Ice Lake: dot-product tiles at small M, packed panels from 12 rows
         assert (decode, cpu.chosen_kernel(11, 576), cpu.chosen_kernel(12, 576)) == ("avx512_vnni", "avx512_vnni", "avx512_vnni_panels")
         assert (cpu.chosen_kernel(31, 4096), prefill_small_k, prefill_large_k) == (
@@ -636,8 +652,9 @@ def test_kept_outlier_columns_give_what_reading_the_weight_gives(kernel, M, fp_w
     cpu.clear_outlier_cache()
     x, weight, bias, CB, SCB = kept_case(M, (3, 30))
     w = weight if fp_weight else None
-    # Without the fp weight, the small-M tiles add CB's columns from the rows they just read.
-    keeps = fp_weight or M >= 16 or kernel in ("onednn", "avx512_vnni_panels")
+    # Without the fp weight, the small-M dot-product tiles add CB's columns from the rows they
+    # just read; the kernels that dequantize 16 outputs at a time read the gathered columns.
+    keeps = fp_weight or M >= 16 or kernel in ("onednn", "avx512_vnni_panels", "amx")
     first = cpu.int8_linear_cpu(x, CB, SCB, bias, 6.0, w, kernel)  # read, then kept
     assert_within_outlier_bound(first, x, w, CB, SCB, bias)
     assert cpu.outlier_cache_stats() == ((1, 2, 2 * 40 * 4) if keeps else (0, 0, 0))
@@ -762,7 +779,13 @@ def emulated_amx():
     library = ctypes.CDLL(path)
     library.int8fx_emulated_amx_gemm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5
     library.int8fx_emulated_amx_linear.argtypes = (
-        [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_void_p]
+        [ctypes.c_void_p] * 2
+        + [ctypes.c_int64] * 3
+        + [ctypes.c_void_p] * 3
+        + [ctypes.c_int]
+        + [ctypes.c_void_p] * 2
+        + [ctypes.c_int64]
+        + [ctypes.c_void_p] * 2
     )
     return library
 
@@ -784,17 +807,24 @@ def test_emulated_amx_matches_reference(emulated_amx, m_chunk, n_block):
                 assert torch.equal(C, reference.int8_matmul(CA, CB)), (M, K, N)
 
 
-@pytest.mark.parametrize("with_bias, add_outliers", [(False, False), (True, True)])
-def test_emulated_amx_dequantizes_as_the_reference(emulated_amx, with_bias, add_outliers):
+@pytest.mark.parametrize("with_bias, outliers", [(False, "none"), (True, "in the output"), (True, "gathered"), (False, "gathered")])
+def test_emulated_amx_dequantizes_as_the_reference(emulated_amx, with_bias, outliers):
     # The epilogue transposes each tile and dequantizes 16 outputs at a time: bit for bit
-    # reference.dequantize_output, then the outlier part already in the output, then the bias.
+    # reference.dequantize_output, then the outlier part (already in the output, or summed
+    # here from the gathered columns, in OutlierColumns::sum's order), then the bias.
     for M, K, N in ((33, 130, 50), (16, 64, 16), (70, 65, 17)):
         CA, CB = random_int8(M, K, seed=M + K, low=-128), random_int8(N, K, seed=N)
         generator = torch.Generator().manual_seed(M)
         SCA, SCB = torch.rand(M, generator=generator) * 8, torch.rand(N, generator=generator)
         bias = torch.randn(N, generator=generator) if with_bias else None
-        outlier_part = torch.randn(M, N, generator=generator) if add_outliers else torch.zeros(M, N)
-        out = outlier_part.clone()
+        X = torch.randn(M, K, generator=generator)
+        columns = torch.tensor([1, 7, K - 1] if outliers == "gathered" else [], dtype=torch.long)
+        gathered = torch.randn(len(columns), N, generator=generator)
+        outlier_part = torch.randn(M, N, generator=generator) if outliers == "in the output" else torch.zeros(M, N)
+        for o, column in enumerate(columns.tolist()):
+            product = X[:, column : column + 1] * gathered[o]
+            outlier_part = product if o == 0 else outlier_part + product
+        out = torch.randn(M, N, generator=generator) if outliers == "gathered" else outlier_part.clone()
         emulated_amx.int8fx_emulated_amx_linear(
             CA.data_ptr(),
             CB.data_ptr(),
@@ -804,11 +834,15 @@ def test_emulated_amx_dequantizes_as_the_reference(emulated_amx, with_bias, add_
             SCA.data_ptr(),
             SCB.data_ptr(),
             bias.data_ptr() if with_bias else None,
-            add_outliers,
+            outliers == "in the output",
+            X.data_ptr(),
+            columns.data_ptr(),
+            len(columns),
+            gathered.data_ptr(),
             out.data_ptr(),
         )
         expected = reference.dequantize_output(reference.int8_matmul(CA, CB), SCA, SCB)
-        if add_outliers:
+        if outliers != "none":
             expected = expected + outlier_part
         if with_bias:
             expected = expected + bias

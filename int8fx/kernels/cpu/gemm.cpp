@@ -159,7 +159,10 @@ void int8_gemm(Kernel kernel, const int8_t* A, int64_t M, int64_t K, const std::
     row_sums_avx512_vnni(A, M, K, a_row_sums.get());
   } else if (kernel == Kernel::kAmx) {
     a_packed.reset(new int8_t[amx_packed_bytes(M, K)]);
-    pack_activation_amx(A, M, K, a_packed.get());
+    const int64_t group_bytes = 16 * K, grain = std::max<int64_t>(1, kMinStreamBytes / group_bytes);
+    at::parallel_for(0, amx_row_groups(M), grain, [&](int64_t first, int64_t last) {
+      pack_activation_amx(A, M, K, first, last, a_packed.get());
+    });
   }
   const StackedProducts stacked(GemmProblem{A, nullptr, M, 0, K, a_row_sums.get(), a_packed.get()}, products);
   if (kernel == Kernel::kAvx512VnniPanels) {

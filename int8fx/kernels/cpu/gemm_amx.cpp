@@ -39,6 +39,8 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,amx-tile,amx-int8")
 #endif
 
+#include "dequantize_avx512.h"
+
 namespace int8fx {
 namespace {
 
@@ -118,9 +120,9 @@ inline void transpose_16x16(__m512i (&r)[16]) {
 }
 
 // Hands tile (g, h) to `out` row by row of A: tile[r][c] is C[m + c, n + r], so the tile is
-// transposed first. The dequantization is GemmOutput's, 16 outputs per step: the same fp32
-// operations in the same order, so the same bits. (The outlier part computed per output is
-// never asked of this kernel: linear_op.cpp adds it before the GEMM at the sizes AMX runs.)
+// transposed first, then dequantized 16 outputs per step (dequantize_avx512.h). An outlier
+// part computed here reads the columns linear_op.cpp gathered for it; without them (never
+// asked of this kernel by linear_op.cpp) GemmOutput reads the weight's own columns.
 void emit_tile(const int32_t* tile, int64_t m, int64_t a_rows, int64_t n, int64_t b_rows, const GemmOutput& out) {
   __m512i rows[kTileRows];
   for (int r = 0; r < kTileRows; ++r) rows[r] = _mm512_load_si512(tile + r * kTileRows);
@@ -128,40 +130,30 @@ void emit_tile(const int32_t* tile, int64_t m, int64_t a_rows, int64_t n, int64_
   const __mmask16 mask = __mmask16((1u << b_rows) - 1);
   if (out.c32) {
     for (int64_t c = 0; c < a_rows; ++c) _mm512_mask_storeu_epi32(out.c32 + (m + c) * out.ldc + n, mask, rows[c]);
-    return;
-  }
-  if (out.outliers) {
+  } else if (out.outliers && !out.outliers->gathered) {
     alignas(64) int32_t values[kTileRows];
     for (int64_t c = 0; c < a_rows; ++c) {
       _mm512_store_si512(values, rows[c]);
       out(m + c, n, values, int(b_rows));
     }
-    return;
-  }
-  const __m512 divisor = _mm512_set1_ps(kInt8MaxSquared);
-  const __m512 scb = _mm512_maskz_loadu_ps(mask, out.SCB + n);
-  const __m512 bias = out.bias ? _mm512_maskz_loadu_ps(mask, out.bias + n) : _mm512_setzero_ps();
-  for (int64_t c = 0; c < a_rows; ++c) {
-    float* row = out.out + (m + c) * out.ldc + n;
-    __m512 y = _mm512_div_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(rows[c]), _mm512_mul_ps(_mm512_set1_ps(out.SCA[m + c]), scb)), divisor);
-    if (out.add_outliers) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, row));
-    if (out.bias) y = _mm512_add_ps(y, bias);
-    _mm512_mask_storeu_ps(row, mask, y);
+  } else {
+    for (int64_t c = 0; c < a_rows; ++c) dequantize16(out, rows[c], m + c, n, mask);
   }
 }
 
 }  // namespace
 
-int64_t amx_packed_bytes(int64_t M, int64_t K) {
-  return (M + kTileRows - 1) / kTileRows * ((K + kTileBytes - 1) / kTileBytes) * kTileSize;
-}
+int64_t amx_row_groups(int64_t M) { return (M + kTileRows - 1) / kTileRows; }
+
+int64_t amx_packed_bytes(int64_t M, int64_t K) { return amx_row_groups(M) * ((K + kTileBytes - 1) / kTileBytes) * kTileSize; }
 
 // Activation tile (row group g, k-step s) at (g * k_steps + s) KiB: row k4 holds, for each
 // of its 16 rows of A, the 4 bytes A[16 g + c, 64 s + 4 k4 ...]; zeros past M and K.
-// A tile is the 16 x 64-byte block of A seen as 16 x 16 int32, transposed.
-void pack_activation_amx(const int8_t* A, int64_t M, int64_t K, int8_t* packed) {
+// A tile is the 16 x 64-byte block of A seen as 16 x 16 int32, transposed. Packs the row
+// groups [first_group, last_group) (the threads pack a share each: gemm.cpp).
+void pack_activation_amx(const int8_t* A, int64_t M, int64_t K, int64_t first_group, int64_t last_group, int8_t* packed) {
   const int64_t k_steps = (K + kTileBytes - 1) / kTileBytes;
-  for (int64_t m = 0; m < M; m += kTileRows) {
+  for (int64_t m = first_group * kTileRows; m < std::min(M, last_group * kTileRows); m += kTileRows) {
     for (int64_t s = 0; s < k_steps; ++s) {
       const int64_t k = s * kTileBytes, bytes = std::min(kTileBytes, K - k);
       const __mmask64 mask = bytes == kTileBytes ? ~__mmask64(0) : (__mmask64(1) << bytes) - 1;
@@ -178,7 +170,7 @@ void pack_activation_amx(const int8_t* A, int64_t M, int64_t K, int8_t* packed) 
 void sweep_amx(const GemmProblem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, const GemmOutput& out) {
   const int64_t K = p.K, k_steps = (K + kTileBytes - 1) / kTileBytes, padded_k = k_steps * kTileBytes;
   configure_tiles();
-  std::unique_ptr<int8_t[]> padded(new int8_t[2 * kTileRows * padded_k]);
+  std::unique_ptr<int8_t[]> padded;  // allocated where needed: most sweeps never are
   alignas(64) int32_t tiles[4 * 256];
   for (int64_t n = n0; n < n1; n += 2 * kTileRows) {
     const int NG = n1 - n > kTileRows ? 2 : 1;
@@ -191,6 +183,7 @@ void sweep_amx(const GemmProblem& p, int64_t m0, int64_t m1, int64_t n0, int64_t
         weight[g] = p.B + first * K;
         weight_stride[g] = K;
       } else {  // ragged group, or the one holding CB's last row: zero-padded copy
+        if (!padded) padded.reset(new int8_t[2 * kTileRows * padded_k]);
         int8_t* copy = padded.get() + g * kTileRows * padded_k;
         std::memset(copy, 0, size_t(kTileRows * padded_k));
         for (int64_t r = 0; r < b_rows[g]; ++r) std::memcpy(copy + r * padded_k, p.B + (first + r) * K, size_t(K));
@@ -227,7 +220,7 @@ bool amx_self_check() {
   for (int64_t i = 0; i < N * K; ++i) B[i] = next();
   A[0] = -128;  // the activation may hold -128
   std::unique_ptr<int8_t[]> packed(new int8_t[amx_packed_bytes(M, K)]);
-  pack_activation_amx(A.get(), M, K, packed.get());
+  pack_activation_amx(A.get(), M, K, 0, amx_row_groups(M), packed.get());
   std::unique_ptr<int32_t[]> C(new int32_t[M * N]);
   GemmOutput store;
   store.c32 = C.get();
@@ -250,7 +243,7 @@ bool amx_self_check() {
 extern "C" void int8fx_emulated_amx_gemm(const int8_t* A, const int8_t* B, int32_t* C, int64_t M, int64_t N, int64_t K,
                                          int64_t m_chunk, int64_t n_block) {
   std::unique_ptr<int8_t[]> packed(new int8_t[int8fx::amx_packed_bytes(M, K)]);
-  int8fx::pack_activation_amx(A, M, K, packed.get());
+  int8fx::pack_activation_amx(A, M, K, 0, int8fx::amx_row_groups(M), packed.get());
   int8fx::GemmOutput store;
   store.c32 = C;
   store.ldc = N;
@@ -261,11 +254,14 @@ extern "C" void int8fx_emulated_amx_gemm(const int8_t* A, const int8_t* B, int32
 
 extern "C" int int8fx_emulated_amx_self_check() { return int8fx::amx_self_check(); }
 
-// The dequantizing epilogue, emulated: out [M, N] = C * SCA * SCB / 127^2 (+ out) (+ bias).
+// The dequantizing epilogue, emulated: out [M, N] = C * SCA * SCB / 127^2, plus the outlier
+// part (already in out with add_outliers; or, with `count` columns, X[:, columns] times
+// their gathered weight [count, N]), plus the bias.
 extern "C" void int8fx_emulated_amx_linear(const int8_t* A, const int8_t* B, int64_t M, int64_t N, int64_t K, const float* SCA,
-                                           const float* SCB, const float* bias, int add_outliers, float* out) {
+                                           const float* SCB, const float* bias, int add_outliers, const float* X,
+                                           const int64_t* columns, int64_t count, const float* gathered, float* out) {
   std::unique_ptr<int8_t[]> packed(new int8_t[int8fx::amx_packed_bytes(M, K)]);
-  int8fx::pack_activation_amx(A, M, K, packed.get());
+  int8fx::pack_activation_amx(A, M, K, 0, int8fx::amx_row_groups(M), packed.get());
   int8fx::GemmOutput output;
   output.out = out;
   output.ldc = N;
@@ -273,6 +269,9 @@ extern "C" void int8fx_emulated_amx_linear(const int8_t* A, const int8_t* B, int
   output.SCB = SCB;
   output.bias = bias;
   output.add_outliers = add_outliers != 0;
+  int8fx::OutlierColumns outliers{X, K, columns, count, int8fx::FpWeight{nullptr, int8fx::FpWeight::kFloat32, 0, 0}, B, SCB, N};
+  outliers.gathered = gathered;
+  if (count > 0) output.outliers = &outliers;
   int8fx::sweep_amx(int8fx::GemmProblem{A, B, M, N, K, nullptr, packed.get()}, 0, M, 0, N, output);
 }
 #endif

@@ -23,6 +23,8 @@
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
 
+#include "dequantize_avx512.h"
+
 namespace int8fx {
 namespace {
 
@@ -171,42 +173,19 @@ __attribute__((always_inline)) inline void panel_step(__m512i (&acc)[MR][4], con
   }
 }
 
-// OutlierColumns::sum for outputs n..n+15 of row m, from the gathered columns.
-inline __m512 outlier_sum16(const OutlierColumns& outliers, int64_t m, int64_t n, __mmask16 mask) {
-  const float* x = outliers.X + m * outliers.K;
-  __m512 y = _mm512_setzero_ps();
-  for (int64_t o = 0; o < outliers.count; ++o) {
-    const __m512 w = _mm512_maskz_loadu_ps(mask, outliers.gathered + o * outliers.N + n);
-    const __m512 product = _mm512_mul_ps(_mm512_set1_ps(x[outliers.columns[o]]), w);
-    y = o == 0 ? product : _mm512_add_ps(y, product);
-  }
-  return y;
-}
-
-// GemmOutput's dequantization, 16 outputs per step: the same fp32 operations in the same
-// order in every lane, so the same bits. (GemmOutput takes int32 values from memory, 8 at a
-// time; this keeps them in registers.) An outlier part computed here reads the outlier
-// columns gathered beforehand (linear_op.cpp always gathers them for this kernel), 16
-// outputs of one column at a time. The bare int32 GEMM still goes through GemmOutput.
+// The panel's accumulators dequantized 16 outputs per step (dequantize_avx512.h). An
+// outlier part computed here reads the outlier columns gathered beforehand (linear_op.cpp
+// always gathers them for this kernel). The bare int32 GEMM still goes through GemmOutput.
 template <int MR>
 __attribute__((always_inline)) inline void dequantize_panel_rows(const __m512i (&acc)[MR][4], const GemmProblem& p, int64_t m,
                                                                  int64_t n0, int count, const GemmOutput& out) {
-  const __m512 divisor = _mm512_set1_ps(kInt8MaxSquared);
   _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
     const __m512i correction = _mm512_set1_epi32(int32_t(uint32_t(p.a_row_sums[m + i]) << 7));
-    const __m512 sa = _mm512_set1_ps(out.SCA[m + i]);
-    float* row = out.out + (m + i) * out.ldc + n0;
     _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) {
       const int left = count - 16 * j;
       if (left <= 0) break;
       const __mmask16 mask = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
-      const __m512 value = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][j], correction));
-      const __m512 scb = _mm512_maskz_loadu_ps(mask, out.SCB + n0 + 16 * j);
-      __m512 y = _mm512_div_ps(_mm512_mul_ps(value, _mm512_mul_ps(sa, scb)), divisor);
-      if (out.add_outliers) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, row + 16 * j));
-      if (out.outliers) y = _mm512_add_ps(y, outlier_sum16(*out.outliers, m + i, n0 + 16 * j, mask));
-      if (out.bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, out.bias + n0 + 16 * j));
-      _mm512_mask_storeu_ps(row + 16 * j, mask, y);
+      dequantize16(out, _mm512_sub_epi32(acc[i][j], correction), m + i, n0 + 16 * j, mask);
     }
   }
 }

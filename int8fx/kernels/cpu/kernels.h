@@ -208,8 +208,9 @@ void sweep_amx(const GemmProblem& p, int64_t m0, int64_t m1, int64_t n0, int64_t
 void pack_panel_avx512_vnni(const int8_t* B, int64_t N, int64_t K, int64_t n0, uint8_t* panel);
 void sweep_panel_avx512_vnni(const GemmProblem& p, const uint8_t* panel, int64_t m0, int64_t m1, int64_t n0, const GemmOutput& out);
 void row_sums_avx512_vnni(const int8_t* A, int64_t M, int64_t K, int32_t* sums);
+int64_t amx_row_groups(int64_t M);  // 16-row groups of A, the last one zero-padded
 int64_t amx_packed_bytes(int64_t M, int64_t K);
-void pack_activation_amx(const int8_t* A, int64_t M, int64_t K, int8_t* packed);
+void pack_activation_amx(const int8_t* A, int64_t M, int64_t K, int64_t first_group, int64_t last_group, int8_t* packed);
 bool amx_self_check();  // the AMX kernel against plain int32 arithmetic (needs AMX)
 
 // The whole GEMM with `kernel`, shared by torch's threads (gemm.cpp).

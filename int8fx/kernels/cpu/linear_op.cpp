@@ -68,10 +68,13 @@ Gemm parse_gemm(const std::string& name) {
 //   (at::_int_mm) included: oneDNN repacks the whole weight on every call (about 3 ms for
 //   4096 x 4096) and returns int32 for a pass of its own (panels / dot / oneDNN at M = 512:
 //   19.9 / 24.8 / 22.4 on 4096 x 4096, 1.13 / 1.96 / 1.12 on 576 x 1536);
-// * the AMX tiles need rows enough to fill them (16 per tile, two tiles per pass).
+// * with AMX (Intel Xeon, 2 threads, the whole op at threshold 6, us): the tiles run 16 rows
+//   of A in the time of one, and win from 4 rows on; below, the dot-product tiles stream
+//   the weight a little faster (M = 2 / 4: 334 / 354 against 368 / 366 on 4096 x 4096, 15.4 /
+//   20.6 against 18.6 / 18.8 on 1536 x 576; M = 16: 759 against 396, 54 against 25).
 // Without VNNI, oneDNN's int8 GEMM is a slow generic loop: AVX2 machines keep int8fx's.
 Gemm choose_gemm(int64_t M, int64_t K) {
-  constexpr int64_t kAmxMinRows = 32, kPanelMinRows = 12, kPanelMinRowsLongK = 32, kLongK = 1024;
+  constexpr int64_t kAmxMinRows = 4, kPanelMinRows = 12, kPanelMinRowsLongK = 32, kLongK = 1024;
   const CpuFeatures& cpu = cpu_features();
   if (cpu.amx_int8 && M >= kAmxMinRows) return Gemm::kAmx;
   if (cpu.avx512_vnni) {
@@ -103,9 +106,12 @@ Gemm resolve(Gemm gemm, int64_t M, int64_t K) {
 void run_gemm(Gemm gemm, const at::Tensor& A, const at::Tensor& B, const GemmOutput& out) {
   const int64_t M = A.size(0), N = B.size(0), K = A.size(1);
   // torch._int_mm on CPU returns wrong values for K = 1 (torch 2.13, seen on AVX-512 VNNI
-  // and AMX machines): that case, trivial anyway, never goes to oneDNN.
+  // and AMX machines): that case, trivial anyway, never goes to oneDNN. It also returns
+  // garbage for rows of A that are not K apart (a one-row view with row stride 0, which
+  // torch counts as contiguous; seen on an AMX machine): such an A goes as a copy.
   if (gemm == Gemm::kOneDnn && K >= 2 && M > 0 && N > 0) {
-    const at::Tensor C32 = at::_int_mm(A, B.t());
+    const bool rows_k_apart = A.stride(0) == K && A.stride(1) == 1;
+    const at::Tensor C32 = at::_int_mm(rows_k_apart ? A : A.clone(at::MemoryFormat::Contiguous), B.t());
     const int32_t* c = C32.data_ptr<int32_t>();
     at::parallel_for(0, M, std::max<int64_t>(1, 16384 / N), [&](int64_t first, int64_t last) {
       for (int64_t m = first; m < last; ++m) out(m, 0, c + m * N, int(N));
@@ -149,13 +155,13 @@ bool outliers_in_the_gemm(int64_t M, Gemm gemm) { return M < kFusedOutlierMaxRow
 // tuned: the next thing to measure if outlier-heavy prefill matters.)
 bool outliers_by_blas(int64_t M, int64_t count) { return M >= 16 && count >= 8; }
 
-// The VNNI panels add a handful of outlier columns as they dequantize, 16 outputs at a
-// time, from the columns gathered first ([count, N]: the weight is read once, not once per
-// row of X): no pass of its own over the output (at M = 512 that pass and the re-read
-// cost threshold 6 up to 1.25x threshold 0 with the bench's cold caches).
-bool outliers_in_the_panels(int64_t M, int64_t count, Gemm gemm) {
-  return gemm == Gemm::kAvx512VnniPanels && !outliers_by_blas(M, count);
-}
+// The VNNI panels and the AMX tiles add a handful of outlier columns as they dequantize,
+// 16 outputs at a time, from the columns gathered first ([count, N]: the weight is read
+// once, not once per row of X): no pass of its own over the output (at M = 512 that pass
+// and the re-read cost threshold 6 up to 1.25x threshold 0 with the bench's cold caches,
+// on the panels; 1.14-1.30x at M = 64-512 with AMX, caches warm).
+bool dequantizes_16_wide(Gemm gemm) { return gemm == Gemm::kAvx512VnniPanels || gemm == Gemm::kAmx; }
+bool outliers_in_the_epilogue(int64_t M, int64_t count, Gemm gemm) { return dequantizes_16_wide(gemm) && !outliers_by_blas(M, count); }
 
 // out [M, N] = X[:, columns] @ W_cols^T by an fp32 matmul, W_cols^T [count, N] either
 // gathered already or taken here from the fp weight or, without one, the dequantized CB
@@ -219,7 +225,7 @@ void prepare_outliers(LinearCall& call, QuantizedInput& input, Gemm gemm, const 
   // unless the small-M tiles add them from the rows of CB they have just read, or a set too
   // wide to keep goes to BLAS (index_select reads a row's columns together).
   const bool by_blas = outliers_by_blas(M, count);
-  const bool from_cb_rows = !by_blas && !weight.has_value() && outliers_in_the_gemm(M, gemm) && gemm != Gemm::kAvx512VnniPanels;
+  const bool from_cb_rows = !by_blas && !weight.has_value() && outliers_in_the_gemm(M, gemm) && !dequantizes_16_wide(gemm);
   if (!from_cb_rows && (!by_blas || count <= kept_columns_capacity(K))) {
     call.gathered.reset(new float[count * N]);
     if (!weight.has_value() && call.callers_cb) {
@@ -236,9 +242,7 @@ void prepare_outliers(LinearCall& call, QuantizedInput& input, Gemm gemm, const 
     call.dequantize.add_outliers = true;
     return;
   }
-  if (outliers_in_the_panels(M, call.outliers.count, gemm)) {
-    call.dequantize.outliers = &call.outliers;
-  } else if (outliers_in_the_gemm(M, gemm)) {
+  if (outliers_in_the_epilogue(M, call.outliers.count, gemm) || outliers_in_the_gemm(M, gemm)) {
     call.dequantize.outliers = &call.outliers;
   } else {
     outlier_part(call.outliers, M, call.out.data_ptr<float>());

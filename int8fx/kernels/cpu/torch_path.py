@@ -17,10 +17,15 @@ def int8_mm(CA: Tensor, CB: Tensor) -> Tensor:
 
     ``torch._int_mm`` on CPU returns wrong values when K = 1 and N > 1 (torch 2.13 with
     oneDNN, seen on AVX-512 VNNI and AMX machines); K = 1 is padded with a zero column,
-    which changes no dot product.
+    which changes no dot product. It also returns garbage, without an error, for an ``CA``
+    whose rows are not K apart (seen on an AMX machine: a one-row view with row stride 0, as
+    inductor passes it, leaves ``out`` untouched; torch counts such a view as contiguous):
+    ``CA`` is copied to rows K apart first.
     """
     if CA.shape[1] == 1:
         CA, CB = torch.nn.functional.pad(CA, (0, 1)), torch.nn.functional.pad(CB, (0, 1))
+    if CA.stride() != (CA.shape[1], 1):
+        CA = torch.empty_like(CA, memory_format=torch.contiguous_format).copy_(CA)
     return torch._int_mm(CA, CB.t())
 
 

@@ -1,0 +1,40 @@
+// GemmOutput's dequantization 16 outputs at a time, for the kernels whose tiles finish 16
+// int32 dot products of a row in one AVX-512 register (the VNNI panels, the AMX tiles).
+// GemmOutput takes its int32 values from memory 8 at a time; these keep them in registers.
+// Every lane does the same fp32 operations in the same order as GemmOutput, so the same bits.
+//
+// Included by files compiled with AVX-512 switched on (#pragma GCC target), after the pragma:
+// the functions take their instruction set from the including file.
+#pragma once
+
+#include "kernels.h"
+
+namespace int8fx {
+
+// OutlierColumns::sum for outputs n..n+15 of row m, from the gathered columns (set by the
+// caller: linear_op.cpp gathers them for the kernels that dequantize here).
+inline __m512 outlier_sum16(const OutlierColumns& outliers, int64_t m, int64_t n, __mmask16 mask) {
+  const float* x = outliers.X + m * outliers.K;
+  __m512 y = _mm512_setzero_ps();
+  for (int64_t o = 0; o < outliers.count; ++o) {
+    const __m512 w = _mm512_maskz_loadu_ps(mask, outliers.gathered + o * outliers.N + n);
+    const __m512 product = _mm512_mul_ps(_mm512_set1_ps(x[outliers.columns[o]]), w);
+    y = o == 0 ? product : _mm512_add_ps(y, product);
+  }
+  return y;
+}
+
+// out[m, n .. n+15] (the lanes of `mask`) = value * (SCA[m] * SCB[n]) / 127^2, then the
+// outlier part (already in the output, or from the gathered columns), then the bias.
+inline void dequantize16(const GemmOutput& out, __m512i value, int64_t m, int64_t n, __mmask16 mask) {
+  float* row = out.out + m * out.ldc + n;
+  const __m512 sa = _mm512_set1_ps(out.SCA[m]);
+  const __m512 scb = _mm512_maskz_loadu_ps(mask, out.SCB + n);
+  __m512 y = _mm512_div_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(value), _mm512_mul_ps(sa, scb)), _mm512_set1_ps(kInt8MaxSquared));
+  if (out.add_outliers) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, row));
+  if (out.outliers) y = _mm512_add_ps(y, outlier_sum16(*out.outliers, m, n, mask));
+  if (out.bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, out.bias + n));
+  _mm512_mask_storeu_ps(row, mask, y);
+}
+
+}  // namespace int8fx
