@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import math
 import os
 import statistics
 import sys
@@ -61,6 +62,7 @@ CSV_COLUMNS = [
     "decode_x_vs_fp32_inductor",
     "prefill_x_vs_bf16_inductor",
     "decode_x_vs_bf16_inductor",
+    "tokens_fp32_ppl",
     "seconds",
 ]
 SMOKE = {"layers": 2, "prompt_tokens": 16, "new_tokens": DECODE_WARMUP_STEPS + 3, "repeats": 2}
@@ -211,6 +213,7 @@ def run(model: nn.Module, prompt: torch.Tensor, providers: list[str], new_tokens
     results = generate_in_turns(built, prompt, new_tokens, 1, rounds, on_error=report_skipped)
     rows = [summarize(name, runs, prompt.shape[1], new_tokens) for name, runs in results.items()]
     add_ratios(rows, results)
+    add_token_check(rows, results, model, prompt)
     return rows, {name: built[name] for name in results}
 
 
@@ -223,6 +226,25 @@ def summarize(name: str, runs: list, prompt_tokens: int, new_tokens: int) -> dic
         "decode_tokens_per_s": round(statistics.median(r.decode_tokens_per_s for r in runs), 3),
         "seconds": round(sum(r.seconds for r in runs), 1),
     }
+
+
+def fp32_perplexity_of(model: nn.Module, prompt: torch.Tensor, new_token_ids: list[int]) -> float:
+    """Perplexity of ``new_token_ids`` after ``prompt`` under ``model`` (the caller's fp32 model,
+    eager): low for any sensible greedy continuation, fp32's own or one that parts ways with it
+    after a close call (int8 rounding), and in the thousands for garbage."""
+    new = torch.tensor([new_token_ids])
+    logits = model(input_ids=torch.cat([prompt, new], dim=1)).logits[0, prompt.shape[1] - 1 : -1]
+    return math.exp(torch.nn.functional.cross_entropy(logits.float(), new[0]).item())
+
+
+def add_token_check(rows: list[dict], results: dict[str, list], model: nn.Module, prompt: torch.Tensor) -> None:
+    """``tokens_fp32_ppl``: how likely the fp32 model finds the greedy tokens a provider generated
+    (its first round), as a check that what was timed computes the model (torchao's decode on
+    an AMX machine, whose ``torch._int_mm`` returns garbage for inductor's one-row layout,
+    generates nonsense fast)."""
+    with torch.no_grad():
+        for row in rows:
+            row["tokens_fp32_ppl"] = round(fp32_perplexity_of(model, prompt, results[row["provider"]][0].new_token_ids), 2)
 
 
 def add_ratios(rows: list[dict], results: dict[str, list]) -> None:
@@ -317,6 +339,7 @@ def print_table(rows: list[dict]) -> None:
         "decode x vs fp32 inductor",
         "prefill x vs bf16 inductor",
         "decode x vs bf16 inductor",
+        "fp32 ppl of its tokens",
         "total s",
     ]
     print_markdown_table(
@@ -327,6 +350,7 @@ def print_table(rows: list[dict]) -> None:
                 format_cell(r["prefill_ms"], ".1f"),
                 format_cell(r["decode_tokens_per_s"], ".2f"),
                 *(format_cell(r[f"{phase}_x_vs_{suffix}"], ".2f") for suffix in RATIOS for phase in ("prefill", "decode")),
+                format_cell(r["tokens_fp32_ppl"], ".2f"),
                 format_cell(r["seconds"], ".0f"),
             ]
             for r in rows

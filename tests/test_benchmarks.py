@@ -140,6 +140,26 @@ def test_accuracy_budget_smoke(tmp_path):
     assert all(row["perplexity"] != rows["fp32 eager"]["perplexity"] for name, row in rows.items() if name != "fp32 eager")
 
 
+def test_bench_model_scores_each_provider_s_tokens_with_the_fp32_model(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_model
+    import torch
+
+    from int8fx.cli.demo.measure import GenerationResult
+
+    class Bigram(torch.nn.Module):  # logits favour token (t + 1) % 8 after token t
+        def forward(self, input_ids):
+            logits = torch.nn.functional.one_hot((input_ids + 1) % 8, 8).float() * 6.0
+            return type("Output", (), {"logits": logits})()
+
+    prompt = torch.tensor([[0, 1, 2]])
+    results = {"follows": [GenerationResult(1.0, 1.0, [3, 4, 5])], "garbage": [GenerationResult(1.0, 1.0, [7, 7, 7])]}
+    rows = [{"provider": name} for name in results]
+    bench_model.add_token_check(rows, results, Bigram(), prompt)
+    follows, garbage = (row["tokens_fp32_ppl"] for row in rows)
+    assert 1.0 <= follows <= 1.02 and garbage > 100  # 1 / softmax of a logit 6 above 7 others: 1.017; 6 below one: 410
+
+
 @pytest.mark.slow  # a subprocess: seconds to minutes
 def test_bench_model_smoke(tmp_path):
     # On a busy 2-core machine: about 45 s with inductor's on-disk cache warm, about 2 min
@@ -179,6 +199,7 @@ def test_bench_model_smoke(tmp_path):
         "decode_x_vs_fp32_inductor",
         "prefill_x_vs_bf16_inductor",
         "decode_x_vs_bf16_inductor",
+        "tokens_fp32_ppl",
         "seconds",
     ]
     int8lt = {"int8lt t=6", "int8lt t=6, lm_head in int8 too", "int8lt t=6, outlier_weights=int8"}
@@ -187,6 +208,7 @@ def test_bench_model_smoke(tmp_path):
         assert row["prompt_tokens"] == "16"
         assert float(row["prefill_ms"]) > 0 and float(row["decode_tokens_per_s"]) > 0
         assert float(row["prefill_x_vs_fp32_inductor"]) > 0 and float(row["decode_x_vs_fp32_inductor"]) > 0
+    assert all(1.0 <= float(row["tokens_fp32_ppl"]) < 100 for row in rows.values())  # every provider computes the model
     assert float(rows["fp32 inductor"]["prefill_x_vs_fp32_inductor"]) == 1.0
     assert float(rows["bf16 inductor"]["decode_x_vs_bf16_inductor"]) == 1.0
     assert "| provider | prefill ms | decode tokens/s |" in result.stdout
