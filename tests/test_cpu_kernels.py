@@ -469,9 +469,10 @@ def test_quantize_subnormal_scale_and_other_dtypes():
     x = torch.zeros(2, 40)
     x[0, 7] = 1e-45  # 1 / absmax is inf: zeros become NaN products, quantized to 0 like torch
     assert_matches_reference_quantization(x, 6.0)
-    y = torch.randn(5, 33, dtype=torch.bfloat16) * 4
-    assert_matches_reference_quantization(y, 6.0)
-    assert_matches_reference_quantization(y.t(), 6.0)  # non-contiguous
+    for dtype in (torch.bfloat16, torch.float16):  # read as they are: K = 33 and 70 end past a vector
+        for y in (torch.randn(5, 33, dtype=dtype) * 4, torch.randn(3, 70, dtype=dtype) * 4):
+            assert_matches_reference_quantization(y, 6.0)
+            assert_matches_reference_quantization(y.t(), 6.0)  # non-contiguous
 
 
 # ---------------------------------------------------------------- fused linear, per kernel
@@ -624,6 +625,22 @@ def test_fused_linear_bf16_input():
     source = reference.dequantize_rows(CB, SCB)
     bound = eps * (x.float()[:, [7]].abs() @ source[:, [7]].abs().t()) + eps * y_ref.float().abs()
     assert ((y.float() - y_ref.float()).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M, columns", [(1, (3,)), (7, (0, 17, 39)), (40, (5, 30)), (40, tuple(range(0, 70, 3)))])
+def test_16_bit_inputs_are_read_as_their_fp32_values(kernel, dtype, M, columns):
+    # bf16 and fp16 activations are quantized as they are, and their outlier columns gathered,
+    # without an fp32 copy: the same bits as the op on the fp32 copy, on every outlier path
+    # (in the GEMM, the epilogue, the loop, BLAS), with K's tail past the vector width.
+    x, weight, bias, CB, SCB = fused_case(M, 70, 24, columns)
+    x = x.to(dtype)
+    for w in (weight, None):
+        y = cpu.int8_linear_cpu(x, CB, SCB, bias, 6.0, w, kernel)
+        assert y.dtype == dtype and torch.equal(y, cpu.int8_linear_cpu(x.float(), CB, SCB, bias, 6.0, w, kernel).to(dtype))
+    CA, SCA, outliers = torch.ops.int8fx._cpu_quantize_activation(x.t().contiguous().t(), 6.0)  # a transposed view
+    expected = torch.ops.int8fx._cpu_quantize_activation(x.float(), 6.0)
+    assert torch.equal(CA, expected[0]) and torch.equal(SCA, expected[1]) and torch.equal(outliers, expected[2])
 
 
 # ---------------------------------------------------------------- the fp weight's outlier columns, kept

@@ -12,7 +12,7 @@ The GEMM kernel is chosen once per process from CPUID (``isa.cpp``), per call by
 ======================  ==========================================  ===============================
 kernel                  needs                                       used for
 ======================  ==========================================  ===============================
-``amx``                 AMX-INT8 (Sapphire Rapids and later)        M >= 32, if its self-check passed
+``amx``                 AMX-INT8 (Sapphire Rapids and later)        M >= 4, if its self-check passed
 ``avx512_vnni_panels``  AVX-512 F/BW/VL + VNNI (Zen 4, Ice Lake+)   M >= 12, or >= 32 if K >= 1024
 ``avx512_vnni``         the same                                    fewer rows (decode)
 ``avx2``                AVX2 (Zen 3, Haswell+)                      every M where there is no VNNI

@@ -14,11 +14,11 @@ namespace int8fx {
 // OutlierColumns::sum for outputs n..n+15 of row m, from the gathered columns (set by the
 // caller: linear_op.cpp gathers them for the kernels that dequantize here).
 inline __m512 outlier_sum16(const OutlierColumns& outliers, int64_t m, int64_t n, __mmask16 mask) {
-  const float* x = outliers.X + m * outliers.K;
+  const float* x = outliers.X + m * outliers.count;
   __m512 y = _mm512_setzero_ps();
   for (int64_t o = 0; o < outliers.count; ++o) {
     const __m512 w = _mm512_maskz_loadu_ps(mask, outliers.gathered + o * outliers.N + n);
-    const __m512 product = _mm512_mul_ps(_mm512_set1_ps(x[outliers.columns[o]]), w);
+    const __m512 product = _mm512_mul_ps(_mm512_set1_ps(x[o]), w);
     y = o == 0 ? product : _mm512_add_ps(y, product);
   }
   return y;

@@ -15,12 +15,12 @@
 // the next row of CB and meet zeros. Only a group of B rows that holds CB's last row (or
 // fewer than 16 rows) is copied into a zero-padded buffer, so nothing reads past CB's end.
 //
-// Not yet run on AMX hardware when written (the machines at hand had none; Intel SDE is not
-// available). What could be checked without it: built with -DINT8FX_EMULATE_AMX, the tile
-// instructions become the scalar stand-ins of amx_emulation.h, and the tests compare that
-// build with the reference on every machine. On AMX hardware, isa.cpp runs
-// amx_self_check() before the dispatch may use this kernel, and the tests compare it with
-// the reference there too.
+// Written without AMX hardware at hand (Intel SDE is not available here), first run on an
+// AMX machine on 2026-12-02, where its self-check and tests passed. Built with
+// -DINT8FX_EMULATE_AMX, the tile instructions become the scalar stand-ins of amx_emulation.h,
+// and the tests compare that build with the reference on every AVX-512 machine. On AMX
+// hardware, isa.cpp runs amx_self_check() before the dispatch may use this kernel, and the
+// tests compare it with the reference there too.
 
 #include <algorithm>
 #include <cstdint>
@@ -269,7 +269,11 @@ extern "C" void int8fx_emulated_amx_linear(const int8_t* A, const int8_t* B, int
   output.SCB = SCB;
   output.bias = bias;
   output.add_outliers = add_outliers != 0;
-  int8fx::OutlierColumns outliers{X, K, columns, count, int8fx::FpWeight{nullptr, int8fx::FpWeight::kFloat32, 0, 0}, B, SCB, N};
+  std::unique_ptr<float[]> x_outliers(new float[M * count + 1]);  // X[:, columns], as linear_op.cpp passes it
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t o = 0; o < count; ++o) x_outliers[m * count + o] = X[m * K + columns[o]];
+  int8fx::OutlierColumns outliers{x_outliers.get(), K, columns, count, int8fx::FpWeight{nullptr, int8fx::FpWeight::kFloat32, 0, 0},
+                                  B, SCB, N};
   outliers.gathered = gathered;
   if (count > 0) output.outliers = &outliers;
   int8fx::sweep_amx(int8fx::GemmProblem{A, B, M, N, K, nullptr, packed.get()}, 0, M, 0, N, output);

@@ -26,7 +26,7 @@ constexpr float kInt8MaxSquared = kInt8Max * kInt8Max;
 enum class Kernel : int {
   kAvx2 = 0,        // vpmaddubsw + vpmaddwd with the sign trick (gemm_avx2.cpp)
   kAvx512Vnni = 1,  // vpdpbusd with an offset weight (gemm_avx512.cpp)
-  kAmx = 2,         // AMX-INT8 tiles, large M only (gemm_amx.cpp)
+  kAmx = 2,         // AMX-INT8 tiles, from a few rows of A on (gemm_amx.cpp)
   kAvx512VnniPanels = 3,  // vpdpbusd on packed panels of B, large M (gemm_avx512.cpp)
 };
 const char* kernel_name(Kernel kernel);
@@ -70,7 +70,7 @@ inline float to_float(HalfBits w) { return _cvtsh_ss(w.bits); }
 // the GEMM streams each row of CB once: without an fp weight, the outlier columns of a row
 // are read from CB right after the row itself; with one, from the gathered columns.
 struct OutlierColumns {
-  const float* X;  // fp32 [M, K]
+  const float* X;  // the activation's outlier columns in fp32, [M, count]: X[m * count + o]
   int64_t K;
   const int64_t* columns;
   int64_t count;
@@ -102,21 +102,21 @@ struct OutlierColumns {
     }
   }
   float sum(int64_t m, int64_t n) const {
-    const float* x = X + m * K;
-    float y = x[columns[0]] * scaled(n, 0);
-    for (int64_t o = 1; o < count; ++o) y = y + x[columns[o]] * scaled(n, o);
+    const float* x = X + m * count;
+    float y = x[0] * scaled(n, 0);
+    for (int64_t o = 1; o < count; ++o) y = y + x[o] * scaled(n, o);
     return y;
   }
   // sum() for outputs n..n+3, each lane rounding as sum() does.
   __m128 sum4(int64_t m, int64_t n) const {
     const __m128 scale = W.data ? _mm_set1_ps(1.0f) : _mm_div_ps(_mm_loadu_ps(SCB + n), _mm_set1_ps(kInt8Max));
-    const float* x = X + m * K;
+    const float* x = X + m * count;
     __m128 y = _mm_setzero_ps();
     for (int64_t o = 0; o < count; ++o) {
       const int64_t c = columns[o];
       const __m128 w = gathered ? _mm_loadu_ps(gathered + o * N + n)
                                 : _mm_mul_ps(_mm_setr_ps(raw(n, c), raw(n + 1, c), raw(n + 2, c), raw(n + 3, c)), scale);
-      const __m128 product = _mm_mul_ps(_mm_set1_ps(x[c]), w);
+      const __m128 product = _mm_mul_ps(_mm_set1_ps(x[o]), w);
       y = o == 0 ? product : _mm_add_ps(y, product);
     }
     return y;
@@ -227,11 +227,16 @@ void int8_gemm(Kernel kernel, const int8_t* A, int64_t M, int64_t K, const std::
 
 // ---------------------------------------------------------------- quantization and outliers
 
-// CA int8 [M, K] and SCA fp32 [M] of X fp32 [M, K] (contiguous), bit-exact with
-// reference.quantize_activation; returns the outlier columns in ascending order.
-// use_threshold is the caller's `threshold > 0` (decided in double). (quantize.cpp)
-std::vector<int64_t> quantize_activation(const float* X, int64_t M, int64_t K, bool use_threshold, float threshold,
-                                         int8_t* CA, float* SCA);
+// CA int8 [M, K] and SCA fp32 [M] of X [M, K] (contiguous; fp32, or bf16 / fp16 read as their
+// exact fp32 values), bit-exact with reference.quantize_activation; returns the outlier
+// columns in ascending order. use_threshold is the caller's `threshold > 0` (decided in
+// double). (quantize.cpp)
+template <class T>
+std::vector<int64_t> quantize_activation(const T* X, int64_t M, int64_t K, bool use_threshold, float threshold, int8_t* CA, float* SCA);
+
+// out [M, count] fp32 = X[:, columns] (OutlierColumns::X). (quantize.cpp)
+template <class T>
+void gather_outlier_inputs(const T* X, int64_t M, int64_t K, const std::vector<int64_t>& columns, float* out);
 
 // out [M, N] = the outlier part of every row and output (OutlierColumns::sum) in a pass of
 // its own, column by column (meant for a handful of columns). (outliers.cpp)

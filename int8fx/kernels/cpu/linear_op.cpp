@@ -29,6 +29,7 @@
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 #include <ATen/Parallel.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <memory>
@@ -167,7 +168,7 @@ bool outliers_in_the_epilogue(int64_t M, int64_t count, Gemm gemm) { return dequ
 // gathered already or taken here from the fp weight or, without one, the dequantized CB
 // columns (CB * (SCB / 127), as reference.dequantize_rows). Both ways give the matmul the
 // same [count, N] layout, so they give the same bits.
-void outlier_part_blas(const at::Tensor& x32, std::vector<int64_t>& columns, const float* gathered, const std::optional<at::Tensor>& weight,
+void outlier_part_blas(const at::Tensor& x_outliers, std::vector<int64_t>& columns, const float* gathered, const std::optional<at::Tensor>& weight,
                        const at::Tensor& CB, const at::Tensor& SCB, at::Tensor& out) {
   const int64_t count = int64_t(columns.size()), N = CB.size(0);
   const at::Tensor index = at::from_blob(columns.data(), {count}, at::kLong);
@@ -179,7 +180,7 @@ void outlier_part_blas(const at::Tensor& x32, std::vector<int64_t>& columns, con
   } else {
     w_columns_t = CB.index_select(1, index).to(at::kFloat).mul(SCB.div(double(kInt8Max)).unsqueeze(1)).t().contiguous();
   }
-  at::mm_out(out, x32.index_select(1, index), w_columns_t);
+  at::mm_out(out, x_outliers, w_columns_t);
 }
 
 // ---------------------------------------------------------------- the ops
@@ -206,18 +207,50 @@ struct LinearCall {
   GemmOutput dequantize;
 };
 
-// The activation quantized once for every linear that reads it.
+// The activation quantized once for every linear that reads it, and its outlier columns.
 struct QuantizedInput {
-  at::Tensor x32, CA, SCA;
+  at::Tensor CA, SCA;
   std::vector<int64_t> columns;
+  at::Tensor x_outliers;  // fp32 [M, count]: X[:, columns]
 };
+
+// CA, SCA, the outlier columns and their values of x [M, K] (contiguous, in an input type
+// quantize_activation reads: fp32, bf16, fp16).
+template <class T>
+void quantize_input(const at::Tensor& x, double threshold, QuantizedInput& input) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const T* X = static_cast<const T*>(x.data_ptr());
+  input.CA = at::empty({M, K}, x.options().dtype(at::kChar));
+  input.SCA = at::empty({M}, x.options().dtype(at::kFloat));
+  input.columns = quantize_activation(X, M, K, threshold > 0, float(threshold), input.CA.data_ptr<int8_t>(), input.SCA.data_ptr<float>());
+  input.x_outliers = at::empty({M, int64_t(input.columns.size())}, x.options().dtype(at::kFloat));
+  gather_outlier_inputs(X, M, K, input.columns, input.x_outliers.data_ptr<float>());
+}
+
+// x [..., K] as [M, K]: bf16 and fp16 are read as they are (their fp32 values are exact, as
+// the reference's .float()), without a converted copy; other types are converted to fp32.
+QuantizedInput quantize_input(const at::Tensor& x, int64_t K, double threshold) {
+  QuantizedInput input;
+  const at::ScalarType type = x.scalar_type();
+  const bool read_as_is = type == at::kFloat || type == at::kBFloat16 || type == at::kHalf;
+  const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);  // well defined for K = 0 too
+  const at::Tensor rows = (read_as_is ? x : x.to(at::kFloat)).reshape({M, K}).contiguous();
+  if (type == at::kBFloat16) {
+    quantize_input<BFloat16Bits>(rows, threshold, input);
+  } else if (type == at::kHalf) {
+    quantize_input<HalfBits>(rows, threshold, input);
+  } else {
+    quantize_input<float>(rows, threshold, input);
+  }
+  return input;
+}
 
 // Writes the outlier part where the chosen path wants it: in the output before the GEMM,
 // or set up for the GEMM's tiles to add.
 void prepare_outliers(LinearCall& call, QuantizedInput& input, Gemm gemm, const std::optional<at::Tensor>& weight) {
-  const int64_t M = input.x32.size(0), K = input.x32.size(1), N = call.CB.size(0);
+  const int64_t M = input.CA.size(0), K = input.CA.size(1), N = call.CB.size(0);
   const FpWeight fp_weight = fp_weight_view(weight, call.weight_alive);
-  call.outliers = OutlierColumns{input.x32.data_ptr<float>(), K, input.columns.data(), int64_t(input.columns.size()), fp_weight,
+  call.outliers = OutlierColumns{input.x_outliers.data_ptr<float>(), K, input.columns.data(), int64_t(input.columns.size()), fp_weight,
                                  call.CB.data_ptr<int8_t>(), call.SCB.data_ptr<float>(), N};
   if (input.columns.empty()) return;
   const int64_t count = call.outliers.count;
@@ -238,7 +271,7 @@ void prepare_outliers(LinearCall& call, QuantizedInput& input, Gemm gemm, const 
     call.outliers.gathered = call.gathered.get();
   }
   if (by_blas) {
-    outlier_part_blas(input.x32, input.columns, call.outliers.gathered, weight, call.CB, call.SCB, call.out);
+    outlier_part_blas(input.x_outliers, input.columns, call.outliers.gathered, weight, call.CB, call.SCB, call.out);
     call.dequantize.add_outliers = true;
     return;
   }
@@ -262,15 +295,9 @@ std::vector<at::Tensor> linears_with(Gemm gemm, const at::Tensor& x, at::TensorL
               SCB.size(), ", ", bias.size(), ", ", weight.size());
   for (size_t i = 0; i < count; ++i) check_linear_args(x, CB[i], SCB[i], bias[i], weight[i]);
   const int64_t K = CB[0].size(1);
-  QuantizedInput input;
-  // fp32 conversion is exact for fp16/bf16 inputs, as the reference's .float().
-  input.x32 = x.reshape({-1, K}).to(at::kFloat).contiguous();
-  const int64_t M = input.x32.size(0);
+  QuantizedInput input = quantize_input(x, K, threshold);
+  const int64_t M = input.CA.size(0);
   gemm = resolve(gemm, M, K);
-  input.CA = at::empty({M, K}, input.x32.options().dtype(at::kChar));
-  input.SCA = at::empty({M}, input.x32.options());
-  input.columns = quantize_activation(input.x32.data_ptr<float>(), M, K, threshold > 0, float(threshold), input.CA.data_ptr<int8_t>(),
-                                      input.SCA.data_ptr<float>());
   std::vector<LinearCall> calls(count);  // sized once: the GEMM outputs point into it
   std::vector<GemmSegment> products;
   for (size_t i = 0; i < count; ++i) {
@@ -279,7 +306,7 @@ std::vector<at::Tensor> linears_with(Gemm gemm, const at::Tensor& x, at::TensorL
     call.callers_cb = call.CB.is_same(CB[i]);
     call.SCB = SCB[i].contiguous();
     const int64_t N = call.CB.size(0);
-    call.out = at::empty({M, N}, input.x32.options());
+    call.out = at::empty({M, N}, input.SCA.options());
     if (bias[i].has_value()) call.bias32 = bias[i]->to(at::kFloat).contiguous();
     call.dequantize.out = call.out.data_ptr<float>();
     call.dequantize.ldc = N;
@@ -401,15 +428,10 @@ at::Tensor int8_gemm_op(const at::Tensor& A, const at::Tensor& B, std::string ke
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_activation_op(const at::Tensor& x, double threshold) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "a 2-D CPU tensor expected, got ", x.sizes(), " on ", x.device());
-  const at::Tensor x32 = x.to(at::kFloat).contiguous();
-  const int64_t M = x32.size(0), K = x32.size(1);
-  at::Tensor CA = at::empty({M, K}, x32.options().dtype(at::kChar));
-  at::Tensor SCA = at::empty({M}, x32.options());
-  std::vector<int64_t> columns =
-      quantize_activation(x32.data_ptr<float>(), M, K, threshold > 0, float(threshold), CA.data_ptr<int8_t>(), SCA.data_ptr<float>());
-  at::Tensor index = at::empty({int64_t(columns.size())}, x32.options().dtype(at::kLong));
-  std::copy(columns.begin(), columns.end(), index.data_ptr<int64_t>());
-  return {CA, SCA, index};
+  QuantizedInput input = quantize_input(x, x.size(1), threshold);
+  at::Tensor index = at::empty({int64_t(input.columns.size())}, input.SCA.options().dtype(at::kLong));
+  std::copy(input.columns.begin(), input.columns.end(), index.data_ptr<int64_t>());
+  return {input.CA, input.SCA, index};
 }
 
 std::string chosen_kernel_op(int64_t M, int64_t K) {

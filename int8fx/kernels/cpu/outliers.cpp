@@ -18,8 +18,7 @@ namespace int8fx {
 // Column by column, vectorized over N: wide outlier sets (a tiny threshold) are slower
 // than a BLAS matmul would be, but real activations have a handful of outlier columns.
 void outlier_part(const OutlierColumns& outliers, int64_t M, float* out) {
-  const int64_t count = outliers.count, N = outliers.N, K = outliers.K;
-  const int64_t* columns = outliers.columns;
+  const int64_t count = outliers.count, N = outliers.N;
   const float* X = outliers.X;
   // The columns transposed to [count, N], so each outlier adds one contiguous row (the
   // caller may have gathered them already).
@@ -34,10 +33,10 @@ void outlier_part(const OutlierColumns& outliers, int64_t M, float* out) {
   at::parallel_for(0, M, grain, [&](int64_t first, int64_t last) {
     for (int64_t m = first; m < last; ++m) {
       float* row = out + m * N;
-      const float x0 = X[m * K + columns[0]];
+      const float x0 = X[m * count];
       for (int64_t n = 0; n < N; ++n) row[n] = x0 * columns_t[n];
       for (int64_t o = 1; o < count; ++o) {
-        const float x = X[m * K + columns[o]];
+        const float x = X[m * count + o];
         const float* w = columns_t + o * N;
         for (int64_t n = 0; n < N; ++n) row[n] += x * w[n];
       }

@@ -1,5 +1,6 @@
-// Row-wise LLM.int8() quantization of the activation X [M, K] fp32 in one call (instead
-// of ~15 torch ops and a host sync), bit-exact with reference.quantize_activation:
+// Row-wise LLM.int8() quantization of the activation X [M, K] in one call (instead of ~15
+// torch ops and a host sync), bit-exact with reference.quantize_activation. X is fp32, or
+// bf16 / fp16 converted to fp32 as each vector is loaded (exact, as torch's .float()):
 //   * outliers are |x| >= threshold compared in fp32 (NaN never is one);
 //   * the row scale is the max |x| over the row's non-outlier elements, NaN when the row
 //     holds a NaN (torch.amax propagates it);
@@ -25,15 +26,24 @@ namespace int8fx {
 
 namespace {
 
-// Max |x| over the non-outlier elements of a row of K floats; marks its outlier columns.
-float row_absmax(const float* x, int64_t K, float threshold, bool use_threshold, uint8_t* outlier) {
+// 8 consecutive elements as fp32: bf16 and fp16 convert exactly (as torch's .float()).
+inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
+inline __m256 load8(const BFloat16Bits* x) {  // bf16 is the top half of an fp32
+  const __m256i bits = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
+}
+inline __m256 load8(const HalfBits* x) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))); }
+
+// Max |x| over the non-outlier elements of a row of K values; marks its outlier columns.
+template <class T>
+float row_absmax(const T* x, int64_t K, float threshold, bool use_threshold, uint8_t* outlier) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   const __m256 thr = _mm256_set1_ps(threshold);
   __m256 acc = _mm256_setzero_ps();
   __m256 nan = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
-    __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k));
+    __m256 a = _mm256_andnot_ps(sign, load8(x + k));
     nan = _mm256_or_ps(nan, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
     if (use_threshold) {
       const __m256 is_outlier = _mm256_cmp_ps(a, thr, _CMP_GE_OQ);
@@ -53,7 +63,7 @@ float row_absmax(const float* x, int64_t K, float threshold, bool use_threshold,
   float absmax = _mm_cvtss_f32(m);
   bool has_nan = _mm256_movemask_ps(nan) != 0;
   for (; k < K; ++k) {
-    const float a = std::fabs(x[k]);
+    const float a = std::fabs(to_float(x[k]));
     if (a != a) {
       has_nan = true;
     } else if (use_threshold && a >= threshold) {
@@ -70,7 +80,8 @@ inline float quantize_one(float x, float inverse_scale) {
   return q != q ? 0.0f : std::min(kInt8Max, std::max(-kInt8Max, q));
 }
 
-void quantize_row(const float* x, int64_t K, float absmax, int8_t* out) {
+template <class T>
+void quantize_row(const T* x, int64_t K, float absmax, int8_t* out) {
   const float inverse_scale = absmax > 0 ? (1.0f / absmax) * kInt8Max : 0.0f;
   const __m256 scale = _mm256_set1_ps(inverse_scale);
   const __m256 lo = _mm256_set1_ps(-kInt8Max), hi = _mm256_set1_ps(kInt8Max);
@@ -78,7 +89,7 @@ void quantize_row(const float* x, int64_t K, float absmax, int8_t* out) {
   for (; k + 32 <= K; k += 32) {
     __m256i q[4];
     for (int i = 0; i < 4; ++i) {
-      __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + k + 8 * i), scale),
+      __m256 v = _mm256_round_ps(_mm256_mul_ps(load8(x + k + 8 * i), scale),
                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       v = _mm256_and_ps(v, _mm256_cmp_ps(v, v, _CMP_ORD_Q));  // NaN -> 0
       q[i] = _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, v)));
@@ -88,15 +99,16 @@ void quantize_row(const float* x, int64_t K, float absmax, int8_t* out) {
     const __m256i ordered = _mm256_permutevar8x32_epi32(words, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k), ordered);
   }
-  for (; k < K; ++k) out[k] = int8_t(quantize_one(x[k], inverse_scale));
+  for (; k < K; ++k) out[k] = int8_t(quantize_one(to_float(x[k]), inverse_scale));
 }
 
 // X: fp32 [M, K] contiguous. Writes CA int8 [M, K], SCA fp32 [M] and outlier [K] (1 for
 // an outlier column, which must come in zeroed); returns the outlier columns, ascending.
 // use_threshold is the caller's `threshold > 0`, decided in double: a tiny threshold may
 // round to 0 in fp32 and must still mark every element.
-std::vector<int64_t> quantize_rows(const float* X, int64_t M, int64_t K, bool use_threshold, float threshold,
-                                   int8_t* CA, float* SCA, uint8_t* outlier) {
+template <class T>
+std::vector<int64_t> quantize_rows(const T* X, int64_t M, int64_t K, bool use_threshold, float threshold, int8_t* CA, float* SCA,
+                                   uint8_t* outlier) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));
   at::parallel_for(0, M, grain, [&](int64_t first, int64_t last) {
     for (int64_t m = first; m < last; ++m) SCA[m] = row_absmax(X + m * K, K, threshold, use_threshold, outlier);
@@ -115,10 +127,25 @@ std::vector<int64_t> quantize_rows(const float* X, int64_t M, int64_t K, bool us
 
 }  // namespace
 
-std::vector<int64_t> quantize_activation(const float* X, int64_t M, int64_t K, bool use_threshold, float threshold,
-                                         int8_t* CA, float* SCA) {
+template <class T>
+std::vector<int64_t> quantize_activation(const T* X, int64_t M, int64_t K, bool use_threshold, float threshold, int8_t* CA, float* SCA) {
   std::vector<uint8_t> outlier(K, 0);
   return quantize_rows(X, M, K, use_threshold, threshold, CA, SCA, outlier.data());
 }
+
+template <class T>
+void gather_outlier_inputs(const T* X, int64_t M, int64_t K, const std::vector<int64_t>& columns, float* out) {
+  const int64_t count = int64_t(columns.size());
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t o = 0; o < count; ++o) out[m * count + o] = to_float(X[m * K + columns[o]]);
+}
+
+// The input types of the op: fp32, and bf16 / fp16 read without a converted copy.
+template std::vector<int64_t> quantize_activation(const float*, int64_t, int64_t, bool, float, int8_t*, float*);
+template std::vector<int64_t> quantize_activation(const BFloat16Bits*, int64_t, int64_t, bool, float, int8_t*, float*);
+template std::vector<int64_t> quantize_activation(const HalfBits*, int64_t, int64_t, bool, float, int8_t*, float*);
+template void gather_outlier_inputs(const float*, int64_t, int64_t, const std::vector<int64_t>&, float*);
+template void gather_outlier_inputs(const BFloat16Bits*, int64_t, int64_t, const std::vector<int64_t>&, float*);
+template void gather_outlier_inputs(const HalfBits*, int64_t, int64_t, const std::vector<int64_t>&, float*);
 
 }  // namespace int8fx
