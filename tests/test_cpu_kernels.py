@@ -643,6 +643,25 @@ def test_16_bit_inputs_are_read_as_their_fp32_values(kernel, dtype, M, columns):
     assert torch.equal(CA, expected[0]) and torch.equal(SCA, expected[1]) and torch.equal(outliers, expected[2])
 
 
+@pytest.mark.parametrize("M", [1, 5, 40])
+def test_bf16_results_round_as_torch_does(kernel, M):
+    # A bf16 input's result is rounded to bf16 by the GEMM's epilogue: to nearest, ties to even,
+    # as torch's conversion. With x = 0 every output is its bias exactly, so the bias picks the
+    # fp32 values to round: ties with an even and an odd last bf16 bit, one bit either side of a
+    # tie, the largest fp32 (rounds to inf), subnormals, both signs. 45 outputs: 16-, 8- and 4-wide
+    # steps and a scalar tail.
+    low_bits = [0x8000, 0x7FFF, 0x8001, 0x0000, 0xFFFF, 0x7FF0, 0x8010]
+    patterns = [0x3F800000, 0x3F810000, 0x7F7F0000, 0x00010000, 0x40490000, 0xC2F70000, 0x80000000]
+    bits = [(p | low) for p in patterns for low in low_bits][:45]
+    bias = torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    N, K = bias.numel(), 24
+    CB = random_int8(N, K, seed=1)
+    SCB = torch.rand(N, generator=torch.Generator().manual_seed(1)) + 0.5
+    x = torch.zeros(M, K, dtype=torch.bfloat16)
+    y = cpu.int8_linear_cpu(x, CB, SCB, bias, 6.0, None, kernel)
+    assert torch.equal(y.view(torch.int16), bias.to(torch.bfloat16).expand(M, N).view(torch.int16))
+
+
 # ---------------------------------------------------------------- the fp weight's outlier columns, kept
 
 

@@ -125,6 +125,22 @@ struct OutlierColumns {
 
 // ---------------------------------------------------------------- GEMM output
 
+// fp32 -> bf16 bits as torch's scalar conversion rounds (c10::BFloat16): to nearest, ties to
+// even, and any NaN to the quiet NaN 0x7FC0. (x86's vcvtneps2bf16 flushes subnormals: not used.)
+inline uint16_t to_bf16(float y) {
+  uint32_t bits;
+  std::memcpy(&bits, &y, sizeof bits);
+  return y != y ? uint16_t(0x7FC0) : uint16_t((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+// to_bf16 for 8 lanes, as 8 consecutive uint16 (the low 128 bits of the result used).
+inline __m128i to_bf16(__m256 y) {
+  const __m256i bits = _mm256_castps_si256(y);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(y, y, _CMP_UNORD_Q)));
+  return _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
+}
+
 // Where a tile's finished int32 dot products go: `count` consecutive outputs of row m,
 // from column n. Either stored as int32 (the bare GEMM), or dequantized in the same step
 // (no int32 [M, N] round trip through memory):
@@ -136,6 +152,7 @@ struct OutlierColumns {
 struct GemmOutput {
   int32_t* c32 = nullptr;  // set: store int32, ignore the rest
   float* out = nullptr;
+  uint16_t* out_bf16 = nullptr;  // set: the result goes here, rounded to bf16 (out keeps an fp32 outlier part)
   int64_t ldc = 0;
   const float* SCA = nullptr;
   const float* SCB = nullptr;
@@ -159,7 +176,11 @@ struct GemmOutput {
       if (add_outliers) y = _mm256_add_ps(y, _mm256_loadu_ps(o + j));
       if (outliers) y = _mm256_add_ps(y, _mm256_set_m128(outliers->sum4(m, n + j + 4), outliers->sum4(m, n + j)));
       if (b) y = _mm256_add_ps(y, _mm256_loadu_ps(b + j));
-      _mm256_storeu_ps(o + j, y);
+      if (out_bf16) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out_bf16 + m * ldc + n + j), to_bf16(y));
+      } else {
+        _mm256_storeu_ps(o + j, y);
+      }
     }
     const __m128 sa = _mm_set1_ps(SCA[m]), divisor = _mm_set1_ps(kInt8MaxSquared);
     for (; j + 4 <= count; j += 4) {
@@ -168,14 +189,22 @@ struct GemmOutput {
       if (add_outliers) y = _mm_add_ps(y, _mm_loadu_ps(o + j));
       if (outliers) y = _mm_add_ps(y, outliers->sum4(m, n + j));
       if (b) y = _mm_add_ps(y, _mm_loadu_ps(b + j));
-      _mm_storeu_ps(o + j, y);
+      if (out_bf16) {
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(out_bf16 + m * ldc + n + j), to_bf16(_mm256_castps128_ps256(y)));
+      } else {
+        _mm_storeu_ps(o + j, y);
+      }
     }
     for (; j < count; ++j) {
       float y = float(values[j]) * (SCA[m] * scb[j]) / kInt8MaxSquared;
       if (add_outliers) y = y + o[j];
       if (outliers) y = y + outliers->sum(m, n + j);
       if (b) y = y + b[j];
-      o[j] = y;
+      if (out_bf16) {
+        out_bf16[m * ldc + n + j] = to_bf16(y);
+      } else {
+        o[j] = y;
+      }
     }
   }
 };

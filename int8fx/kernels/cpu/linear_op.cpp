@@ -201,6 +201,7 @@ void check_linear_args(const at::Tensor& x, const at::Tensor& CB, const at::Tens
 // alive, at a fixed address, until the GEMM is done).
 struct LinearCall {
   at::Tensor CB, SCB, bias32, weight_alive, out;
+  at::Tensor out_bf16;  // for a bf16 input: the result, rounded by the GEMM's epilogue (out: fp32 scratch)
   bool callers_cb = true;  // CB is the caller's tensor, not a contiguous copy
   OutlierColumns outliers;
   std::unique_ptr<float[]> gathered;
@@ -309,6 +310,10 @@ std::vector<at::Tensor> linears_with(Gemm gemm, const at::Tensor& x, at::TensorL
     call.out = at::empty({M, N}, input.SCA.options());
     if (bias[i].has_value()) call.bias32 = bias[i]->to(at::kFloat).contiguous();
     call.dequantize.out = call.out.data_ptr<float>();
+    if (x.scalar_type() == at::kBFloat16) {  // no fp32 result to convert afterwards
+      call.out_bf16 = at::empty({M, N}, input.SCA.options().dtype(at::kBFloat16));
+      call.dequantize.out_bf16 = reinterpret_cast<uint16_t*>(call.out_bf16.data_ptr());
+    }
     call.dequantize.ldc = N;
     call.dequantize.SCA = input.SCA.data_ptr<float>();
     call.dequantize.SCB = call.SCB.data_ptr<float>();
@@ -325,7 +330,7 @@ std::vector<at::Tensor> linears_with(Gemm gemm, const at::Tensor& x, at::TensorL
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   for (LinearCall& call : calls) {
     shape.back() = call.CB.size(0);
-    outputs.push_back(call.out.to(x.scalar_type()).reshape(shape));
+    outputs.push_back((call.out_bf16.defined() ? call.out_bf16 : call.out.to(x.scalar_type())).reshape(shape));
   }
   return outputs;
 }
