@@ -5,9 +5,10 @@
 // of a small layer at decode). Argument errors match the messages of
 // ops._check_int8_linear_args.
 //
-// reference.int8_linear in three steps for an fp32 copy of X: quantize the rows, write the
-// fp outlier part into the output, then the int8 GEMM whose tiles dequantize and add the
-// outlier part and the bias as they finish.
+// reference.int8_linear in three steps: quantize the rows of X (fp32, or bf16 / fp16 read as
+// they are), write the fp outlier part into the output, then the int8 GEMM whose tiles
+// dequantize and add the outlier part and the bias as they finish (and round the result to
+// bf16 for a bf16 X).
 //
 // Also defined here, for tests and benchmarks (no schema in ops.py: they exist only where
 // this library loads):
