@@ -165,23 +165,11 @@ bool outliers_by_blas(int64_t M, int64_t count) { return M >= 16 && count >= 8; 
 bool dequantizes_16_wide(Gemm gemm) { return gemm == Gemm::kAvx512VnniPanels || gemm == Gemm::kAmx; }
 bool outliers_in_the_epilogue(int64_t M, int64_t count, Gemm gemm) { return dequantizes_16_wide(gemm) && !outliers_by_blas(M, count); }
 
-// out [M, N] = X[:, columns] @ W_cols^T by an fp32 matmul, W_cols^T [count, N] either
-// gathered already or taken here from the fp weight or, without one, the dequantized CB
-// columns (CB * (SCB / 127), as reference.dequantize_rows). Both ways give the matmul the
-// same [count, N] layout, so they give the same bits.
-void outlier_part_blas(const at::Tensor& x_outliers, std::vector<int64_t>& columns, const float* gathered, const std::optional<at::Tensor>& weight,
-                       const at::Tensor& CB, const at::Tensor& SCB, at::Tensor& out) {
-  const int64_t count = int64_t(columns.size()), N = CB.size(0);
-  const at::Tensor index = at::from_blob(columns.data(), {count}, at::kLong);
-  at::Tensor w_columns_t;
-  if (gathered != nullptr) {
-    w_columns_t = at::from_blob(const_cast<float*>(gathered), {count, N}, at::kFloat);
-  } else if (weight.has_value()) {
-    w_columns_t = weight->index_select(1, index).to(at::kFloat).t().contiguous();
-  } else {
-    w_columns_t = CB.index_select(1, index).to(at::kFloat).mul(SCB.div(double(kInt8Max)).unsqueeze(1)).t().contiguous();
-  }
-  at::mm_out(out, x_outliers, w_columns_t);
+// out [M, N] = X[:, columns] @ W_cols^T by an fp32 matmul, W_cols^T [count, N] gathered
+// (from the columns kept from call to call, or read for this call: the same values in the
+// same layout, so the same bits).
+void outlier_part_blas(const at::Tensor& x_outliers, const float* gathered, int64_t count, int64_t N, at::Tensor& out) {
+  at::mm_out(out, x_outliers, at::from_blob(const_cast<float*>(gathered), {count, N}, at::kFloat));
 }
 
 // ---------------------------------------------------------------- the ops
@@ -257,13 +245,16 @@ void prepare_outliers(LinearCall& call, QuantizedInput& input, Gemm gemm, const 
   if (input.columns.empty()) return;
   const int64_t count = call.outliers.count;
   // The columns are gathered first, from those kept from call to call (outlier_cache.cpp),
-  // unless the small-M tiles add them from the rows of CB they have just read, or a set too
-  // wide to keep goes to BLAS (index_select reads a row's columns together).
+  // unless the small-M tiles add them from the rows of CB they have just read. A set too wide
+  // to keep (BLAS's: hundreds of columns in SmolLM2's last down_proj layers over a prompt) is
+  // gathered for this call alone.
   const bool by_blas = outliers_by_blas(M, count);
   const bool from_cb_rows = !by_blas && !weight.has_value() && outliers_in_the_gemm(M, gemm) && !dequantizes_16_wide(gemm);
-  if (!from_cb_rows && (!by_blas || count <= kept_columns_capacity(K))) {
+  if (!from_cb_rows) {
     call.gathered.reset(new float[count * N]);
-    if (!weight.has_value() && call.callers_cb) {
+    if (by_blas && count > kept_columns_capacity(K)) {
+      gather_outlier_columns(call.outliers, call.gathered.get());
+    } else if (!weight.has_value() && call.callers_cb) {
       gather_kept_outlier_columns(call.CB, call.CB, call.outliers, call.gathered.get());
     } else if (weight.has_value() && call.weight_alive.is_same(*weight) && call.callers_cb) {
       gather_kept_outlier_columns(*weight, call.CB, call.outliers, call.gathered.get());
@@ -273,7 +264,7 @@ void prepare_outliers(LinearCall& call, QuantizedInput& input, Gemm gemm, const 
     call.outliers.gathered = call.gathered.get();
   }
   if (by_blas) {
-    outlier_part_blas(input.x_outliers, input.columns, call.outliers.gathered, weight, call.CB, call.SCB, call.out);
+    outlier_part_blas(input.x_outliers, call.outliers.gathered, count, N, call.out);
     call.dequantize.add_outliers = true;
     return;
   }

@@ -136,8 +136,11 @@ std::vector<int64_t> quantize_activation(const T* X, int64_t M, int64_t K, bool 
 template <class T>
 void gather_outlier_inputs(const T* X, int64_t M, int64_t K, const std::vector<int64_t>& columns, float* out) {
   const int64_t count = int64_t(columns.size());
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t o = 0; o < count; ++o) out[m * count + o] = to_float(X[m * K + columns[o]]);
+  if (count == 0) return;
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / count), [&](int64_t first, int64_t last) {
+    for (int64_t m = first; m < last; ++m)
+      for (int64_t o = 0; o < count; ++o) out[m * count + o] = to_float(X[m * K + columns[o]]);
+  });
 }
 
 // The input types of the op: fp32, and bf16 / fp16 read without a converted copy.
