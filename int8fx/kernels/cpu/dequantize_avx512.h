@@ -24,6 +24,14 @@ inline __m512 outlier_sum16(const OutlierColumns& outliers, int64_t m, int64_t n
   return y;
 }
 
+// to_bf16 (kernels.h) for 16 lanes: torch's rounding to nearest even, NaN to 0x7FC0.
+inline __m256i to_bf16(__m512 y) {
+  const __m512i bits = _mm512_castps_si512(y);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(_mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), rounded, _mm512_set1_epi32(0x7FC0)));
+}
+
 // out[m, n .. n+15] (the lanes of `mask`) = value * (SCA[m] * SCB[n]) / 127^2, then the
 // outlier part (already in the output, or from the gathered columns), then the bias.
 inline void dequantize16(const GemmOutput& out, __m512i value, int64_t m, int64_t n, __mmask16 mask) {
@@ -34,12 +42,8 @@ inline void dequantize16(const GemmOutput& out, __m512i value, int64_t m, int64_
   if (out.add_outliers) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, row));
   if (out.outliers) y = _mm512_add_ps(y, outlier_sum16(*out.outliers, m, n, mask));
   if (out.bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, out.bias + n));
-  if (out.out_bf16) {  // to_bf16 (kernels.h), 16 lanes
-    const __m512i bits = _mm512_castps_si512(y);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-    rounded = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), rounded, _mm512_set1_epi32(0x7FC0));
-    _mm256_mask_storeu_epi16(out.out_bf16 + m * out.ldc + n, mask, _mm512_cvtepi32_epi16(rounded));
+  if (out.out_bf16) {
+    _mm256_mask_storeu_epi16(out.out_bf16 + m * out.ldc + n, mask, to_bf16(y));
   } else {
     _mm512_mask_storeu_ps(row, mask, y);
   }

@@ -201,7 +201,7 @@ struct LinearCall {
 struct QuantizedInput {
   at::Tensor CA, SCA;
   std::vector<int64_t> columns;
-  at::Tensor x_outliers;  // fp32 [M, count]: X[:, columns]
+  at::Tensor x_outliers;  // fp32 [M, count]: X[:, columns]; undefined without outliers
 };
 
 // CA, SCA, the outlier columns and their values of x [M, K] (contiguous, in an input type
@@ -213,6 +213,7 @@ void quantize_input(const at::Tensor& x, double threshold, QuantizedInput& input
   input.CA = at::empty({M, K}, x.options().dtype(at::kChar));
   input.SCA = at::empty({M}, x.options().dtype(at::kFloat));
   input.columns = quantize_activation(X, M, K, threshold > 0, float(threshold), input.CA.data_ptr<int8_t>(), input.SCA.data_ptr<float>());
+  if (input.columns.empty()) return;  // the common case at decode: no allocation
   input.x_outliers = at::empty({M, int64_t(input.columns.size())}, x.options().dtype(at::kFloat));
   gather_outlier_inputs(X, M, K, input.columns, input.x_outliers.data_ptr<float>());
 }
@@ -240,7 +241,8 @@ QuantizedInput quantize_input(const at::Tensor& x, int64_t K, double threshold) 
 void prepare_outliers(LinearCall& call, QuantizedInput& input, Gemm gemm, const std::optional<at::Tensor>& weight) {
   const int64_t M = input.CA.size(0), K = input.CA.size(1), N = call.CB.size(0);
   const FpWeight fp_weight = fp_weight_view(weight, call.weight_alive);
-  call.outliers = OutlierColumns{input.x_outliers.data_ptr<float>(), K, input.columns.data(), int64_t(input.columns.size()), fp_weight,
+  const float* x_outliers = input.columns.empty() ? nullptr : input.x_outliers.data_ptr<float>();
+  call.outliers = OutlierColumns{x_outliers, K, input.columns.data(), int64_t(input.columns.size()), fp_weight,
                                  call.CB.data_ptr<int8_t>(), call.SCB.data_ptr<float>(), N};
   if (input.columns.empty()) return;
   const int64_t count = call.outliers.count;

@@ -102,7 +102,7 @@ void quantize_row(const T* x, int64_t K, float absmax, int8_t* out) {
   for (; k < K; ++k) out[k] = int8_t(quantize_one(to_float(x[k]), inverse_scale));
 }
 
-// X: fp32 [M, K] contiguous. Writes CA int8 [M, K], SCA fp32 [M] and outlier [K] (1 for
+// X: [M, K] contiguous (fp32, bf16 or fp16). Writes CA int8 [M, K], SCA fp32 [M] and outlier [K] (1 for
 // an outlier column, which must come in zeroed); returns the outlier columns, ascending.
 // use_threshold is the caller's `threshold > 0`, decided in double: a tiny threshold may
 // round to 0 in fp32 and must still mark every element.

@@ -17,7 +17,7 @@ def int8_mm(CA: Tensor, CB: Tensor) -> Tensor:
 
     ``torch._int_mm`` on CPU returns wrong values when K = 1 and N > 1 (torch 2.13 with
     oneDNN, seen on AVX-512 VNNI and AMX machines); K = 1 is padded with a zero column,
-    which changes no dot product. It also returns garbage, without an error, for an ``CA``
+    which changes no dot product. It also returns garbage, without an error, for a ``CA``
     whose rows are not K apart (seen on an AMX machine: a one-row view with row stride 0, as
     inductor passes it, leaves ``out`` untouched; torch counts such a view as contiguous):
     ``CA`` is copied to rows K apart first.
