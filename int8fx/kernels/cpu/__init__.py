@@ -154,6 +154,12 @@ def chosen_kernel(M: int, K: int) -> str:
     return torch.ops.int8fx._cpu_chosen_kernel(M, K)
 
 
+def chosen_quantizer() -> str:
+    """The activation quantizer the op uses on this CPU: ``"avx512"`` or ``"avx2"``."""
+    _require_library()
+    return torch.ops.int8fx._cpu_chosen_quantizer()
+
+
 def amx_self_check() -> str:
     """``"no AMX"`` (CPU or OS), ``"passed"`` or ``"failed"``: the AMX kernel is used only if passed."""
     _require_library()
@@ -168,11 +174,13 @@ def int8_gemm(CA: Tensor, CB: Tensor, kernel: str = "auto") -> Tensor:
     return torch.ops.int8fx._cpu_int8_gemm(CA, CB, kernel)
 
 
-def quantize_activation(x2d: Tensor, threshold: float) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+def quantize_activation(x2d: Tensor, threshold: float, isa: str = "auto") -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """``reference.quantize_activation`` by the library, bit-exact: ``CA`` int8 ``[M, K]``,
-    ``SCA`` fp32 ``[M]`` and the outlier column indices (int64, ascending), or None."""
+    ``SCA`` fp32 ``[M]`` and the outlier column indices (int64, ascending), or None.
+    ``isa`` picks the quantizer's instruction set: ``"auto"`` (AVX-512 where the CPU has
+    it), ``"avx2"`` or ``"avx512"``; all give the same bits."""
     _require_library()
-    CA, SCA, columns = torch.ops.int8fx._cpu_quantize_activation(x2d, threshold)
+    CA, SCA, columns = torch.ops.int8fx._cpu_quantize_activation(x2d, threshold, isa)
     return CA, SCA, columns if columns.numel() else None
 
 

@@ -25,6 +25,7 @@ SOURCES = [
     for name in (
         "isa.cpp",
         "quantize.cpp",
+        "quantize_avx512.cpp",
         "outliers.cpp",
         "outlier_cache.cpp",
         "gemm.cpp",
@@ -36,8 +37,10 @@ SOURCES = [
 ]
 LIBRARY_NAME = "int8fx_cpu_kernels"
 # The baseline every file is compiled for; wider instruction sets are switched on per file
-# (kernels.h) and only called where the CPU has them.
-CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+# (kernels.h) and only called where the CPU has them. No contraction of a multiply and an add
+# into one FMA: every kernel's epilogue must round as reference.py's separate operations do
+# (GCC contracts vector intrinsics by default wherever it can fuse them).
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]
 _BUILD_WAIT_S = 600.0  # how long to wait for another process's build before giving up on it
 
 

@@ -24,6 +24,23 @@ inline __m512 outlier_sum16(const OutlierColumns& outliers, int64_t m, int64_t n
   return y;
 }
 
+// outlier_sum16 for the rows m .. m + rows - 1 (rows <= 16) at once, into sums[0 .. rows - 1].
+// Each sum is a chain of `count` dependent adds (mul, then add: each rounds, as GemmOutput
+// does); one row at a time, a tile's epilogue waits on that chain's latency for every row
+// (7 columns cost SmolLM2's down_proj at M = 512 more than half its GEMM's time). Here the
+// rows' chains are independent, so they overlap: the same operations, the same bits.
+inline void outlier_sums16(const OutlierColumns& outliers, int64_t m, int rows, int64_t n, __mmask16 mask, __m512 (&sums)[16]) {
+  const float* x = outliers.X + m * outliers.count;
+  for (int64_t o = 0; o < outliers.count; ++o) {
+    const __m512 w = _mm512_maskz_loadu_ps(mask, outliers.gathered + o * outliers.N + n);
+    _Pragma("GCC unroll 16") for (int r = 0; r < 16; ++r) {
+      if (r >= rows) break;
+      const __m512 product = _mm512_mul_ps(_mm512_set1_ps(x[r * outliers.count + o]), w);
+      sums[r] = o == 0 ? product : _mm512_add_ps(sums[r], product);
+    }
+  }
+}
+
 // to_bf16 (kernels.h) for 16 lanes: torch's rounding to nearest even, NaN to 0x7FC0.
 inline __m256i to_bf16(__m512 y) {
   const __m512i bits = _mm512_castps_si512(y);
@@ -33,14 +50,15 @@ inline __m256i to_bf16(__m512 y) {
 }
 
 // out[m, n .. n+15] (the lanes of `mask`) = value * (SCA[m] * SCB[n]) / 127^2, then the
-// outlier part (already in the output, or from the gathered columns), then the bias.
-inline void dequantize16(const GemmOutput& out, __m512i value, int64_t m, int64_t n, __mmask16 mask) {
+// outlier part (already in the output, or from the gathered columns: outlier_sum, or
+// computed here when that is null), then the bias.
+inline void dequantize16(const GemmOutput& out, __m512i value, int64_t m, int64_t n, __mmask16 mask, const __m512* outlier_sum = nullptr) {
   float* row = out.out + m * out.ldc + n;
   const __m512 sa = _mm512_set1_ps(out.SCA[m]);
   const __m512 scb = _mm512_maskz_loadu_ps(mask, out.SCB + n);
   __m512 y = _mm512_div_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(value), _mm512_mul_ps(sa, scb)), _mm512_set1_ps(kInt8MaxSquared));
   if (out.add_outliers) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, row));
-  if (out.outliers) y = _mm512_add_ps(y, outlier_sum16(*out.outliers, m, n, mask));
+  if (out.outliers) y = _mm512_add_ps(y, outlier_sum ? *outlier_sum : outlier_sum16(*out.outliers, m, n, mask));
   if (out.bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, out.bias + n));
   if (out.out_bf16) {
     _mm256_mask_storeu_epi16(out.out_bf16 + m * out.ldc + n, mask, to_bf16(y));

@@ -97,6 +97,8 @@ bool can_run(Kernel kernel) {
   return false;
 }
 
+QuantizerIsa best_quantizer() { return cpu_features().avx512_vnni ? QuantizerIsa::kAvx512 : QuantizerIsa::kAvx2; }
+
 const char* kernel_name(Kernel kernel) {
   switch (kernel) {
     case Kernel::kAvx2: return "avx2";

@@ -40,6 +40,9 @@ struct CpuFeatures {
 };
 const CpuFeatures& cpu_features();
 bool can_run(Kernel kernel);
+// The instruction set of the activation quantizer (quantize.cpp): both give the same bits.
+enum class QuantizerIsa : int { kAvx2 = 0, kAvx512 = 1 };
+QuantizerIsa best_quantizer();  // AVX-512 wherever the VNNI kernels may run, else AVX2
 
 // Raw 16-bit patterns of the fp weight when it is not fp32.
 struct BFloat16Bits { uint16_t bits; };
@@ -261,7 +264,16 @@ void int8_gemm(Kernel kernel, const int8_t* A, int64_t M, int64_t K, const std::
 // columns in ascending order. use_threshold is the caller's `threshold > 0` (decided in
 // double). (quantize.cpp)
 template <class T>
-std::vector<int64_t> quantize_activation(const T* X, int64_t M, int64_t K, bool use_threshold, float threshold, int8_t* CA, float* SCA);
+std::vector<int64_t> quantize_activation(const T* X, int64_t M, int64_t K, bool use_threshold, float threshold, int8_t* CA, float* SCA,
+                                         QuantizerIsa isa);
+
+// quantize.cpp's row functions with AVX-512 (quantize_avx512.cpp): the absmax of a row's
+// non-outlier elements (marking its outliers), and its quantized values where the row's
+// scale allows the short path (false: the caller quantizes the row with quantize.cpp's).
+template <class T>
+float row_absmax_avx512(const T* x, int64_t K, float threshold, bool use_threshold, uint8_t* outlier);
+template <class T>
+bool quantize_row_avx512(const T* x, int64_t K, float absmax, int8_t* out);
 
 // out [M, count] fp32 = X[:, columns] (OutlierColumns::X). (quantize.cpp)
 template <class T>

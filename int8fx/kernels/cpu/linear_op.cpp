@@ -207,12 +207,13 @@ struct QuantizedInput {
 // CA, SCA, the outlier columns and their values of x [M, K] (contiguous, in an input type
 // quantize_activation reads: fp32, bf16, fp16).
 template <class T>
-void quantize_input(const at::Tensor& x, double threshold, QuantizedInput& input) {
+void quantize_input(const at::Tensor& x, double threshold, QuantizerIsa isa, QuantizedInput& input) {
   const int64_t M = x.size(0), K = x.size(1);
   const T* X = static_cast<const T*>(x.data_ptr());
   input.CA = at::empty({M, K}, x.options().dtype(at::kChar));
   input.SCA = at::empty({M}, x.options().dtype(at::kFloat));
-  input.columns = quantize_activation(X, M, K, threshold > 0, float(threshold), input.CA.data_ptr<int8_t>(), input.SCA.data_ptr<float>());
+  input.columns =
+      quantize_activation(X, M, K, threshold > 0, float(threshold), input.CA.data_ptr<int8_t>(), input.SCA.data_ptr<float>(), isa);
   if (input.columns.empty()) return;  // the common case at decode: no allocation
   input.x_outliers = at::empty({M, int64_t(input.columns.size())}, x.options().dtype(at::kFloat));
   gather_outlier_inputs(X, M, K, input.columns, input.x_outliers.data_ptr<float>());
@@ -220,18 +221,18 @@ void quantize_input(const at::Tensor& x, double threshold, QuantizedInput& input
 
 // x [..., K] as [M, K]: bf16 and fp16 are read as they are (their fp32 values are exact, as
 // the reference's .float()), without a converted copy; other types are converted to fp32.
-QuantizedInput quantize_input(const at::Tensor& x, int64_t K, double threshold) {
+QuantizedInput quantize_input(const at::Tensor& x, int64_t K, double threshold, QuantizerIsa isa = best_quantizer()) {
   QuantizedInput input;
   const at::ScalarType type = x.scalar_type();
   const bool read_as_is = type == at::kFloat || type == at::kBFloat16 || type == at::kHalf;
   const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);  // well defined for K = 0 too
   const at::Tensor rows = (read_as_is ? x : x.to(at::kFloat)).reshape({M, K}).contiguous();
   if (type == at::kBFloat16) {
-    quantize_input<BFloat16Bits>(rows, threshold, input);
+    quantize_input<BFloat16Bits>(rows, threshold, isa, input);
   } else if (type == at::kHalf) {
-    quantize_input<HalfBits>(rows, threshold, input);
+    quantize_input<HalfBits>(rows, threshold, isa, input);
   } else {
-    quantize_input<float>(rows, threshold, input);
+    quantize_input<float>(rows, threshold, isa, input);
   }
   return input;
 }
@@ -425,13 +426,24 @@ at::Tensor int8_gemm_op(const at::Tensor& A, const at::Tensor& B, std::string ke
   return C;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_activation_op(const at::Tensor& x, double threshold) {
+// "auto": the fastest this CPU runs; "avx2" or "avx512": that one (the tests compare them).
+QuantizerIsa parse_quantizer(const std::string& name) {
+  if (name == "auto") return best_quantizer();
+  if (name == "avx2") return QuantizerIsa::kAvx2;
+  TORCH_CHECK(name == "avx512", "unknown activation quantizer '", name, "'; expected auto, avx2 or avx512");
+  TORCH_CHECK(best_quantizer() == QuantizerIsa::kAvx512, "the avx512 activation quantizer needs AVX-512 F/BW/VL, which this CPU lacks");
+  return QuantizerIsa::kAvx512;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_activation_op(const at::Tensor& x, double threshold, const std::string& isa) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "a 2-D CPU tensor expected, got ", x.sizes(), " on ", x.device());
-  QuantizedInput input = quantize_input(x, x.size(1), threshold);
+  QuantizedInput input = quantize_input(x, x.size(1), threshold, parse_quantizer(isa));
   at::Tensor index = at::empty({int64_t(input.columns.size())}, input.SCA.options().dtype(at::kLong));
   std::copy(input.columns.begin(), input.columns.end(), index.data_ptr<int64_t>());
   return {input.CA, input.SCA, index};
 }
+
+std::string chosen_quantizer_op() { return best_quantizer() == QuantizerIsa::kAvx512 ? "avx512" : "avx2"; }
 
 std::string chosen_kernel_op(int64_t M, int64_t K) {
   const Gemm gemm = choose_gemm(M, K);
@@ -468,10 +480,11 @@ TORCH_LIBRARY_FRAGMENT(int8fx, m) {
   m.def("_cpu_int8_linear(Tensor x, Tensor CB, Tensor SCB, Tensor? bias, float threshold, Tensor? weight, str kernel) -> Tensor");
   m.def("_cpu_int8_linear_siblings(Tensor x, Tensor[] CB, Tensor[] SCB, Tensor?[] bias, float threshold, Tensor?[] weight, str kernel) -> Tensor[]");
   m.def("_cpu_int8_gemm(Tensor A, Tensor B, str kernel='auto') -> Tensor");
-  m.def("_cpu_quantize_activation(Tensor x, float threshold) -> (Tensor, Tensor, Tensor)");
+  m.def("_cpu_quantize_activation(Tensor x, float threshold, str isa='auto') -> (Tensor, Tensor, Tensor)");
   // No tensor argument: one kernel for every dispatch key.
   m.def("_cpu_kernels() -> str", &int8fx::kernels_op);
   m.def("_cpu_chosen_kernel(int M, int K) -> str", &int8fx::chosen_kernel_op);
+  m.def("_cpu_chosen_quantizer() -> str", &int8fx::chosen_quantizer_op);
   m.def("_cpu_amx_self_check() -> str", &int8fx::amx_self_check_op);
   m.def("_cpu_outlier_cache() -> (int, int, int)", &int8fx::outlier_cache_op);
   m.def("_cpu_clear_outlier_cache() -> ()", &int8fx::clear_outlier_cache_op);

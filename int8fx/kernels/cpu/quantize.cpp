@@ -9,8 +9,8 @@
 //   * round half to even (the default MXCSR mode, as torch.round), clamp to [-127, 127];
 //     a NaN product (NaN * 0, or 0 * inf for a subnormal absmax) becomes 0, which is what
 //     torch's float -> int8 conversion gives for NaN.
-// Two passes over X: scales and outlier columns, then the quantized values. AVX2 is enough
-// here: the passes are bound by memory, not by the vector width.
+// This file's row functions use AVX2; quantize_avx512.cpp has faster ones for the CPUs with
+// AVX-512, bit-exact with these.
 
 #include <algorithm>
 #include <cmath>
@@ -106,21 +106,32 @@ void quantize_row(const T* x, int64_t K, float absmax, int8_t* out) {
 // an outlier column, which must come in zeroed); returns the outlier columns, ascending.
 // use_threshold is the caller's `threshold > 0`, decided in double: a tiny threshold may
 // round to 0 in fp32 and must still mark every element.
+// One pass over the rows: a row is quantized right after its scale is found, while it is
+// still in cache (a row scale only depends on its own elements); the outlier columns, known
+// once every row is done, are zeroed afterwards.
 template <class T>
 std::vector<int64_t> quantize_rows(const T* X, int64_t M, int64_t K, bool use_threshold, float threshold, int8_t* CA, float* SCA,
-                                   uint8_t* outlier) {
+                                   uint8_t* outlier, QuantizerIsa isa) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));
   at::parallel_for(0, M, grain, [&](int64_t first, int64_t last) {
-    for (int64_t m = first; m < last; ++m) SCA[m] = row_absmax(X + m * K, K, threshold, use_threshold, outlier);
+    for (int64_t m = first; m < last; ++m) {
+      const T* x = X + m * K;
+      if (isa == QuantizerIsa::kAvx512) {
+        SCA[m] = row_absmax_avx512(x, K, threshold, use_threshold, outlier);
+        if (quantize_row_avx512(x, K, SCA[m], CA + m * K)) continue;
+      } else {
+        SCA[m] = row_absmax(x, K, threshold, use_threshold, outlier);
+      }
+      quantize_row(x, K, SCA[m], CA + m * K);
+    }
   });
   std::vector<int64_t> columns;
   for (int64_t k = 0; k < K; ++k)
     if (outlier[k]) columns.push_back(k);
-  at::parallel_for(0, M, grain, [&](int64_t first, int64_t last) {
-    for (int64_t m = first; m < last; ++m) {
-      quantize_row(X + m * K, K, SCA[m], CA + m * K);
+  if (columns.empty()) return columns;
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / int64_t(columns.size())), [&](int64_t first, int64_t last) {
+    for (int64_t m = first; m < last; ++m)
       for (int64_t k : columns) CA[m * K + k] = 0;
-    }
   });
   return columns;
 }
@@ -128,9 +139,10 @@ std::vector<int64_t> quantize_rows(const T* X, int64_t M, int64_t K, bool use_th
 }  // namespace
 
 template <class T>
-std::vector<int64_t> quantize_activation(const T* X, int64_t M, int64_t K, bool use_threshold, float threshold, int8_t* CA, float* SCA) {
+std::vector<int64_t> quantize_activation(const T* X, int64_t M, int64_t K, bool use_threshold, float threshold, int8_t* CA, float* SCA,
+                                         QuantizerIsa isa) {
   std::vector<uint8_t> outlier(K, 0);
-  return quantize_rows(X, M, K, use_threshold, threshold, CA, SCA, outlier.data());
+  return quantize_rows(X, M, K, use_threshold, threshold, CA, SCA, outlier.data(), isa);
 }
 
 template <class T>
@@ -144,9 +156,9 @@ void gather_outlier_inputs(const T* X, int64_t M, int64_t K, const std::vector<i
 }
 
 // The input types of the op: fp32, and bf16 / fp16 read without a converted copy.
-template std::vector<int64_t> quantize_activation(const float*, int64_t, int64_t, bool, float, int8_t*, float*);
-template std::vector<int64_t> quantize_activation(const BFloat16Bits*, int64_t, int64_t, bool, float, int8_t*, float*);
-template std::vector<int64_t> quantize_activation(const HalfBits*, int64_t, int64_t, bool, float, int8_t*, float*);
+template std::vector<int64_t> quantize_activation(const float*, int64_t, int64_t, bool, float, int8_t*, float*, QuantizerIsa);
+template std::vector<int64_t> quantize_activation(const BFloat16Bits*, int64_t, int64_t, bool, float, int8_t*, float*, QuantizerIsa);
+template std::vector<int64_t> quantize_activation(const HalfBits*, int64_t, int64_t, bool, float, int8_t*, float*, QuantizerIsa);
 template void gather_outlier_inputs(const float*, int64_t, int64_t, const std::vector<int64_t>&, float*);
 template void gather_outlier_inputs(const BFloat16Bits*, int64_t, int64_t, const std::vector<int64_t>&, float*);
 template void gather_outlier_inputs(const HalfBits*, int64_t, int64_t, const std::vector<int64_t>&, float*);
