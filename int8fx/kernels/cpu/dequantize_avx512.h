@@ -24,19 +24,19 @@ inline __m512 outlier_sum16(const OutlierColumns& outliers, int64_t m, int64_t n
   return y;
 }
 
-// outlier_sum16 for the rows m .. m + rows - 1 (rows <= 16) at once, into sums[0 .. rows - 1].
-// Each sum is a chain of `count` dependent adds (mul, then add: each rounds, as GemmOutput
-// does); one row at a time, a tile's epilogue waits on that chain's latency for every row
-// (7 columns cost SmolLM2's down_proj at M = 512 more than half its GEMM's time). Here the
-// rows' chains are independent, so they overlap: the same operations, the same bits.
-inline void outlier_sums16(const OutlierColumns& outliers, int64_t m, int rows, int64_t n, __mmask16 mask, __m512 (&sums)[16]) {
-  const float* x = outliers.X + m * outliers.count;
+// outlier_sum16 for the 16 rows m .. m + 15 of a tile at once, from X by column (rows past
+// M read the padding; their sums go unused). One row at a time, a tile's epilogue waits on a
+// chain of `count` dependent adds per row; here the 16 rows' chains are independent and each
+// sum stays in a register, and a column's 16 X values are broadcasts at fixed offsets from
+// one pointer. Same operations in the same order (mul, then add, each rounding): same bits.
+inline void outlier_sums16(const OutlierColumns& outliers, int64_t m, int64_t n, __mmask16 mask, __m512 (&sums)[16]) {
   for (int64_t o = 0; o < outliers.count; ++o) {
+    const float* x = outliers.X_by_column + o * outliers.X_by_column_stride + m;
     const __m512 w = _mm512_maskz_loadu_ps(mask, outliers.gathered + o * outliers.N + n);
-    _Pragma("GCC unroll 16") for (int r = 0; r < 16; ++r) {
-      if (r >= rows) break;
-      const __m512 product = _mm512_mul_ps(_mm512_set1_ps(x[r * outliers.count + o]), w);
-      sums[r] = o == 0 ? product : _mm512_add_ps(sums[r], product);
+    if (o == 0) {
+      _Pragma("GCC unroll 16") for (int r = 0; r < 16; ++r) sums[r] = _mm512_mul_ps(_mm512_set1_ps(x[r]), w);
+    } else {
+      _Pragma("GCC unroll 16") for (int r = 0; r < 16; ++r) sums[r] = _mm512_add_ps(sums[r], _mm512_mul_ps(_mm512_set1_ps(x[r]), w));
     }
   }
 }

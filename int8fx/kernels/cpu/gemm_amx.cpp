@@ -141,10 +141,12 @@ void emit_tile(const int32_t* tile, int64_t m, int64_t a_rows, int64_t n, int64_
       _mm512_store_si512(values, rows[c]);
       out(m + c, n, values, int(b_rows));
     }
-  } else if (out.outliers) {
+  } else if (out.outliers && out.outliers->X_by_column) {
     __m512 sums[kTileRows];
-    outlier_sums16(*out.outliers, m, int(a_rows), n, mask, sums);
-    for (int64_t c = 0; c < a_rows; ++c) dequantize16(out, rows[c], m + c, n, mask, &sums[c]);
+    outlier_sums16(*out.outliers, m, n, mask, sums);
+    // Unrolled: with constant indices the sums stay in registers.
+    _Pragma("GCC unroll 16") for (int c = 0; c < kTileRows; ++c)
+      if (c < a_rows) dequantize16(out, rows[c], m + c, n, mask, &sums[c]);
   } else {
     for (int64_t c = 0; c < a_rows; ++c) dequantize16(out, rows[c], m + c, n, mask);
   }
@@ -324,6 +326,9 @@ extern "C" void int8fx_emulated_amx_linear(const int8_t* A, const int8_t* B, int
   int8fx::OutlierColumns outliers{x_outliers.get(), K, columns, count, int8fx::FpWeight{nullptr, int8fx::FpWeight::kFloat32, 0, 0},
                                   B, SCB, N};
   outliers.gathered = gathered;
+  const std::vector<float> by_column = int8fx::transpose_outlier_inputs(x_outliers.get(), M, count);
+  outliers.X_by_column = by_column.data();
+  outliers.X_by_column_stride = int8fx::by_column_stride(M);
   if (count > 0) output.outliers = &outliers;
   int8fx::sweep_amx(int8fx::GemmProblem{A, B, M, N, K, nullptr, packed.get()}, 0, M, 0, N, output);
 }

@@ -86,6 +86,11 @@ struct OutlierColumns {
   // instead of the weight's scattered elements, except the small-M tiles without an fp
   // weight, which read CB's rows as they stream them (linear_op.cpp, outlier_cache.cpp).
   const float* gathered = nullptr;
+  // Set for the AMX epilogue, which sums 16 rows at a time: X by column, [count, stride]
+  // (X_by_column[o * stride + m] = X[m * count + o]; stride >= M + 15, so that a tile's
+  // rows past M read allocated memory: transpose_outlier_inputs, by_column_stride).
+  const float* X_by_column = nullptr;
+  int64_t X_by_column_stride = 0;
 
   // The weight's element for output n and outlier o: W[n, columns[o]], or CB's dequantized.
   float scaled(int64_t n, int64_t o) const {
@@ -300,6 +305,16 @@ bool quantize_row_avx512(const T* x, int64_t K, float absmax, int8_t* out);
 // out [M, count] fp32 = X[:, columns] (OutlierColumns::X). (quantize.cpp)
 template <class T>
 void gather_outlier_inputs(const T* X, int64_t M, int64_t K, const std::vector<int64_t>& columns, float* out);
+
+// OutlierColumns::X_by_column for X [M, count]: [count, by_column_stride(M)] (the pad left unset).
+inline int64_t by_column_stride(int64_t M) { return M + 16; }
+inline std::vector<float> transpose_outlier_inputs(const float* X, int64_t M, int64_t count) {
+  const int64_t stride = by_column_stride(M);
+  std::vector<float> by_column(size_t(count * stride));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t o = 0; o < count; ++o) by_column[o * stride + m] = X[m * count + o];
+  return by_column;
+}
 
 // out [M, N] = the outlier part of every row and output (OutlierColumns::sum) in a pass of
 // its own, column by column (meant for a handful of columns). (outliers.cpp)

@@ -194,6 +194,7 @@ struct LinearCall {
   bool callers_cb = true;  // CB is the caller's tensor, not a contiguous copy
   OutlierColumns outliers;
   std::unique_ptr<float[]> gathered;
+  std::vector<float> x_by_column;  // the AMX epilogue's copy of the outlier inputs (OutlierColumns::X_by_column)
   GemmOutput dequantize;
 };
 
@@ -273,6 +274,11 @@ void prepare_outliers(LinearCall& call, QuantizedInput& input, Gemm gemm, const 
   }
   if (outliers_in_the_epilogue(M, call.outliers.count, gemm) || outliers_in_the_gemm(M, gemm)) {
     call.dequantize.outliers = &call.outliers;
+    if (gemm == Gemm::kAmx) {  // its epilogue sums 16 rows at a time: X by column
+      call.x_by_column = transpose_outlier_inputs(x_outliers, M, count);
+      call.outliers.X_by_column = call.x_by_column.data();
+      call.outliers.X_by_column_stride = by_column_stride(M);
+    }
   } else {
     outlier_part(call.outliers, M, call.out.data_ptr<float>());
     call.dequantize.add_outliers = true;
