@@ -153,9 +153,11 @@ bool outliers_in_the_gemm(int64_t M, Gemm gemm) { return M < kFusedOutlierMaxRow
 // Wide outlier sets go to BLAS: the kernel's column-by-column loop re-reads the output
 // once per column, which a matmul does not (SmolLM2's last down_proj layers see hundreds
 // of outlier columns over a 512-token prompt). A handful of columns, or one row (decode),
-// stay in the loop: no gathers, no extra allocations. (The two limits are a judgment, not
-// tuned: the next thing to measure if outlier-heavy prefill matters.)
-bool outliers_by_blas(int64_t M, int64_t count) { return M >= 16 && count >= 8; }
+// stay in the loop: no gathers, no extra allocations. The AMX epilogue sums 16 rows of a
+// tile at once and keeps up to 16 columns (Intel Xeon, 2 threads, bf16 input at M = 512, us,
+// epilogue / BLAS: 1536 x 576 377 / 493 at 8 columns, 458 / 543 at 16, 583 / 576 at 32;
+// 576 x 1536 402 / 509, 570 / 544); the other kernels' limit is a judgment, not tuned.
+bool outliers_by_blas(int64_t M, int64_t count, Gemm gemm) { return M >= 16 && count >= (gemm == Gemm::kAmx ? 16 : 8); }
 
 // The VNNI panels and the AMX tiles add a handful of outlier columns as they dequantize,
 // 16 outputs at a time, from the columns gathered first ([count, N]: the weight is read
@@ -163,7 +165,7 @@ bool outliers_by_blas(int64_t M, int64_t count) { return M >= 16 && count >= 8; 
 // and the re-read cost threshold 6 up to 1.25x threshold 0 with the bench's cold caches,
 // on the panels; 1.14-1.30x at M = 64-512 with AMX, caches warm).
 bool dequantizes_16_wide(Gemm gemm) { return gemm == Gemm::kAvx512VnniPanels || gemm == Gemm::kAmx; }
-bool outliers_in_the_epilogue(int64_t M, int64_t count, Gemm gemm) { return dequantizes_16_wide(gemm) && !outliers_by_blas(M, count); }
+bool outliers_in_the_epilogue(int64_t M, int64_t count, Gemm gemm) { return dequantizes_16_wide(gemm) && !outliers_by_blas(M, count, gemm); }
 
 // out [M, N] = X[:, columns] @ W_cols^T by an fp32 matmul, W_cols^T [count, N] gathered
 // (from the columns kept from call to call, or read for this call: the same values in the
@@ -252,7 +254,7 @@ void prepare_outliers(LinearCall& call, QuantizedInput& input, Gemm gemm, const 
   // unless the small-M tiles add them from the rows of CB they have just read. A set too wide
   // to keep (BLAS's: hundreds of columns in SmolLM2's last down_proj layers over a prompt) is
   // gathered for this call alone.
-  const bool by_blas = outliers_by_blas(M, count);
+  const bool by_blas = outliers_by_blas(M, count, gemm);
   const bool from_cb_rows = !by_blas && !weight.has_value() && outliers_in_the_gemm(M, gemm) && !dequantizes_16_wide(gemm);
   if (!from_cb_rows) {
     call.gathered.reset(new float[count * N]);
