@@ -528,27 +528,26 @@ def test_fused_linear_without_outliers_is_bit_exact(kernel, M, K, N, with_bias):
         assert torch.equal(cpu.int8_linear_cpu(x, CB, SCB, bias, threshold, weight, kernel), expected)
 
 
-def test_dequantization_divides_exactly_for_every_mantissa(kernel):
-    # The epilogues divide by 127^2 with a multiply and two FMAs (kernels.h,
-    # divide_by_127_squared): it must round as the division does for every fp32 value.
-    # Dividing by a constant scales with the exponent, so one binade's 2^23 mantissas are
-    # every case but the edges (next test). Rows [a, a / 127] quantize to [127, 1] with
-    # scale a; against CB rows [0, 1] with scale 1 every output is 1 * (a * 1) / 127^2.
-    N, chunk = 8, 1 << 20
+def test_dequantization_divides_as_the_reference(kernel):
+    # The epilogues divide by 127^2, as the reference does: multiplying by its reciprocal, or
+    # an FMA somewhere, would round differently for a good share of values. 2^20 consecutive
+    # fp32 mantissas (dividing by a constant scales with the exponent): rows [a, a / 127]
+    # quantize to [127, 1] with scale a; against CB rows [0, 1] with scale 1 every output is
+    # 1 * (a * 1) / 127^2.
+    N, count = 8, 1 << 20
     CB, SCB = torch.tensor([[0, 1]] * N, dtype=torch.int8), torch.ones(N)
-    for first in range(0, 1 << 23, chunk):
-        a = 1.0 + torch.arange(first, first + chunk, dtype=torch.float64) * 2.0**-23
-        x = torch.stack([a, a / 127], dim=1).float()
-        y = cpu.int8_linear_cpu(x, CB, SCB, None, 0.0, None, kernel)
-        expected = (a.float() / reference.INT8_MAX**2).unsqueeze(1).expand(-1, N)
-        mismatches = (y != expected).any(dim=1).nonzero().flatten()
-        assert mismatches.numel() == 0, f"wrong quotient for a = {a[mismatches[:3]].tolist()}"
+    a = 1.0 + torch.arange(count, dtype=torch.float64) * 2.0**-23
+    x = torch.stack([a, a / 127], dim=1).float()
+    y = cpu.int8_linear_cpu(x, CB, SCB, None, 0.0, None, kernel)
+    expected = (a.float() / reference.INT8_MAX**2).unsqueeze(1).expand(-1, N)
+    mismatches = (y != expected).any(dim=1).nonzero().flatten()
+    assert mismatches.numel() == 0, f"wrong quotient for a = {a[mismatches[:3]].tolist()}"
 
 
-def test_dequantization_divides_exactly_at_the_edges(kernel):
-    # Scales that take the division path (zeros with either sign, values under 2^-100 where the
-    # remainder could underflow, subnormals, inf) and the largest finite ones, through the
-    # vector lanes of every kernel: bit for bit the reference, signs of zero included.
+def test_dequantization_at_the_edges_of_fp32(kernel):
+    # Scales at the ends of fp32's range (zeros with either sign, tiny and subnormal values,
+    # inf, the largest finite ones) through the vector lanes of every kernel: bit for bit the
+    # reference, signs of zero included.
     M, K = 24, 40
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(3))
     x[1] = 0.0

@@ -49,17 +49,6 @@ inline __m256i to_bf16(__m512 y) {
   return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(_mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), rounded, _mm512_set1_epi32(0x7FC0)));
 }
 
-// divide_by_127_squared (kernels.h) for 16 lanes.
-inline __m512 divide_by_127_squared(__m512 x) {
-  const __m512 divisor = _mm512_set1_ps(kInt8MaxSquared), reciprocal = _mm512_set1_ps(1.0f / kInt8MaxSquared);
-  const __m512 q = _mm512_mul_ps(x, reciprocal);
-  const __m512 y = _mm512_fmadd_ps(_mm512_fnmadd_ps(q, divisor, x), reciprocal, q);
-  const __m512i bits = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7FFFFFFF));
-  const __mmask16 special = _mm512_cmplt_epi32_mask(bits, _mm512_set1_epi32(kDivideExactlyFromBits)) |
-                            _mm512_cmpgt_epi32_mask(bits, _mm512_set1_epi32(kLargestFiniteBits));
-  return special ? _mm512_mask_div_ps(y, special, x, divisor) : y;
-}
-
 // out[m, n .. n+15] (the lanes of `mask`) = value * (SCA[m] * SCB[n]) / 127^2, then the
 // outlier part (already in the output, or from the gathered columns: outlier_sum, or
 // computed here when that is null), then the bias.
@@ -67,7 +56,7 @@ inline void dequantize16(const GemmOutput& out, __m512i value, int64_t m, int64_
   float* row = out.out + m * out.ldc + n;
   const __m512 sa = _mm512_set1_ps(out.SCA[m]);
   const __m512 scb = _mm512_maskz_loadu_ps(mask, out.SCB + n);
-  __m512 y = divide_by_127_squared(_mm512_mul_ps(_mm512_cvtepi32_ps(value), _mm512_mul_ps(sa, scb)));
+  __m512 y = _mm512_div_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(value), _mm512_mul_ps(sa, scb)), _mm512_set1_ps(kInt8MaxSquared));
   if (out.add_outliers) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, row));
   if (out.outliers) y = _mm512_add_ps(y, outlier_sum ? *outlier_sum : outlier_sum16(*out.outliers, m, n, mask));
   if (out.bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, out.bias + n));

@@ -149,28 +149,6 @@ inline __m128i to_bf16(__m256 y) {
   return _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
 }
 
-// x / 127^2 for 8 lanes, rounded as the division rounds (to nearest), without the division:
-// a vector divide takes 5-16 cycles where a multiply or an FMA takes about one, and every
-// output of the GEMM divides once (on a Xeon the divides were a fifth of SmolLM2's gate/up
-// pair at M = 512). q = x * RN(1 / 127^2) is within an ulp of the quotient, an FMA gives the
-// remainder x - q * 127^2 exactly, and q + remainder * RN(1 / 127^2) rounds to the correctly
-// rounded quotient (Markstein's theorem, given no underflow or overflow on the way). Lanes
-// where that may not hold (|x| < 2^-100, where the remainder may underflow; zeros, so that
-// -0 stays -0; inf and NaN) take the division.
-constexpr int32_t kDivideExactlyFromBits = (127 - 100) << 23;  // the bits of 2^-100
-constexpr int32_t kLargestFiniteBits = 0x7F7FFFFF;
-inline __m256 divide_by_127_squared(__m256 x) {
-  const __m256 divisor = _mm256_set1_ps(kInt8MaxSquared), reciprocal = _mm256_set1_ps(1.0f / kInt8MaxSquared);
-  const __m256 q = _mm256_mul_ps(x, reciprocal);
-  const __m256 remainder = _mm256_fnmadd_ps(q, divisor, x);
-  const __m256 y = _mm256_fmadd_ps(remainder, reciprocal, q);
-  const __m256i bits = _mm256_and_si256(_mm256_castps_si256(x), _mm256_set1_epi32(0x7FFFFFFF));
-  const __m256i special = _mm256_or_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(kDivideExactlyFromBits), bits),
-                                          _mm256_cmpgt_epi32(bits, _mm256_set1_epi32(kLargestFiniteBits)));
-  if (_mm256_testz_si256(special, special)) return y;
-  return _mm256_blendv_ps(y, _mm256_div_ps(x, divisor), _mm256_castsi256_ps(special));
-}
-
 // Where a tile's finished int32 dot products go: `count` consecutive outputs of row m,
 // from column n. Either stored as int32 (the bare GEMM), or dequantized in the same step
 // (no int32 [M, N] round trip through memory):
@@ -199,10 +177,10 @@ struct GemmOutput {
     const float* scb = SCB + n;
     const float* b = bias ? bias + n : nullptr;
     int j = 0;
-    const __m256 sa8 = _mm256_set1_ps(SCA[m]);
+    const __m256 sa8 = _mm256_set1_ps(SCA[m]), divisor8 = _mm256_set1_ps(kInt8MaxSquared);
     for (; j + 8 <= count; j += 8) {  // each lane rounds exactly as the scalar tail
       const __m256 value = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(values + j)));
-      __m256 y = divide_by_127_squared(_mm256_mul_ps(value, _mm256_mul_ps(sa8, _mm256_loadu_ps(scb + j))));
+      __m256 y = _mm256_div_ps(_mm256_mul_ps(value, _mm256_mul_ps(sa8, _mm256_loadu_ps(scb + j))), divisor8);
       if (add_outliers) y = _mm256_add_ps(y, _mm256_loadu_ps(o + j));
       if (outliers) y = _mm256_add_ps(y, _mm256_set_m128(outliers->sum4(m, n + j + 4), outliers->sum4(m, n + j)));
       if (b) y = _mm256_add_ps(y, _mm256_loadu_ps(b + j));
