@@ -20,6 +20,8 @@ kernel                  needs                                       used for
 ======================  ==========================================  ===============================
 
 Every kernel is exact int32 arithmetic, bit-identical with ``reference.int8_matmul``.
+The activation quantizer (``quantize.cpp``) runs in AVX-512 (``quantize_avx512.cpp``) where
+the VNNI kernels run, in AVX2 elsewhere (``chosen_quantizer()``); both give the same bits.
 
 The weight columns the outlier part reads (the fp weight's, or ``CB``'s) are kept contiguous
 from call to call (``outlier_cache.cpp``: real activations put their outliers in the same few
