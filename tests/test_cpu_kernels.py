@@ -206,7 +206,7 @@ def test_cpuid_agrees_with_the_os_flags():
     assert ("avx512_vnni" in kernels) == (KERNEL_FLAGS["avx512_vnni"].issubset(flags) and cpu.isa_allowed("avx512_vnni"))
     if KERNEL_FLAGS["amx"].issubset(flags) and cpu.isa_allowed("amx"):
         # Linux lists amx_tile only where it saves the tile state, so the permission request succeeds.
-        assert cpu.amx_self_check() in ("passed", "failed")
+        assert cpu.amx_self_check() in ("passed", "failed", "bf16 failed")
     else:
         assert cpu.amx_self_check() == "no AMX" and "amx" not in kernels
 
@@ -630,6 +630,23 @@ def test_siblings_op_on_the_auto_kernel_and_its_errors():
 
 
 @needs_library
+@pytest.mark.parametrize("M, columns", [(40, tuple(range(0, 70, 3))), (70, tuple(range(1, 70, 2)))])
+def test_bf16_model_outlier_part_in_bf16_tiles(M, columns):
+    # A bf16 activation with a bf16 weight and too many outlier columns for the AMX epilogue:
+    # the outlier part runs in AMX-BF16 tiles. Within the outlier part's fp32 bound of the
+    # reference, plus the bf16 rounding of the result.
+    if "amx" not in cpu.kernels():
+        pytest.skip(f"needs AMX-INT8 and AMX-BF16; this CPU ({cpu.cpu_model()}) lacks them, or they are capped")
+    assert cpu.amx_self_check() == "passed", "the AMX-BF16 outlier kernel failed its self-check: fix gemm_amx.cpp here"
+    x, weight, bias, CB, SCB = fused_case(M, 70, 56, columns)
+    x, weight = x.bfloat16(), weight.bfloat16()
+    y = cpu.int8_linear_cpu(x, CB, SCB, bias, 6.0, weight, "amx")
+    y_ref = reference.int8_linear(x.float(), CB, SCB, bias, 6.0, weight.float())
+    bound = outlier_bound(x.float(), weight.float(), y_ref) + y_ref.abs() * 2.0**-8
+    assert y.dtype == torch.bfloat16 and ((y.float() - y_ref).abs() <= bound).all()
+
+
+@needs_library
 @pytest.mark.parametrize("M, columns", [(6, (2, 40)), (20, tuple(range(1, 48, 5)))])  # loop, BLAS
 def test_fused_linear_reads_only_the_outlier_columns_of_the_weight(M, columns):
     # Every other column of the fp weight is NaN: reading one would poison the output.
@@ -886,6 +903,14 @@ def emulated_amx():
         + [ctypes.c_int64]
         + [ctypes.c_void_p] * 2
     )
+    library.int8fx_emulated_amx_bf16_outliers.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+    ]
     return library
 
 
@@ -904,6 +929,23 @@ def test_emulated_amx_matches_reference(emulated_amx, m_chunk, n_block):
                 C = torch.empty(M, N, dtype=torch.int32)
                 emulated_amx.int8fx_emulated_amx_gemm(CA.data_ptr(), CB.data_ptr(), C.data_ptr(), M, N, K, m_chunk, n_block)
                 assert torch.equal(C, reference.int8_matmul(CA, CB)), (M, K, N)
+
+
+def test_emulated_amx_bf16_outlier_part(emulated_amx):
+    # The outlier part of a bf16 model in AMX-BF16 tiles, with Intel's pseudo-code for the tile
+    # product: fp32 sums in column order (bf16 products are exact), so bit for bit a sequential
+    # fp32 sum. Ragged rows, outputs and columns around the 16 x 16 tiles, the 32 columns of a
+    # k-step and the three output groups a pass computes.
+    for M, count, N in ((1, 1, 1), (17, 33, 50), (40, 64, 16), (33, 70, 49)):
+        generator = torch.Generator().manual_seed(M + count)
+        X = (torch.randn(M, count, generator=generator) * 8).bfloat16().float()
+        W = torch.randn(count, N, generator=generator).bfloat16().float()
+        out = torch.full((M, N), float("nan"))
+        emulated_amx.int8fx_emulated_amx_bf16_outliers(X.data_ptr(), M, count, W.data_ptr(), N, out.data_ptr())
+        expected = torch.zeros(M, N)
+        for o in range(count):
+            expected = expected + X[:, o : o + 1] * W[o]
+        assert torch.equal(out, expected), (M, count, N)
 
 
 @pytest.mark.parametrize("with_bias, outliers", [(False, "none"), (True, "in the output"), (True, "gathered"), (False, "gathered")])

@@ -134,9 +134,14 @@ def load() -> bool:
         return False
     names = _loaded_kernels()
     log.info("int8fx: CPU int8 kernels loaded: %s", ", ".join(names))
-    if torch.ops.int8fx._cpu_amx_self_check() == "failed":
+    self_check = torch.ops.int8fx._cpu_amx_self_check()
+    if self_check == "failed":
         log.warning(
             "int8fx: int8fx's AMX kernel failed its self-check on this CPU: it is not used (AVX-512 VNNI and oneDNN are); please report it"
+        )
+    elif self_check == "bf16 failed":
+        log.warning(
+            "int8fx: int8fx's AMX-BF16 outlier kernel failed its self-check on this CPU: it is not used (fp32 BLAS is); please report it"
         )
     return True
 
@@ -163,7 +168,8 @@ def chosen_quantizer() -> str:
 
 
 def amx_self_check() -> str:
-    """``"no AMX"`` (CPU or OS), ``"passed"`` or ``"failed"``: the AMX kernel is used only if passed."""
+    """``"no AMX"`` (CPU or OS), ``"passed"``, ``"failed"`` (the AMX kernel is not used) or
+    ``"bf16 failed"`` (the AMX kernel is used, but not its AMX-BF16 outlier part)."""
     _require_library()
     return torch.ops.int8fx._cpu_amx_self_check()
 

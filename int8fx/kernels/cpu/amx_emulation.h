@@ -1,7 +1,7 @@
 // Scalar stand-ins for the AMX tile instructions gemm_amx.cpp uses, so that the kernel's
 // packing, blocking and edge handling can be tested on CPUs without AMX
 // (tests/test_cpu_kernels.py builds gemm_amx.cpp with -DINT8FX_EMULATE_AMX). They follow
-// Intel's pseudo-code for TILELOADD, TILESTORED, TILEZERO and TDPBSSD with every tile
+// Intel's pseudo-code for TILELOADD, TILESTORED, TILEZERO, TDPBSSD and TDPBF16PS with every tile
 // configured as 16 rows x 64 bytes, the only configuration the kernel uses.
 #pragma once
 
@@ -14,6 +14,7 @@
 #undef _tile_loadd
 #undef _tile_stored
 #undef _tile_dpbssd
+#undef _tile_dpbf16ps
 
 namespace int8fx {
 namespace amx_emulation {
@@ -44,6 +45,28 @@ inline void dpbssd(int dst, int a, int b) {
     }
 }
 
+// dst[m][n] (fp32) += a[m][2k] * b[k][2n] then += a[m][2k + 1] * b[k][2n + 1] for k in
+// order, each product exact (bf16 x bf16) and each sum rounded in fp32: Intel's pseudo-code
+// for TDPBF16PS (without its flushing of subnormals).
+inline float bf16_at(const uint8_t* bytes) {
+  uint16_t half;
+  std::memcpy(&half, bytes, 2);
+  const uint32_t bits = uint32_t(half) << 16;
+  float value;
+  std::memcpy(&value, &bits, 4);
+  return value;
+}
+inline void dpbf16ps(int dst, int a, int b) {
+  for (int m = 0; m < 16; ++m)
+    for (int n = 0; n < 16; ++n) {
+      float sum;
+      std::memcpy(&sum, &tiles[dst].bytes[m][4 * n], 4);
+      for (int k = 0; k < 16; ++k)
+        for (int i = 0; i < 2; ++i) sum += bf16_at(&tiles[a].bytes[m][4 * k + 2 * i]) * bf16_at(&tiles[b].bytes[k][4 * n + 2 * i]);
+      std::memcpy(&tiles[dst].bytes[m][4 * n], &sum, 4);
+    }
+}
+
 }  // namespace amx_emulation
 }  // namespace int8fx
 
@@ -53,3 +76,4 @@ inline void dpbssd(int dst, int a, int b) {
 #define _tile_loadd(t, base, stride) int8fx::amx_emulation::loadd(t, base, stride)
 #define _tile_stored(t, base, stride) int8fx::amx_emulation::stored(t, base, stride)
 #define _tile_dpbssd(dst, a, b) int8fx::amx_emulation::dpbssd(dst, a, b)
+#define _tile_dpbf16ps(dst, a, b) int8fx::amx_emulation::dpbf16ps(dst, a, b)

@@ -36,7 +36,7 @@
 #include "amx_emulation.h"
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
 #else
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,amx-tile,amx-int8")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,amx-tile,amx-int8,amx-bf16")
 #endif
 
 #include "dequantize_avx512.h"
@@ -260,6 +260,115 @@ void sweep_amx(const GemmProblem& p, int64_t m0, int64_t m1, int64_t n0, int64_t
   _tile_release();
 }
 
+// ---------------------------------------------------------------- the outlier part in bf16 tiles
+
+// The outlier part X[:, columns] @ W[:, columns]^T of a bf16 activation and a bf16 weight, by
+// AMX-BF16 tiles (TDPBF16PS: bf16 pairs multiplied into fp32 sums): their products are exact in
+// fp32, and the sums are fp32, as BLAS's. Where hundreds of columns are outliers (SmolLM2's last
+// down_proj layers over a prompt), fp32 BLAS takes 1.3 us a column at M = 512, N = 576.
+// X [M, count] and W [count, N] come as fp32 holding bf16 values (the gathered columns), so the
+// conversion keeps their top halves.
+constexpr int64_t kBf16PerTileRow = 32;
+
+inline uint16_t bf16_bits(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  return uint16_t(bits >> 16);
+}
+
+int64_t bf16_k_steps(int64_t count) { return (count + kBf16PerTileRow - 1) / kBf16PerTileRow; }
+
+int64_t amx_bf16_weight_elements(int64_t count, int64_t N) { return ((N + kTileRows - 1) / kTileRows) * bf16_k_steps(count) * 512; }
+
+// W's tile (n group h, k-step s) at (h * steps + s) * 512: row p holds, for each of the 16
+// outputs n, the pair W[32 s + 2 p, n], W[32 s + 2 p + 1, n]; zeros past count and N.
+void pack_outlier_weight_amx_bf16(const float* W, int64_t count, int64_t N, int64_t first_group, int64_t last_group, uint16_t* packed) {
+  const int64_t steps = bf16_k_steps(count);
+  for (int64_t h = first_group; h < last_group; ++h)
+    for (int64_t s = 0; s < steps; ++s) {
+      uint16_t* tile = packed + (h * steps + s) * 512;
+      for (int64_t p = 0; p < 16; ++p)
+        for (int64_t j = 0; j < 16; ++j) {
+          const int64_t n = h * kTileRows + j;
+          for (int64_t i = 0; i < 2; ++i) {
+            const int64_t o = s * kBf16PerTileRow + 2 * p + i;
+            tile[p * 32 + 2 * j + i] = o < count && n < N ? bf16_bits(W[o * N + n]) : 0;
+          }
+        }
+    }
+}
+
+// out[m, :] = X[m, :] @ W for the rows of the 16-row groups [first_group, last_group).
+void outlier_rows_amx_bf16(const float* X, int64_t M, int64_t count, const uint16_t* packed_weight, int64_t N, int64_t first_group,
+                           int64_t last_group, float* out) {
+  const int64_t steps = bf16_k_steps(count), n_groups = (N + kTileRows - 1) / kTileRows;
+  std::unique_ptr<uint16_t[]> rows(new uint16_t[steps * 512]);  // one group's X, tile by tile
+  alignas(64) float sums[kTileRows * kTileRows];
+  configure_tiles();
+  for (int64_t g = first_group; g < last_group; ++g) {
+    const int64_t m0 = g * kTileRows, m_count = std::min(kTileRows, M - m0);
+    // Row r of the group fills row r of every tile: 32 values a tile, the top halves of X's
+    // fp32 values, zeros past count and past M.
+    for (int64_t r = 0; r < kTileRows; ++r)
+      for (int64_t o = 0; o < steps * kBf16PerTileRow; o += 16) {
+        const int64_t left = r < m_count ? std::max<int64_t>(0, std::min<int64_t>(16, count - o)) : 0;
+        const __mmask16 valid = __mmask16((1u << left) - 1);
+        const __m512i bits = _mm512_maskz_loadu_epi32(valid, X + (m0 + std::min(r, m_count - 1)) * count + o);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(rows.get() + (o / kBf16PerTileRow) * 512 + r * 32 + o % kBf16PerTileRow),
+                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+      }
+    // Three groups of 16 outputs at a time: three independent chains of tile products (one
+    // chain waits on each product's latency, several times its issue interval).
+    for (int64_t h = 0; h < n_groups; h += 3) {
+      const int64_t NG = std::min<int64_t>(3, n_groups - h);
+      const uint16_t* weight = packed_weight + h * steps * 512;
+      _tile_zero(0);
+      if (NG > 1) _tile_zero(1);
+      if (NG > 2) _tile_zero(2);
+      for (int64_t s = 0; s < steps; ++s) {
+        _tile_loadd(3, rows.get() + s * 512, kTileBytes);
+        _tile_loadd(4, weight + s * 512, kTileBytes);
+        _tile_dpbf16ps(0, 3, 4);
+        if (NG > 1) {
+          _tile_loadd(5, weight + (steps + s) * 512, kTileBytes);
+          _tile_dpbf16ps(1, 3, 5);
+        }
+        if (NG > 2) {
+          _tile_loadd(6, weight + (2 * steps + s) * 512, kTileBytes);
+          _tile_dpbf16ps(2, 3, 6);
+        }
+      }
+      for (int64_t j = 0; j < NG; ++j) {
+        if (j == 0) _tile_stored(0, sums, kTileBytes);
+        if (j == 1) _tile_stored(1, sums, kTileBytes);
+        if (j == 2) _tile_stored(2, sums, kTileBytes);
+        const int64_t n0 = (h + j) * kTileRows, n_count = std::min(kTileRows, N - n0);
+        for (int64_t r = 0; r < m_count; ++r) std::memcpy(out + (m0 + r) * N + n0, sums + r * kTileRows, size_t(n_count) * sizeof(float));
+      }
+    }
+  }
+  _tile_release();
+}
+
+// The bf16 tiles on small integers, whose products and sums are exact in any order: the
+// dispatch uses them only if this returns true.
+bool amx_bf16_self_check() {
+  const int64_t M = 19, N = 21, count = 45;
+  std::unique_ptr<float[]> X(new float[M * count]), W(new float[count * N]), out(new float[M * N]);
+  for (int64_t i = 0; i < M * count; ++i) X[i] = float(int(i * 7 % 17) - 8);
+  for (int64_t i = 0; i < count * N; ++i) W[i] = float(int(i * 5 % 13) - 6);
+  std::unique_ptr<uint16_t[]> packed(new uint16_t[amx_bf16_weight_elements(count, N)]);
+  pack_outlier_weight_amx_bf16(W.get(), count, N, 0, (N + kTileRows - 1) / kTileRows, packed.get());
+  outlier_rows_amx_bf16(X.get(), M, count, packed.get(), N, 0, (M + kTileRows - 1) / kTileRows, out.get());
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      float expected = 0;
+      for (int64_t o = 0; o < count; ++o) expected += X[m * count + o] * W[o * N + n];
+      if (out[m * N + n] != expected) return false;
+    }
+  return true;
+}
+
 // Runs the kernel on shapes with a ragged edge in every dimension and compares it with
 // plain int32 arithmetic; the dispatch uses AMX only if this returns true.
 bool amx_self_check() {
@@ -303,7 +412,14 @@ extern "C" void int8fx_emulated_amx_gemm(const int8_t* A, const int8_t* B, int32
     for (int64_t n = 0; n < N; n += n_block) int8fx::sweep_amx(problem, m, std::min(M, m + m_chunk), n, std::min(N, n + n_block), store);
 }
 
-extern "C" int int8fx_emulated_amx_self_check() { return int8fx::amx_self_check(); }
+extern "C" int int8fx_emulated_amx_self_check() { return int8fx::amx_self_check() && int8fx::amx_bf16_self_check(); }
+
+// out [M, N] = X [M, count] @ W [count, N] through the emulated bf16 tiles (values: bf16's).
+extern "C" void int8fx_emulated_amx_bf16_outliers(const float* X, int64_t M, int64_t count, const float* W, int64_t N, float* out) {
+  std::unique_ptr<uint16_t[]> packed(new uint16_t[int8fx::amx_bf16_weight_elements(count, N)]);
+  int8fx::pack_outlier_weight_amx_bf16(W, count, N, 0, (N + 15) / 16, packed.get());
+  int8fx::outlier_rows_amx_bf16(X, M, count, packed.get(), N, 0, (M + 15) / 16, out);
+}
 
 // The dequantizing epilogue, emulated: out [M, N] = C * SCA * SCB / 127^2, plus the outlier
 // part (already in out with add_outliers; or, with `count` columns, X[:, columns] times

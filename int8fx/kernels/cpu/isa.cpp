@@ -20,7 +20,7 @@ namespace {
 // CPUID.(EAX=7, ECX=0) feature bits.
 constexpr unsigned kEbxAvx2 = 1u << 5, kEbxAvx512F = 1u << 16, kEbxAvx512Bw = 1u << 30, kEbxAvx512Vl = 1u << 31;
 constexpr unsigned kEcxAvx512Vnni = 1u << 11;
-constexpr unsigned kEdxAmxTile = 1u << 24, kEdxAmxInt8 = 1u << 25;
+constexpr unsigned kEdxAmxBf16 = 1u << 22, kEdxAmxTile = 1u << 24, kEdxAmxInt8 = 1u << 25;
 // CPUID.1:ECX: the OS has enabled XGETBV.
 constexpr unsigned kEcxOsXsave = 1u << 27;
 // XCR0: register state the OS saves.
@@ -76,6 +76,8 @@ CpuFeatures detect() {
   features.amx_hardware = features.amx_hardware && request_amx_permission();
   // The AMX kernel was written without AMX hardware at hand: it proves itself first.
   features.amx_int8 = features.amx_hardware && amx_self_check();
+  features.amx_bf16_hardware = features.amx_hardware && (edx & kEdxAmxBf16);
+  features.amx_bf16 = features.amx_int8 && features.amx_bf16_hardware && amx_bf16_self_check();
   return features;
 }
 

@@ -37,6 +37,8 @@ struct CpuFeatures {
   bool avx512_vnni = false;   // with AVX-512 F/BW/VL, and the OS saving ZMM state
   bool amx_hardware = false;  // AMX-INT8, with the OS granting this process the tile state
   bool amx_int8 = false;      // amx_hardware, and the AMX kernel passed its self-check
+  bool amx_bf16_hardware = false;  // amx_hardware with AMX-BF16
+  bool amx_bf16 = false;           // amx_int8, amx_bf16_hardware, and the bf16 outlier kernel passed its self-check
 };
 const CpuFeatures& cpu_features();
 bool can_run(Kernel kernel);
@@ -249,6 +251,14 @@ int64_t amx_row_groups(int64_t M);  // 16-row groups of A, the last one zero-pad
 int64_t amx_packed_bytes(int64_t M, int64_t K);
 void pack_activation_amx(const int8_t* A, int64_t M, int64_t K, int64_t first_group, int64_t last_group, int8_t* packed);
 bool amx_self_check();  // the AMX kernel against plain int32 arithmetic (needs AMX)
+// The outlier part of a bf16 activation and weight in AMX-BF16 tiles (gemm_amx.cpp): W
+// [count, N] (fp32 holding bf16 values) packed by groups of 16 outputs, then out [M, N] =
+// X [M, count] @ W for groups of 16 rows.
+int64_t amx_bf16_weight_elements(int64_t count, int64_t N);
+void pack_outlier_weight_amx_bf16(const float* W, int64_t count, int64_t N, int64_t first_group, int64_t last_group, uint16_t* packed);
+void outlier_rows_amx_bf16(const float* X, int64_t M, int64_t count, const uint16_t* packed_weight, int64_t N, int64_t first_group,
+                           int64_t last_group, float* out);
+bool amx_bf16_self_check();  // the bf16 tiles against exact arithmetic (needs AMX-BF16)
 
 // The whole GEMM with `kernel`, shared by torch's threads (gemm.cpp).
 void int8_gemm(Kernel kernel, const int8_t* A, const int8_t* B, int64_t M, int64_t N, int64_t K, const GemmOutput& out);

@@ -18,7 +18,7 @@
 //   int8fx::_cpu_quantize_activation(x, threshold) -> (CA, SCA, outlier columns)
 //   int8fx::_cpu_kernels() -> str                which kernels this CPU runs, best first
 //   int8fx::_cpu_chosen_kernel(M, K) -> str      the GEMM the op picks for that shape here
-//   int8fx::_cpu_amx_self_check() -> str         "no AMX", "passed" or "failed"
+//   int8fx::_cpu_amx_self_check() -> str         "no AMX", "passed", "failed" or "bf16 failed"
 //   int8fx::_cpu_outlier_cache() -> (weights, columns, bytes)   what outlier_cache.cpp keeps
 //   int8fx::_cpu_clear_outlier_cache()
 
@@ -240,6 +240,25 @@ QuantizedInput quantize_input(const at::Tensor& x, int64_t K, double threshold, 
   return input;
 }
 
+// outlier_part_blas for a bf16 activation and a bf16 weight, in AMX-BF16 tiles (gemm_amx.cpp):
+// their products are exact in fp32 and the sums fp32, as BLAS's, at the tile unit's rate
+// (SmolLM2's bf16 down_proj at M = 512 with 697 outlier columns: see benchmarks/README.md).
+bool outliers_in_bf16_tiles(const LinearCall& call, Gemm gemm, const std::optional<at::Tensor>& weight) {
+  return gemm == Gemm::kAmx && cpu_features().amx_bf16 && call.out_bf16.defined() && weight.has_value() &&
+         weight->scalar_type() == at::kBFloat16;
+}
+
+void outlier_part_amx_bf16(const at::Tensor& x_outliers, const float* gathered, int64_t count, int64_t N, at::Tensor& out) {
+  const int64_t M = x_outliers.size(0), n_groups = ceil_div(N, 16), m_groups = ceil_div(M, 16);
+  std::unique_ptr<uint16_t[]> packed(new uint16_t[amx_bf16_weight_elements(count, N)]);
+  at::parallel_for(0, n_groups, 1, [&](int64_t first, int64_t last) {
+    pack_outlier_weight_amx_bf16(gathered, count, N, first, last, packed.get());
+  });
+  at::parallel_for(0, m_groups, 1, [&](int64_t first, int64_t last) {
+    outlier_rows_amx_bf16(x_outliers.data_ptr<float>(), M, count, packed.get(), N, first, last, out.data_ptr<float>());
+  });
+}
+
 // Writes the outlier part where the chosen path wants it: in the output before the GEMM,
 // or set up for the GEMM's tiles to add.
 void prepare_outliers(LinearCall& call, QuantizedInput& input, Gemm gemm, const std::optional<at::Tensor>& weight) {
@@ -270,7 +289,11 @@ void prepare_outliers(LinearCall& call, QuantizedInput& input, Gemm gemm, const 
     call.outliers.gathered = call.gathered.get();
   }
   if (by_blas) {
-    outlier_part_blas(input.x_outliers, call.outliers.gathered, count, N, call.out);
+    if (outliers_in_bf16_tiles(call, gemm, weight)) {
+      outlier_part_amx_bf16(input.x_outliers, call.outliers.gathered, count, N, call.out);
+    } else {
+      outlier_part_blas(input.x_outliers, call.outliers.gathered, count, N, call.out);
+    }
     call.dequantize.add_outliers = true;
     return;
   }
@@ -468,7 +491,8 @@ void clear_outlier_cache_op() { clear_outlier_cache(); }
 std::string amx_self_check_op() {
   const CpuFeatures& cpu = cpu_features();
   if (!cpu.amx_hardware) return "no AMX";
-  return cpu.amx_int8 ? "passed" : "failed";
+  if (!cpu.amx_int8) return "failed";
+  return cpu.amx_bf16_hardware && !cpu.amx_bf16 ? "bf16 failed" : "passed";
 }
 
 std::string kernels_op() {

@@ -44,9 +44,39 @@ void outlier_part(const OutlierColumns& outliers, int64_t M, float* out) {
   });
 }
 
+namespace {
+
+// gathered [count, N] = W[:, columns] for an fp weight of element type T, 16 outputs at a
+// time: their 16 rows of W stay in cache over all the columns, and each column's 16 values
+// are written to one line.
+template <class T>
+void gather_fp_columns(const OutlierColumns& outliers, float* gathered) {
+  const T* W = static_cast<const T*>(outliers.W.data);
+  const int64_t N = outliers.N, count = outliers.count;
+  const int64_t row_stride = outliers.W.row_stride, column_stride = outliers.W.column_stride;
+  at::parallel_for(0, ceil_div(N, 16), 1, [&](int64_t first, int64_t last) {
+    for (int64_t n0 = first * 16; n0 < std::min(N, last * 16); n0 += 16) {
+      const int64_t n1 = std::min(N, n0 + 16);
+      for (int64_t o = 0; o < count; ++o) {
+        const T* column = W + outliers.columns[o] * column_stride;
+        for (int64_t n = n0; n < n1; ++n) gathered[o * N + n] = to_float(column[n * row_stride]);
+      }
+    }
+  });
+}
+
+}  // namespace
+
 void gather_outlier_columns(const OutlierColumns& outliers, float* gathered) {
   const int64_t N = outliers.N, count = outliers.count;
-  at::parallel_for(0, N, 256, [&](int64_t first, int64_t last) {
+  if (outliers.W.data && !outliers.gathered) {  // the fp weight: read as it is, by its type
+    switch (outliers.W.type) {
+      case FpWeight::kFloat32: gather_fp_columns<float>(outliers, gathered); return;
+      case FpWeight::kBFloat16: gather_fp_columns<BFloat16Bits>(outliers, gathered); return;
+      case FpWeight::kFloat16: gather_fp_columns<HalfBits>(outliers, gathered); return;
+    }
+  }
+  at::parallel_for(0, N, 256, [&](int64_t first, int64_t last) {  // CB's columns, dequantized
     for (int64_t n = first; n < last; ++n)
       for (int64_t o = 0; o < count; ++o) gathered[o * N + n] = outliers.scaled(n, o);
   });
