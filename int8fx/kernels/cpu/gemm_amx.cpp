@@ -15,6 +15,8 @@
 // the next row of CB and meet zeros. Only a group of B rows that holds CB's last row (or
 // fewer than 16 rows) is copied into a zero-padded buffer, so nothing reads past CB's end.
 //
+// The same file holds the outlier part of a bf16 model in AMX-BF16 tiles (below).
+//
 // Written without AMX hardware at hand (Intel SDE is not available here), first run on an
 // AMX machine on 2026-12-02, where its self-check and tests passed. Built with
 // -DINT8FX_EMULATE_AMX, the tile instructions become the scalar stand-ins of amx_emulation.h,

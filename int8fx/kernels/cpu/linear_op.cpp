@@ -15,9 +15,10 @@
 //   int8fx::_cpu_int8_linear(..., str kernel)   the same linear with a chosen GEMM kernel
 //   int8fx::_cpu_int8_linear_siblings(..., str kernel)   int8_linear_siblings likewise
 //   int8fx::_cpu_int8_gemm(A, B, str kernel)    the bare int32 GEMM
-//   int8fx::_cpu_quantize_activation(x, threshold) -> (CA, SCA, outlier columns)
+//   int8fx::_cpu_quantize_activation(x, threshold, isa) -> (CA, SCA, outlier columns)
 //   int8fx::_cpu_kernels() -> str                which kernels this CPU runs, best first
 //   int8fx::_cpu_chosen_kernel(M, K) -> str      the GEMM the op picks for that shape here
+//   int8fx::_cpu_chosen_quantizer() -> str       the activation quantizer it uses: "avx512" or "avx2"
 //   int8fx::_cpu_amx_self_check() -> str         "no AMX", "passed", "failed" or "bf16 failed"
 //   int8fx::_cpu_outlier_cache() -> (weights, columns, bytes)   what outlier_cache.cpp keeps
 //   int8fx::_cpu_clear_outlier_cache()
@@ -150,7 +151,8 @@ FpWeight fp_weight_view(const std::optional<at::Tensor>& weight, at::Tensor& kee
 constexpr int64_t kFusedOutlierMaxRows = 16;
 bool outliers_in_the_gemm(int64_t M, Gemm gemm) { return M < kFusedOutlierMaxRows && gemm != Gemm::kOneDnn; }
 
-// Wide outlier sets go to BLAS: the kernel's column-by-column loop re-reads the output
+// Wide outlier sets go to a matmul of their own (fp32 BLAS, or AMX-BF16 tiles for a bf16
+// model: outliers_in_bf16_tiles): the kernel's column-by-column loop re-reads the output
 // once per column, which a matmul does not (SmolLM2's last down_proj layers see hundreds
 // of outlier columns over a 512-token prompt). A handful of columns, or one row (decode),
 // stay in the loop: no gathers, no extra allocations. The AMX epilogue sums 16 rows of a
