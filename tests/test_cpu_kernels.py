@@ -90,12 +90,12 @@ def test_gemm_matches_reference_on_odd_shapes(kernel, K):
             assert torch.equal(cpu.int8_gemm(CA, CB, kernel), reference.int8_matmul(CA, CB)), (M, K, N)
 
 
-@pytest.mark.parametrize("M", [1, 5, 130])
-def test_gemm_many_blocks(kernel, M):
+@pytest.mark.parametrize("M, K", [(1, 4096), (5, 4096), (130, 4096), (300, 576)])
+def test_gemm_many_blocks(kernel, M, K):
     # M < 16: the weight split evenly between the threads (blocks of at least 16 rows,
-    # 64 KiB / K); M = 130: tasks of 64 rows of A (64, 64, 2) times 5 L2 blocks of B rows,
-    # shared unevenly by 1-3 threads.
-    CA, CB = random_int8(M, 4096, seed=0), random_int8(300, 4096, seed=1)
+    # 64 KiB / K); M = 130: tasks of 64 rows of A (64, 64, 2; AMX: 128, 2) times 5 L2 blocks of
+    # B rows, shared unevenly by 1-3 threads; M = 300, K = 576: AMX's tasks of 256 rows (256, 44).
+    CA, CB = random_int8(M, K, seed=0), random_int8(300, K, seed=1)
     for threads in (1, 2, 3):
         with thread_count(threads):
             assert torch.equal(cpu.int8_gemm(CA, CB, kernel), reference.int8_matmul(CA, CB))
