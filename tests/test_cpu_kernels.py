@@ -634,7 +634,8 @@ def test_siblings_op_on_the_auto_kernel_and_its_errors():
 def test_bf16_model_outlier_part_in_bf16_tiles(M, columns):
     # A bf16 activation with a bf16 weight and too many outlier columns for the AMX epilogue:
     # the outlier part runs in AMX-BF16 tiles. Within the outlier part's fp32 bound of the
-    # reference, plus the bf16 rounding of the result.
+    # reference, plus the rounding of the result to bf16: half a bf16 ulp, at most 2^-8 (8
+    # significant bits) of a value that is itself within the fp32 bound of the reference's.
     if "amx" not in cpu.kernels():
         pytest.skip(f"needs AMX-INT8 and AMX-BF16; this CPU ({cpu.cpu_model()}) lacks them, or they are capped")
     assert cpu.amx_self_check() == "passed", "the AMX-BF16 outlier kernel failed its self-check: fix gemm_amx.cpp here"
@@ -642,8 +643,11 @@ def test_bf16_model_outlier_part_in_bf16_tiles(M, columns):
     x, weight = x.bfloat16(), weight.bfloat16()
     y = cpu.int8_linear_cpu(x, CB, SCB, bias, 6.0, weight, "amx")
     y_ref = reference.int8_linear(x.float(), CB, SCB, bias, 6.0, weight.float())
-    bound = outlier_bound(x.float(), weight.float(), y_ref) + y_ref.abs() * 2.0**-8
+    fp32_bound = outlier_bound(x.float(), weight.float(), y_ref)
+    bound = fp32_bound + (y_ref.abs() + fp32_bound) * 2.0**-8
     assert y.dtype == torch.bfloat16 and ((y.float() - y_ref).abs() <= bound).all()
+    # Dropping the outlier part is far outside it.
+    assert (reference.int8_linear(x.float(), CB, SCB, bias, 1e6, None) - y_ref).abs().max() > bound.max()
 
 
 @needs_library

@@ -198,7 +198,6 @@ struct LinearCall {
   bool callers_cb = true;  // CB is the caller's tensor, not a contiguous copy
   OutlierColumns outliers;
   std::unique_ptr<float[]> gathered;
-  std::vector<float> x_by_column;  // the AMX epilogue's copy of the outlier inputs (OutlierColumns::X_by_column)
   GemmOutput dequantize;
 };
 
@@ -207,6 +206,12 @@ struct QuantizedInput {
   at::Tensor CA, SCA;
   std::vector<int64_t> columns;
   at::Tensor x_outliers;  // fp32 [M, count]: X[:, columns]; undefined without outliers
+  std::vector<float> x_by_column;  // x_outliers by column for the AMX epilogue, made by the first linear that needs it
+
+  const float* outliers_by_column() {
+    if (x_by_column.empty()) x_by_column = transpose_outlier_inputs(x_outliers.data_ptr<float>(), CA.size(0), int64_t(columns.size()));
+    return x_by_column.data();
+  }
 };
 
 // CA, SCA, the outlier columns and their values of x [M, K] (contiguous, in an input type
@@ -302,8 +307,7 @@ void prepare_outliers(LinearCall& call, QuantizedInput& input, Gemm gemm, const 
   if (outliers_in_the_epilogue(M, call.outliers.count, gemm) || outliers_in_the_gemm(M, gemm)) {
     call.dequantize.outliers = &call.outliers;
     if (gemm == Gemm::kAmx) {  // its epilogue sums 16 rows at a time: X by column
-      call.x_by_column = transpose_outlier_inputs(x_outliers, M, count);
-      call.outliers.X_by_column = call.x_by_column.data();
+      call.outliers.X_by_column = input.outliers_by_column();  // once for all the sibling linears
       call.outliers.X_by_column_stride = by_column_stride(M);
     }
   } else {
