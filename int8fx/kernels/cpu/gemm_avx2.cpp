@@ -40,13 +40,15 @@ void tile(const int8_t* A, const int8_t* B, int64_t K, int64_t m, int64_t n, con
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
   // A single row of A (decode) streams the weight from memory: rows of B are short
-  // (K bytes) and the hardware prefetcher does not ramp up on them, so fetch the next
-  // tile's rows (the NR * K bytes after these) while this one computes.
-  const char* next_tile = reinterpret_cast<const char*>(b_rows + NR * K);
+  // (K bytes) and the hardware prefetcher does not ramp up on them, so fetch the rows two
+  // tiles ahead into L2 while this one computes. (This kernel on an AMD EPYC Zen 4, SmolLM2's
+  // 30 layers of int8 linears at M = 1, weights from memory: 0.82-0.89x the time of fetching
+  // the next tile into L1; with the weights in cache 1.04-1.07x. Not measured on Zen 3.)
+  const char* next_tile = reinterpret_cast<const char*>(b_rows + 2 * NR * K);
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
     if (MR == 1) {
-      for (int line = 0; line < NR * 32; line += 64) _mm_prefetch(next_tile + k * NR + line, _MM_HINT_T0);
+      for (int line = 0; line < NR * 32; line += 64) _mm_prefetch(next_tile + k * NR + line, _MM_HINT_T1);
     }
     __m256i a[MR], a_abs[MR];
     for (int i = 0; i < MR; ++i) {
