@@ -72,8 +72,8 @@ inline float to_float(HalfBits w) { return _cvtsh_ss(w.bits); }
 // The outlier part of row m, output n: sum over the outlier columns c (ascending) of
 // X[m, c] * W[n, c] in fp32, W being the fp weight or, without one, CB dequantized as
 // reference.dequantize_rows does (CB * (SCB / 127)). Used by GemmOutput at small M, where
-// the GEMM streams each row of CB once: without an fp weight, the outlier columns of a row
-// are read from CB right after the row itself; with one, from the gathered columns.
+// the GEMM streams each row of CB once: at M = 1 without an fp weight, the outlier columns of
+// a row are read from CB right after the row itself; otherwise from the gathered columns.
 struct OutlierColumns {
   const float* X;  // the activation's outlier columns in fp32, [M, count]: X[m * count + o]
   int64_t K;
@@ -85,7 +85,7 @@ struct OutlierColumns {
   int64_t N;
   // Set by gather_outlier_columns' caller: [count, N], scaled(n, o) at [o * N + n]. The
   // VNNI panels add the outlier part 16 outputs at a time from it; every path reads it
-  // instead of the weight's scattered elements, except the small-M tiles without an fp
+  // instead of the weight's scattered elements, except the one-row tiles without an fp
   // weight, which read CB's rows as they stream them (linear_op.cpp, outlier_cache.cpp).
   const float* gathered = nullptr;
   // Set for the AMX epilogue, which sums 16 rows at a time: X by column, [count, stride]
@@ -119,8 +119,13 @@ struct OutlierColumns {
   }
   // sum() for outputs n..n+3, each lane rounding as sum() does.
   __m128 sum4(int64_t m, int64_t n) const {
-    const __m128 scale = W.data ? _mm_set1_ps(1.0f) : _mm_div_ps(_mm_loadu_ps(SCB + n), _mm_set1_ps(kInt8Max));
     const float* x = X + m * count;
+    if (gathered) {  // the common case: contiguous rows of the gathered columns, nothing to scale
+      __m128 y = _mm_mul_ps(_mm_set1_ps(x[0]), _mm_loadu_ps(gathered + n));
+      for (int64_t o = 1; o < count; ++o) y = _mm_add_ps(y, _mm_mul_ps(_mm_set1_ps(x[o]), _mm_loadu_ps(gathered + o * N + n)));
+      return y;
+    }
+    const __m128 scale = W.data ? _mm_set1_ps(1.0f) : _mm_div_ps(_mm_loadu_ps(SCB + n), _mm_set1_ps(kInt8Max));
     __m128 y = _mm_setzero_ps();
     for (int64_t o = 0; o < count; ++o) {
       const int64_t c = columns[o];
