@@ -279,7 +279,7 @@ void prepare_outliers(LinearCall& call, QuantizedInput& input, Gemm gemm, const 
   // The columns are gathered first, from those kept from call to call (outlier_cache.cpp),
   // unless the tiles of one row (decode) add them from the rows of CB they have just read.
   // With more rows each row of CB would be dequantized once per row of X: reading the
-  // gathered columns instead took threshold 6 from 1.24-1.69x threshold 0 to 1.08-1.23x on
+  // gathered columns instead took threshold 6 from 1.14-1.69x threshold 0 to 1.08-1.23x on
   // SmolLM2's shapes at M = 2-8 (3 outlier columns, no fp weight, AMD EPYC Zen 4; equal at
   // M = 1). A set too wide to keep (BLAS's: hundreds of columns in SmolLM2's last down_proj
   // layers over a prompt) is gathered for this call alone.
