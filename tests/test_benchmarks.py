@@ -53,6 +53,27 @@ def test_bench_linear_smoke(tmp_path):
     assert result.stdout.startswith("cpu: ") and "int8fx CPU kernels: " in result.stdout  # the machine, in the header
 
 
+@pytest.mark.slow  # a subprocess: seconds
+def test_bench_decode_smoke(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_decode.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    with open(tmp_path / "bench_decode.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == ["provider", "layers", "weight_MB", "ms_per_step", "GB/s", "x_vs_fp32", "x_vs_int_mm"]
+    assert [row["provider"] for row in rows] == ["int8fx t=6", "int8fx t=0", "_int_mm", "fp32", "bf16"]
+    assert all(float(row["ms_per_step"]) > 0 and row["layers"] == "2" for row in rows)
+    fp32 = next(row for row in rows if row["provider"] == "fp32")
+    assert float(fp32["x_vs_fp32"]) == 1.0
+    assert "| provider | weight MB | ms per step | GB/s | x vs fp32 | x vs _int_mm |" in result.stdout
+    assert result.stdout.startswith("cpu: ")  # the machine, in the header
+
+
 def _bench_linear():
     sys.path.insert(0, str(BENCHMARKS))  # benchmarks/ is not a package
     import bench_linear
