@@ -281,10 +281,13 @@ void prepare_outliers(LinearCall& call, QuantizedInput& input, Gemm gemm, const 
   // With more rows each row of CB would be dequantized once per row of X: reading the
   // gathered columns instead took threshold 6 from 1.14-1.69x threshold 0 to 1.08-1.23x on
   // SmolLM2's shapes at M = 2-8 (3 outlier columns, no fp weight, AMD EPYC Zen 4; equal at
-  // M = 1). A set too wide to keep (BLAS's: hundreds of columns in SmolLM2's last down_proj
-  // layers over a prompt) is gathered for this call alone.
+  // M = 1). But columns past what the cache keeps are gathered from CB's scattered elements
+  // on every call: with the weights from memory, 8-16 columns of 576 x 1536 at M = 2-8 took
+  // 1.12-1.90x the time that way, so such sets stay on CB's rows. A set too wide to keep
+  // (BLAS's: hundreds of columns in SmolLM2's last down_proj layers over a prompt) is
+  // gathered for this call alone.
   const bool by_blas = outliers_by_blas(M, count, gemm);
-  const bool from_cb_rows = M == 1 && !by_blas && !weight.has_value() && outliers_in_the_gemm(M, gemm) && !dequantizes_16_wide(gemm);
+  const bool from_cb_rows = (M == 1 || count > kept_columns_capacity(K)) && !by_blas && !weight.has_value() && outliers_in_the_gemm(M, gemm) && !dequantizes_16_wide(gemm);
   if (!from_cb_rows) {
     call.gathered.reset(new float[count * N]);
     if (by_blas && count > kept_columns_capacity(K)) {
