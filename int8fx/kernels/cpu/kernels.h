@@ -125,12 +125,22 @@ struct OutlierColumns {
       for (int64_t o = 1; o < count; ++o) y = _mm_add_ps(y, _mm_mul_ps(_mm_set1_ps(x[o]), _mm_loadu_ps(gathered + o * N + n)));
       return y;
     }
-    const __m128 scale = W.data ? _mm_set1_ps(1.0f) : _mm_div_ps(_mm_loadu_ps(SCB + n), _mm_set1_ps(kInt8Max));
+    if (!W.data) {  // decode without an fp weight: CB's four rows, just streamed by the tile
+      const __m128 scale = _mm_div_ps(_mm_loadu_ps(SCB + n), _mm_set1_ps(kInt8Max));
+      const int8_t* rows = CB + n * K;
+      __m128 y = _mm_setzero_ps();
+      for (int64_t o = 0; o < count; ++o) {
+        const int8_t* at = rows + columns[o];
+        const __m128 w = _mm_mul_ps(_mm_cvtepi32_ps(_mm_setr_epi32(at[0], at[K], at[2 * K], at[3 * K])), scale);
+        const __m128 product = _mm_mul_ps(_mm_set1_ps(x[o]), w);
+        y = o == 0 ? product : _mm_add_ps(y, product);
+      }
+      return y;
+    }
     __m128 y = _mm_setzero_ps();
     for (int64_t o = 0; o < count; ++o) {
       const int64_t c = columns[o];
-      const __m128 w = gathered ? _mm_loadu_ps(gathered + o * N + n)
-                                : _mm_mul_ps(_mm_setr_ps(raw(n, c), raw(n + 1, c), raw(n + 2, c), raw(n + 3, c)), scale);
+      const __m128 w = _mm_setr_ps(raw(n, c), raw(n + 1, c), raw(n + 2, c), raw(n + 3, c));
       const __m128 product = _mm_mul_ps(_mm_set1_ps(x[o]), w);
       y = o == 0 ? product : _mm_add_ps(y, product);
     }
