@@ -278,9 +278,9 @@ inline uint16_t bf16_bits(float value) {
   return uint16_t(bits >> 16);
 }
 
-int64_t bf16_k_steps(int64_t count) { return (count + kBf16PerTileRow - 1) / kBf16PerTileRow; }
+int64_t bf16_k_steps(int64_t count) { return ceil_div(count, kBf16PerTileRow); }
 
-int64_t amx_bf16_weight_elements(int64_t count, int64_t N) { return ((N + kTileRows - 1) / kTileRows) * bf16_k_steps(count) * 512; }
+int64_t amx_bf16_weight_elements(int64_t count, int64_t N) { return ceil_div(N, kTileRows) * bf16_k_steps(count) * 512; }
 
 // W's tile (n group h, k-step s) at (h * steps + s) * 512: row p holds, for each of the 16
 // outputs n, the pair W[32 s + 2 p, n], W[32 s + 2 p + 1, n]; zeros past count and N.
@@ -303,7 +303,7 @@ void pack_outlier_weight_amx_bf16(const float* W, int64_t count, int64_t N, int6
 // out[m, :] = X[m, :] @ W for the rows of the 16-row groups [first_group, last_group).
 void outlier_rows_amx_bf16(const float* X, int64_t M, int64_t count, const uint16_t* packed_weight, int64_t N, int64_t first_group,
                            int64_t last_group, float* out) {
-  const int64_t steps = bf16_k_steps(count), n_groups = (N + kTileRows - 1) / kTileRows;
+  const int64_t steps = bf16_k_steps(count), n_groups = ceil_div(N, kTileRows);
   std::unique_ptr<uint16_t[]> rows(new uint16_t[steps * 512]);  // one group's X, tile by tile
   alignas(64) float sums[kTileRows * kTileRows];
   configure_tiles();
@@ -360,8 +360,8 @@ bool amx_bf16_self_check() {
   for (int64_t i = 0; i < M * count; ++i) X[i] = float(int(i * 7 % 17) - 8);
   for (int64_t i = 0; i < count * N; ++i) W[i] = float(int(i * 5 % 13) - 6);
   std::unique_ptr<uint16_t[]> packed(new uint16_t[amx_bf16_weight_elements(count, N)]);
-  pack_outlier_weight_amx_bf16(W.get(), count, N, 0, (N + kTileRows - 1) / kTileRows, packed.get());
-  outlier_rows_amx_bf16(X.get(), M, count, packed.get(), N, 0, (M + kTileRows - 1) / kTileRows, out.get());
+  pack_outlier_weight_amx_bf16(W.get(), count, N, 0, ceil_div(N, kTileRows), packed.get());
+  outlier_rows_amx_bf16(X.get(), M, count, packed.get(), N, 0, ceil_div(M, kTileRows), out.get());
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = 0; n < N; ++n) {
       float expected = 0;
@@ -419,8 +419,8 @@ extern "C" int int8fx_emulated_amx_self_check() { return int8fx::amx_self_check(
 // out [M, N] = X [M, count] @ W [count, N] through the emulated bf16 tiles (values: bf16's).
 extern "C" void int8fx_emulated_amx_bf16_outliers(const float* X, int64_t M, int64_t count, const float* W, int64_t N, float* out) {
   std::unique_ptr<uint16_t[]> packed(new uint16_t[int8fx::amx_bf16_weight_elements(count, N)]);
-  int8fx::pack_outlier_weight_amx_bf16(W, count, N, 0, (N + 15) / 16, packed.get());
-  int8fx::outlier_rows_amx_bf16(X, M, count, packed.get(), N, 0, (M + 15) / 16, out);
+  int8fx::pack_outlier_weight_amx_bf16(W, count, N, 0, int8fx::ceil_div(N, 16), packed.get());
+  int8fx::outlier_rows_amx_bf16(X, M, count, packed.get(), N, 0, int8fx::ceil_div(M, 16), out);
 }
 
 // The dequantizing epilogue, emulated: out [M, N] = C * SCA * SCB / 127^2, plus the outlier

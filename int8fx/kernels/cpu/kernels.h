@@ -117,33 +117,23 @@ struct OutlierColumns {
     for (int64_t o = 1; o < count; ++o) y = y + x[o] * scaled(n, o);
     return y;
   }
-  // sum() for outputs n..n+3, each lane rounding as sum() does.
+  // sum() for outputs n..n+3, each lane rounding as sum() does: from the gathered columns or,
+  // where they are not gathered (the one-row tiles without an fp weight; an fp weight's
+  // columns always are, linear_op.cpp), from CB's four rows the tile has just streamed.
   __m128 sum4(int64_t m, int64_t n) const {
     const float* x = X + m * count;
-    if (gathered) {  // the common case: contiguous rows of the gathered columns, nothing to scale
+    if (gathered) {
       __m128 y = _mm_mul_ps(_mm_set1_ps(x[0]), _mm_loadu_ps(gathered + n));
       for (int64_t o = 1; o < count; ++o) y = _mm_add_ps(y, _mm_mul_ps(_mm_set1_ps(x[o]), _mm_loadu_ps(gathered + o * N + n)));
       return y;
     }
-    if (!W.data) {  // decode without an fp weight: CB's four rows, just streamed by the tile
-      const __m128 scale = _mm_div_ps(_mm_loadu_ps(SCB + n), _mm_set1_ps(kInt8Max));
-      const int8_t* rows = CB + n * K;
-      __m128 y = _mm_setzero_ps();
-      for (int64_t o = 0; o < count; ++o) {
-        const int8_t* at = rows + columns[o];
-        const __m128 w = _mm_mul_ps(_mm_cvtepi32_ps(_mm_setr_epi32(at[0], at[K], at[2 * K], at[3 * K])), scale);
-        const __m128 product = _mm_mul_ps(_mm_set1_ps(x[o]), w);
-        y = o == 0 ? product : _mm_add_ps(y, product);
-      }
-      return y;
-    }
-    __m128 y = _mm_setzero_ps();
-    for (int64_t o = 0; o < count; ++o) {
-      const int64_t c = columns[o];
-      const __m128 w = _mm_setr_ps(raw(n, c), raw(n + 1, c), raw(n + 2, c), raw(n + 3, c));
-      const __m128 product = _mm_mul_ps(_mm_set1_ps(x[o]), w);
-      y = o == 0 ? product : _mm_add_ps(y, product);
-    }
+    const __m128 scale = _mm_div_ps(_mm_loadu_ps(SCB + n), _mm_set1_ps(kInt8Max));
+    const auto cb4 = [&](int64_t o) {  // CB[n..n+3, columns[o]], dequantized
+      const int8_t* at = CB + n * K + columns[o];
+      return _mm_mul_ps(_mm_cvtepi32_ps(_mm_setr_epi32(at[0], at[K], at[2 * K], at[3 * K])), scale);
+    };
+    __m128 y = _mm_mul_ps(_mm_set1_ps(x[0]), cb4(0));
+    for (int64_t o = 1; o < count; ++o) y = _mm_add_ps(y, _mm_mul_ps(_mm_set1_ps(x[o]), cb4(o)));
     return y;
   }
 };

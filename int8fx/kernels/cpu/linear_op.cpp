@@ -287,7 +287,8 @@ void prepare_outliers(LinearCall& call, QuantizedInput& input, Gemm gemm, const 
   // (BLAS's: hundreds of columns in SmolLM2's last down_proj layers over a prompt) is
   // gathered for this call alone.
   const bool by_blas = outliers_by_blas(M, count, gemm);
-  const bool from_cb_rows = (M == 1 || count > kept_columns_capacity(K)) && !by_blas && !weight.has_value() && outliers_in_the_gemm(M, gemm) && !dequantizes_16_wide(gemm);
+  const bool tiles_read_cb = !by_blas && !weight.has_value() && outliers_in_the_gemm(M, gemm) && !dequantizes_16_wide(gemm);
+  const bool from_cb_rows = tiles_read_cb && (M == 1 || count > kept_columns_capacity(K));
   if (!from_cb_rows) {
     call.gathered.reset(new float[count * N]);
     if (by_blas && count > kept_columns_capacity(K)) {
