@@ -466,6 +466,8 @@ def main() -> None:
         "fp matmuls, attention, inductor's kernels, dynamo's guards (bench_model_profile.csv)",
     )
     args = parser.parse_args()
+    if args.model_dir and args.model != "smollm2":
+        parser.error("--model-dir is a copy of SmolLM2: it goes with --model smollm2")
     if args.smoke:
         args.prompt_tokens, args.new_tokens, args.repeats = SMOKE["prompt_tokens"], SMOKE["new_tokens"], SMOKE["repeats"]
     if args.threads:
