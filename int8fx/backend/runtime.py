@@ -10,7 +10,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from int8fx.backend.module_paths import PATHS
 from int8fx.passes import QuantizedInput, appended_inputs
 from int8fx.paths import matches_skip
-from int8fx.weights import STORE, QuantizedWeight, release_fp_weight
+from int8fx.weights import STORE, QuantizedWeight, refuse_eager_calls, release_fp_weight
 
 log = logging.getLogger("int8fx")
 
@@ -44,9 +44,7 @@ class Int8Runtime:
 
     def __call__(self, *args: Any) -> Any:
         if self.release_positions:
-            freed = sum(release_fp_weight(args[i]) for i in self.release_positions)
-            log.info("int8lt: released %.1f MiB of floating-point weights", freed / 2**20)
-            self.release_positions = []
+            self._release(args)
         for slot, (wanted, weight) in enumerate(zip(self.quantized_inputs, self.weights)):
             param = args[wanted.weight_input_index]
             current = weight.is_current_for(param)
@@ -60,6 +58,18 @@ class Int8Runtime:
             probe, self.probe = self.probe, None
             probe(*inputs)
         return self.compiled(*inputs)
+
+    def _release(self, args: tuple) -> None:
+        freed = sum(release_fp_weight(args[i]) for i in self.release_positions)
+        log.info("int8lt: released %.1f MiB of floating-point weights", freed / 2**20)
+        # The DTensor parameters whose local shards these were (tensor parallelism).
+        owners = [
+            w.owner_ref()
+            for q, w in zip(self.quantized_inputs, self.weights)
+            if q.weight_input_index in self.release_positions and w.owner_ref
+        ]
+        refuse_eager_calls([owner for owner in owners if owner is not None])
+        self.release_positions = []
 
     def _run_in_fp(self, args: tuple) -> Any:
         if self.fp_graph is None:
