@@ -198,7 +198,7 @@ def release_fp_weight(param: Tensor) -> int:
     """Frees ``param``'s storage (keeping shape, dtype, device); returns the bytes freed.
 
     A DTensor's local shard is released the same way, but DTensor runs its shard's ops below
-    ``__torch_function__``: ``refuse_eager_calls`` makes the modules holding the DTensor raise.
+    ``__torch_function__``: ``guard_modules_holding`` makes the modules holding the DTensor raise.
     """
     if is_released(param):
         return 0
@@ -213,41 +213,48 @@ def release_fp_weight(param: Tensor) -> int:
     return freed
 
 
-def _holds_released_shard(param: Optional[Tensor]) -> bool:
-    return param is not None and is_released(getattr(param, "_local_tensor", param))
+def _released_shard_names(module: torch.nn.Module) -> list[str]:
+    return [name for name, p in module._parameters.items() if p is not None and is_released(getattr(p, "_local_tensor", p))]
 
 
-def _refuse_if_released(module: torch.nn.Module, args: tuple) -> None:
+def _refuse_call(module: torch.nn.Module, args: tuple) -> None:
     # Dynamo inlines this hook when it compiles the module again (new shapes) and drops it as
     # a no-op there: the compiled graphs never read the released data.
     if torch.compiler.is_compiling():
         return
-    for name, param in module._parameters.items():
-        if _holds_released_shard(param):
-            raise ReleasedWeightError(f"calling {type(module).__name__} with its released {name}: {RELEASE_HINT}")
+    released = _released_shard_names(module)
+    if released:
+        raise ReleasedWeightError(f"calling {type(module).__name__} with its released {', '.join(released)}: {RELEASE_HINT}")
 
 
-_REFUSING_MODULES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+def _refuse_state_dict(module: torch.nn.Module, prefix: str, keep_vars: bool) -> None:
+    released = _released_shard_names(module)
+    if released:
+        raise ReleasedWeightError(f"state_dict() would hold NaN for {', '.join(prefix + name for name in released)}: {RELEASE_HINT}")
 
 
-def refuse_eager_calls(owners: list[Tensor]) -> None:
+_GUARDED_MODULES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def guard_modules_holding(owners: list[Tensor]) -> None:
     """Makes every module that holds one of ``owners`` (DTensor parameters whose local shards
-    were released) raise ``ReleasedWeightError`` when called eagerly.
+    were released) raise ``ReleasedWeightError`` when it is called eagerly or saved.
 
     A DTensor's ops reach its shard below ``__torch_function__``, where ``ReleasedParameter``
-    cannot refuse them: eager use would read the NaN placeholder. A forward pre-hook refuses
-    the module's call instead. Compiled graphs are unaffected: dynamo does not guard on hooks
-    added after it compiled, and one it compiles later sees the hook as a no-op. A parameter
-    replaced since (reloaded weights) makes the hook pass. Direct reads of such a parameter
-    (``weight.sum()``) still see the NaN placeholder.
+    cannot refuse them: they would read the NaN placeholder. The module's hooks refuse its
+    call and its ``state_dict()`` instead. Compiled graphs are unaffected: dynamo does not
+    guard on hooks added after it compiled, and one it compiles later sees the call hook as a
+    no-op. A parameter replaced since (reloaded weights) passes. Other direct reads of such a
+    parameter (``weight.sum()``) still see the NaN placeholder.
     """
     wanted = {id(owner) for owner in owners}
     if not wanted:
         return
     # type(), not isinstance(): isinstance on a dead weakref.proxy raises ReferenceError.
     for module in (obj for obj in gc.get_objects() if issubclass(type(obj), torch.nn.Module)):
-        if module in _REFUSING_MODULES:
+        if module in _GUARDED_MODULES:
             continue
         if any(id(param) in wanted for param in module._parameters.values() if param is not None):
-            module.register_forward_pre_hook(_refuse_if_released)
-            _REFUSING_MODULES[module] = True
+            module.register_forward_pre_hook(_refuse_call)
+            module.register_state_dict_pre_hook(_refuse_state_dict)
+            _GUARDED_MODULES[module] = True

@@ -250,16 +250,21 @@ def scenario_release(mesh):
         eager = f"no error, output finite: {bool(model(x).isfinite().all())}"
     except Exception as error:  # noqa: BLE001  (the test checks which)
         eager = f"{type(error).__name__}: {error}"
+    try:
+        saved = f"no error, {len(model.state_dict())} entries"
+    except Exception as error:  # noqa: BLE001  (the test checks which)
+        saved = f"{type(error).__name__}: {error}"
     # Reloaded weights (fresh DTensor parameters) make the modules usable eagerly again.
     fresh = _tp_mlp(mesh, copy.deepcopy(full))
     model.up.weight, model.down.weight = fresh.up.weight, fresh.down.weight
-    reloaded = torch.equal(model(x), fresh(x))
+    reloaded = torch.equal(model(x), fresh(x)) and list(model.state_dict()) == list(fresh.state_dict())
     return {
         "released": counters["int8fx"]["weights_released"],
         "quantized": counters["int8fx"]["weights_quantized"],
         "left_bytes": freed,
         "reference": reference.sqnr_db(_mlp_reference(full, x, THRESHOLD, fp_weight=False), outs[2]),
         "eager": eager,
+        "saved": saved,
         "reloaded": reloaded,
     }
 
@@ -494,6 +499,11 @@ def test_release_weights_frees_each_ranks_shards(ranks):
 def test_eager_use_of_a_released_shard_raises(ranks):
     for result in _results(ranks, "release"):
         assert "ReleasedWeightError" in result["eager"], result["eager"]
+
+
+def test_state_dict_of_a_released_shard_raises(ranks):
+    for result in _results(ranks, "release"):
+        assert "ReleasedWeightError" in result["saved"] and "up.weight" in result["saved"], result["saved"]
 
 
 def test_reloaded_shards_run_eagerly_again(ranks):

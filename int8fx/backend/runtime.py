@@ -10,7 +10,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from int8fx.backend.module_paths import PATHS
 from int8fx.passes import QuantizedInput, appended_inputs
 from int8fx.paths import matches_skip
-from int8fx.weights import STORE, QuantizedWeight, refuse_eager_calls, release_fp_weight
+from int8fx.weights import STORE, QuantizedWeight, guard_modules_holding, release_fp_weight
 
 log = logging.getLogger("int8fx")
 
@@ -68,7 +68,7 @@ class Int8Runtime:
             for q, w in zip(self.quantized_inputs, self.weights)
             if q.weight_input_index in self.release_positions and w.owner_ref
         ]
-        refuse_eager_calls([owner for owner in owners if owner is not None])
+        guard_modules_holding([owner for owner in owners if owner is not None])
         self.release_positions = []
 
     def _run_in_fp(self, args: tuple) -> Any:
