@@ -375,6 +375,58 @@ def print_table(rows: list[dict]) -> None:
     )
 
 
+# Issue 13's end-to-end targets (SmolLM2-135M on a CPU): each int8lt t=6 provider that ran,
+# against each baseline that ran, as a speed-up (above 1: faster); (provider, baseline, bound).
+TARGET_PROVIDERS = ("int8lt t=6", "int8lt t=6, bf16 model")
+TARGET_BASELINES = {"torchao int8 dyn": 1.0, BF16_BASELINE: 1.2}
+TARGET_COLUMNS = ["provider", "phase", "baseline", "bound", "speed_up", "met", "note"]
+
+
+def speed_up(row: dict, base: dict, phase: str) -> float:
+    """Above 1: ``row`` is faster than ``base`` (the ratio of their medians)."""
+    if phase == "prefill":
+        return base["prefill_ms"] / row["prefill_ms"]
+    return row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+
+
+def model_targets(rows: list[dict]) -> list[dict]:
+    """One row per (int8lt provider, phase, baseline) that ran: the speed-up and whether it meets
+    the bound. A baseline's own token check goes into the note (torchao's decode on an AMX
+    machine is fast garbage: its tokens' fp32 perplexity says so)."""
+    by_name = {row["provider"]: row for row in rows}
+    targets = []
+    for name in (n for n in TARGET_PROVIDERS if n in by_name):
+        for baseline, bound in TARGET_BASELINES.items():
+            if baseline not in by_name:
+                continue
+            base = by_name[baseline]
+            for phase in ("prefill", "decode"):
+                value = speed_up(by_name[name], base, phase)
+                note = f"{baseline}'s tokens: fp32 ppl {base['tokens_fp32_ppl']}" if phase == "decode" and "tokens_fp32_ppl" in base else ""
+                targets.append(
+                    {
+                        "provider": name,
+                        "phase": phase,
+                        "baseline": baseline,
+                        "bound": bound,
+                        "speed_up": round(value, 3),
+                        "met": "yes" if value >= bound else "NO",
+                        "note": note,
+                    }
+                )
+    return targets
+
+
+def print_targets(targets: list[dict]) -> None:
+    print_markdown_table(
+        ["provider", "phase", "speed-up over", "bound", "speed-up", "met", "note"],
+        [
+            [t["provider"], t["phase"], t["baseline"], f">= {t['bound']}", format_cell(t["speed_up"], ".2f"), t["met"], t["note"]]
+            for t in targets
+        ],
+    )
+
+
 def print_profile(rows: list[dict]) -> None:
     values = PROFILE_COLUMNS[2:]  # after provider and phase
     print_markdown_table(PROFILE_COLUMNS, [[r["provider"], r["phase"], *(format_cell(r[key], ".2f") for key in values)] for r in rows])
@@ -498,6 +550,13 @@ def main() -> None:
     path = os.path.join(args.out, "bench_model.csv")
     write_csv(rows, path, CSV_COLUMNS)
     print(f"wrote {path}")
+    targets = model_targets(rows)
+    if targets:
+        print()
+        print_targets(targets)
+        path = os.path.join(args.out, "bench_model_targets.csv")
+        write_csv(targets, path, TARGET_COLUMNS)
+        print(f"wrote {path}")
     plot(rows, os.path.join(args.out, "bench_model.png"), model_name)
     if args.profile:
         print("\nWhere the time goes: self CPU time (torch.profiler) per category\n")

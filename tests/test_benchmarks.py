@@ -51,6 +51,9 @@ def test_bench_linear_smoke(tmp_path):
     assert all(float(row["ms"]) > 0 for row in rows)
     assert "| shape (KxN) | M | provider | ms | TOPS | GB/s |" in result.stdout
     assert result.stdout.startswith("cpu: ") and "int8fx CPU kernels: " in result.stdout  # the machine, in the header
+    assert "| target (threshold 6) | bound | worst measured | where | met |" in result.stdout
+    with open(tmp_path / "bench_linear_cpu_targets.csv", newline="") as f:
+        assert [row["target"] for row in csv.DictReader(f)] == [target[0] for target in _bench_linear().CPU_TARGETS]
 
 
 @pytest.mark.slow  # a subprocess: seconds
@@ -92,6 +95,34 @@ def test_bench_linear_interleaves_the_providers_and_evicts_before_each_timed_cal
     assert evicted_before == list(range(3, 15))  # before every timed call, none before a warm-up
     assert set(medians) == set("abc") and all(ms >= 0 for ms in medians.values())
     assert bench_linear.last_level_cache_bytes() >= 2**20
+
+
+def test_bench_linear_targets_are_judged_at_their_worst():
+    bench_linear = _bench_linear()
+
+    def row(shape, M, provider, ms):
+        return {"shape": shape, "M": M, "provider": provider, "ms": ms}
+
+    rows = [
+        row("a", 1, "fp32 eager", 1.0),
+        row("a", 1, "int8fx t=0", 0.3),
+        row("a", 1, "int8fx t=6", 0.4),  # 0.40x fp32, 1.33x t=0
+        row("a", 1, "int8fx t=6 +fp W", 0.5),  # 0.50x fp32: at the bound, 1.67x t=0
+        row("b", 1, "fp32 eager", 2.0),
+        row("b", 1, "int8fx t=6", 0.6),  # 0.30x fp32
+        row("b", 128, "_int_mm", 1.0),
+        row("b", 128, "int8fx t=6", 1.1),  # 1.10x _int_mm
+        row("b", 512, "_int_mm", 1.0),
+        row("b", 512, "int8fx t=6 +fp W", 1.2),  # 1.20x _int_mm: the worst, a miss
+    ]
+    targets = {t["target"]: t for t in bench_linear.cpu_targets(rows)}
+    fp32 = targets["M = 1: t=6 time / fp32's"]
+    assert (fp32["worst"], fp32["where"], fp32["met"]) == (0.5, "a, M = 1, int8fx t=6 +fp W", "yes")
+    int_mm = targets["M >= 128: t=6 time / bare _int_mm's"]
+    assert int_mm["worst"] == pytest.approx(1.2) and int_mm["where"] == "b, M = 512, int8fx t=6 +fp W" and int_mm["met"] == "NO"
+    assert targets["every M: t=6 time / t=0's"]["worst"] == pytest.approx(0.5 / 0.3)
+    torchao = targets["M = 1: t=6 time / torchao's"]
+    assert (torchao["worst"], torchao["where"], torchao["met"]) == ("", "not measured", "")
 
 
 def test_bench_linear_stops_timing_a_provider_past_its_budget_after_one_call():
@@ -179,6 +210,27 @@ def test_bench_model_scores_each_provider_s_tokens_with_the_fp32_model(monkeypat
     bench_model.add_token_check(rows, results, Bigram(), prompt)
     follows, garbage = (row["tokens_fp32_ppl"] for row in rows)
     assert 1.0 <= follows <= 1.02 and garbage > 100  # 1 / softmax of a logit 6 above 7 others: 1.017; 6 below one: 410
+
+
+def test_bench_model_targets_are_speed_ups_against_each_baseline_that_ran():
+    sys.path.insert(0, str(BENCHMARKS))
+    import bench_model
+
+    rows = [
+        {"provider": "bf16 inductor", "prefill_ms": 120.0, "decode_tokens_per_s": 30.0, "tokens_fp32_ppl": 5.8},
+        {"provider": "torchao int8 dyn", "prefill_ms": 100.0, "decode_tokens_per_s": 70.0, "tokens_fp32_ppl": 575832.0},
+        {"provider": "int8lt t=6", "prefill_ms": 100.0, "decode_tokens_per_s": 45.0, "tokens_fp32_ppl": 5.0},
+        {"provider": "bitsandbytes t=6", "prefill_ms": 700.0, "decode_tokens_per_s": 14.0, "tokens_fp32_ppl": 5.0},
+    ]
+    targets = {(t["phase"], t["baseline"]): t for t in bench_model.model_targets(rows)}
+    assert set(targets) == {(phase, base) for phase in ("prefill", "decode") for base in ("torchao int8 dyn", "bf16 inductor")}
+    assert {t["provider"] for t in targets.values()} == {"int8lt t=6"}  # the int8lt providers only
+    prefill = targets["prefill", "bf16 inductor"]  # 120 / 100 = 1.2: at the bound
+    assert (prefill["speed_up"], prefill["met"]) == (1.2, "yes")
+    assert (targets["decode", "bf16 inductor"]["speed_up"], targets["decode", "bf16 inductor"]["met"]) == (1.5, "yes")
+    decode = targets["decode", "torchao int8 dyn"]  # 45 / 70: slower than garbage, and the note says it is garbage
+    assert decode["met"] == "NO" and decode["speed_up"] == pytest.approx(45 / 70, abs=1e-3) and "575832" in decode["note"]
+    assert targets["prefill", "torchao int8 dyn"]["met"] == "yes"  # equal is enough
 
 
 def test_bench_model_random_llama_fits_smollm2_s_tokenizer(monkeypatch):
@@ -274,6 +326,11 @@ def test_bench_model_smoke(tmp_path):
     assert float(rows["fp32 inductor"]["prefill_x_vs_fp32_inductor"]) == 1.0
     assert float(rows["bf16 inductor"]["decode_x_vs_bf16_inductor"]) == 1.0
     assert "| provider | prefill ms | decode tokens/s |" in result.stdout
+    with open(tmp_path / "bench_model_targets.csv", newline="") as f:  # torchao did not run: bf16 inductor's two
+        assert [(t["provider"], t["phase"], t["baseline"]) for t in csv.DictReader(f)] == [
+            ("int8lt t=6", "prefill", "bf16 inductor"),
+            ("int8lt t=6", "decode", "bf16 inductor"),
+        ]
     with open(tmp_path / "bench_model_profile.csv", newline="") as f:
         profile = list(csv.DictReader(f))
     assert {row["provider"] for row in profile} == set(rows)  # --profile: every provider that ran
