@@ -221,17 +221,17 @@ def report_skipped(name: str, error: Exception) -> None:
     print(f"{name}: skipped ({type(error).__name__}: {error})")
 
 
-def run(model: nn.Module, prompt: torch.Tensor, providers: list[str], new_tokens: int, rounds: int) -> tuple[list[dict], dict]:
+def run(model: nn.Module, prompt: torch.Tensor, providers: list[str], new_tokens: int, rounds: int) -> tuple[list[dict], dict, dict]:
     """Measures the providers taking turns, one prefill and one greedy decode each per round
     (``generate_in_turns``); per-round ratios cancel most of the drift that remains. Returns the
-    rows and the providers that ran (compiled and warm, for ``--profile``)."""
+    rows, each provider's rounds, and the providers that ran (compiled and warm, for ``--profile``)."""
     torch._dynamo.reset()
     built = build_all(model, providers)
     results = generate_in_turns(built, prompt, new_tokens, 1, rounds, on_error=report_skipped)
     rows = [summarize(name, runs, prompt.shape[1], new_tokens) for name, runs in results.items()]
     add_ratios(rows, results)
     add_token_check(rows, results, model, prompt)
-    return rows, {name: built[name] for name in results}
+    return rows, results, {name: built[name] for name in results}
 
 
 def summarize(name: str, runs: list, prompt_tokens: int, new_tokens: int) -> dict:
@@ -271,14 +271,16 @@ def add_ratios(rows: list[dict], results: dict[str, list]) -> None:
     for suffix, baseline in RATIOS.items():
         base = results.get(baseline)
         for row in rows:
-            runs = results[row["provider"]]
-            if not base:
-                row[f"prefill_x_vs_{suffix}"] = row[f"decode_x_vs_{suffix}"] = ""
-                continue
-            row[f"prefill_x_vs_{suffix}"] = round(statistics.median(b.prefill_ms / r.prefill_ms for b, r in zip(base, runs)), 3)
-            row[f"decode_x_vs_{suffix}"] = round(
-                statistics.median(r.decode_tokens_per_s / b.decode_tokens_per_s for b, r in zip(base, runs)), 3
-            )
+            for phase in ("prefill", "decode"):
+                row[f"{phase}_x_vs_{suffix}"] = round(speed_up(results[row["provider"]], base, phase), 3) if base else ""
+
+
+def speed_up(runs: list, base: list, phase: str) -> float:
+    """How much faster ``runs`` are than ``base`` (above 1: faster), in ``phase``: the median
+    over the rounds of each round's ratio."""
+    if phase == "prefill":
+        return statistics.median(b.prefill_ms / r.prefill_ms for b, r in zip(base, runs))
+    return statistics.median(r.decode_tokens_per_s / b.decode_tokens_per_s for b, r in zip(base, runs))
 
 
 # ---------------------------------------------------------------- where the time goes (--profile)
@@ -382,27 +384,21 @@ TARGET_BASELINES = {"torchao int8 dyn": 1.0, BF16_BASELINE: 1.2}
 TARGET_COLUMNS = ["provider", "phase", "baseline", "bound", "speed_up", "met", "note"]
 
 
-def speed_up(row: dict, base: dict, phase: str) -> float:
-    """Above 1: ``row`` is faster than ``base`` (the ratio of their medians)."""
-    if phase == "prefill":
-        return base["prefill_ms"] / row["prefill_ms"]
-    return row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
-
-
-def model_targets(rows: list[dict]) -> list[dict]:
-    """One row per (int8lt provider, phase, baseline) that ran: the speed-up and whether it meets
-    the bound. A baseline's own token check goes into the note (torchao's decode on an AMX
-    machine is fast garbage: its tokens' fp32 perplexity says so)."""
+def model_targets(rows: list[dict], results: dict[str, list]) -> list[dict]:
+    """One row per (int8lt provider, phase, baseline) that ran: the speed-up (per round, as the
+    table's ratio columns) and whether it meets the bound. A baseline's own token check goes
+    into the note (torchao's decode on an AMX machine is fast garbage: its tokens' fp32
+    perplexity says so)."""
     by_name = {row["provider"]: row for row in rows}
     targets = []
     for name in (n for n in TARGET_PROVIDERS if n in by_name):
         for baseline, bound in TARGET_BASELINES.items():
             if baseline not in by_name:
                 continue
-            base = by_name[baseline]
             for phase in ("prefill", "decode"):
-                value = speed_up(by_name[name], base, phase)
-                note = f"{baseline}'s tokens: fp32 ppl {base['tokens_fp32_ppl']}" if phase == "decode" and "tokens_fp32_ppl" in base else ""
+                value = speed_up(results[name], results[baseline], phase)
+                ppl = by_name[baseline].get("tokens_fp32_ppl")
+                note = f"{baseline}'s tokens: fp32 ppl {ppl}" if phase == "decode" and ppl is not None else ""
                 targets.append(
                     {
                         "provider": name,
@@ -541,7 +537,7 @@ def main() -> None:
         f"{args.repeats} interleaved rounds, medians\n"
     )
     with torch.no_grad():
-        rows, models = run(model, prompt, args.providers, args.new_tokens, args.repeats)
+        rows, results, models = run(model, prompt, args.providers, args.new_tokens, args.repeats)
     if not rows:
         sys.exit("bench_model.py: no provider could run")
     print()
@@ -550,7 +546,7 @@ def main() -> None:
     path = os.path.join(args.out, "bench_model.csv")
     write_csv(rows, path, CSV_COLUMNS)
     print(f"wrote {path}")
-    targets = model_targets(rows)
+    targets = model_targets(rows, results)
     if targets:
         print()
         print_targets(targets)
