@@ -9,10 +9,9 @@ their parameter.
 
 from __future__ import annotations
 
-import gc
 import weakref
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -236,9 +235,9 @@ def _refuse_state_dict(module: torch.nn.Module, prefix: str, keep_vars: bool) ->
 _GUARDED_MODULES: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def guard_modules_holding(owners: list[Tensor]) -> None:
-    """Makes every module that holds one of ``owners`` (DTensor parameters whose local shards
-    were released) raise ``ReleasedWeightError`` when it is called eagerly or saved.
+def guard_modules_holding(owners: list[Tensor], modules: Iterable[torch.nn.Module]) -> None:
+    """Makes every module of ``modules`` that holds one of ``owners`` (DTensor parameters whose
+    local shards were released) raise ``ReleasedWeightError`` when it is called eagerly or saved.
 
     A DTensor's ops reach its shard below ``__torch_function__``, where ``ReleasedParameter``
     cannot refuse them: they would read the NaN placeholder. The module's hooks refuse its
@@ -248,10 +247,7 @@ def guard_modules_holding(owners: list[Tensor]) -> None:
     parameter (``weight.sum()``) still see the NaN placeholder.
     """
     wanted = {id(owner) for owner in owners}
-    if not wanted:
-        return
-    # type(), not isinstance(): isinstance on a dead weakref.proxy raises ReferenceError.
-    for module in (obj for obj in gc.get_objects() if issubclass(type(obj), torch.nn.Module)):
+    for module in modules:
         if module in _GUARDED_MODULES:
             continue
         if any(id(param) in wanted for param in module._parameters.values() if param is not None):

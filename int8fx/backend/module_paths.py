@@ -57,9 +57,14 @@ class ParameterPaths:
         return call_path
 
 
-def _scan() -> WeakIdKeyDictionary:
+def live_modules() -> list[nn.Module]:
+    """Every module alive in the process (the garbage collector's list)."""
     # type(), not isinstance(): isinstance on a dead weakref.proxy raises ReferenceError.
-    modules = [obj for obj in gc.get_objects() if issubclass(type(obj), nn.Module)]
+    return [obj for obj in gc.get_objects() if issubclass(type(obj), nn.Module)]
+
+
+def _scan() -> WeakIdKeyDictionary:
+    modules = live_modules()
     # A model passed to torch.compile is the root its paths start from, as named_modules() of
     # it names them, even when a bigger model holds it.
     compiled_roots = {id(module._orig_mod) for module in modules if _is_compile_wrapper(module)}

@@ -7,7 +7,7 @@ from typing import Any, Callable, Optional
 
 from torch.utils.weak import WeakIdKeyDictionary
 
-from int8fx.backend.module_paths import PATHS
+from int8fx.backend.module_paths import PATHS, live_modules
 from int8fx.passes import QuantizedInput, appended_inputs
 from int8fx.paths import matches_skip
 from int8fx.weights import STORE, QuantizedWeight, guard_modules_holding, release_fp_weight
@@ -63,12 +63,10 @@ class Int8Runtime:
         freed = sum(release_fp_weight(args[i]) for i in self.release_positions)
         log.info("int8lt: released %.1f MiB of floating-point weights", freed / 2**20)
         # The DTensor parameters whose local shards these were (tensor parallelism).
-        owners = [
-            w.owner_ref()
-            for q, w in zip(self.quantized_inputs, self.weights)
-            if q.weight_input_index in self.release_positions and w.owner_ref
-        ]
-        guard_modules_holding([owner for owner in owners if owner is not None])
+        refs = [w.owner_ref for q, w in zip(self.quantized_inputs, self.weights) if q.weight_input_index in self.release_positions]
+        owners = [owner for owner in (ref() for ref in refs if ref is not None) if owner is not None]
+        if owners:
+            guard_modules_holding(owners, live_modules())
         self.release_positions = []
 
     def _run_in_fp(self, args: tuple) -> Any:
